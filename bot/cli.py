@@ -1,0 +1,175 @@
+"""The `deploybot` command line (also `python -m bot`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import orjson
+
+from bot import settings as settings_mod
+from bot.db import queries
+from bot.db.engine import create_engine, upgrade
+from bot.errors import SettingsError
+from bot.settings import Settings
+
+log = logging.getLogger("bot")
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(orjson.dumps(value).decode() + "\n")
+
+
+def _serve(settings: Settings, _args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from bot.web.app import create_app
+
+    for warning in settings.disabled_features():
+        log.warning("%s", warning)
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        print=lambda msg: log.info("%s", msg),
+        access_log=None,
+    )
+    return 0
+
+
+def _with_engine(
+    work: Callable[[Any], Awaitable[int]],
+) -> Callable[[Settings, argparse.Namespace], int]:
+    """Run `work(engine)` on a migrated database, disposing the engine afterwards."""
+
+    def run(settings: Settings, _args: argparse.Namespace) -> int:
+        async def main() -> int:
+            engine = create_engine(settings.database_url)
+            try:
+                await upgrade(engine)
+                return await work(engine)
+            finally:
+                await engine.dispose()
+
+        return asyncio.run(main())
+
+    return run
+
+
+def _db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
+    async def done(_engine: Any) -> int:
+        print(f"database is up to date: {_redact_url(settings.database_url)}")
+        return 0
+
+    return _with_engine(done)(settings, args)
+
+
+def _redact_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    return scheme + sep + rest
+
+
+def _events_list(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(engine: Any) -> int:
+        rows = await queries.list_events(engine, status=args.status, limit=args.limit)
+        for row in rows:
+            if args.json:
+                _print_json(row)
+            else:
+                print(
+                    f"{row['id']:>8}  {row['status']:<10}  {row['received_at']}  "
+                    f"{row['webhook_event']:<24}  {row['issue_key'] or '-':<12}  "
+                    f"{row['delivery_id']}"
+                )
+        if not args.json:
+            print(f"{len(rows)} event(s)", file=sys.stderr)
+        return 0
+
+    return _with_engine(work)(settings, args)
+
+
+def _events_show(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(engine: Any) -> int:
+        event = await queries.get_event(engine, args.id)
+        if event is None:
+            print(f"deploybot: no event {args.id}", file=sys.stderr)
+            return 1
+        if args.json:
+            _print_json(event)
+            return 0
+        for key in (
+            "id",
+            "delivery_id",
+            "tenant",
+            "webhook_event",
+            "issue_key",
+            "status",
+            "received_at",
+            "processed_at",
+            "attempts",
+            "error",
+            "ruleset_version",
+        ):
+            print(f"{key:>16}: {event[key] if event[key] is not None else '-'}")
+        print("rule matches:" if event["matches"] else "rule matches: none recorded")
+        for m in event["matches"]:
+            print(f"  {'MATCH' if m['matched'] else 'miss ':<5} {m['rule']}: {m['reason'] or ''}")
+        print("action runs:" if event["action_runs"] else "action runs: none")
+        for r in event["action_runs"]:
+            print(
+                f"  {r['rule']}#{r['step']} {r['action']}: {r['status']} "
+                f"(attempts {r['attempts']}){' - ' + r['last_error'] if r['last_error'] else ''}"
+            )
+        return 0
+
+    return _with_engine(work)(settings, args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deploybot", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("serve", help="run the web server, workers and scheduler").set_defaults(
+        run=_serve
+    )
+
+    db = commands.add_parser("db", help="database").add_subparsers(dest="db_command", required=True)
+    db.add_parser("upgrade", help="apply migrations").set_defaults(run=_db_upgrade)
+
+    ev = commands.add_parser("events", help="stored events").add_subparsers(
+        dest="events_command", required=True
+    )
+    ev_list = ev.add_parser("list", help="list stored events, newest first")
+    ev_list.add_argument("--status", choices=["received", "processing", "processed", "failed"])
+    ev_list.add_argument("--limit", type=int, default=None)
+    ev_list.add_argument("--json", action="store_true", help="one JSON object per line")
+    ev_list.set_defaults(run=_events_list)
+    ev_show = ev.add_parser("show", help="one event with its rule matches and action runs")
+    ev_show.add_argument("id", type=int)
+    ev_show.add_argument("--json", action="store_true")
+    ev_show.set_defaults(run=_events_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = settings_mod.from_env()
+    except SettingsError as exc:
+        print(f"deploybot: configuration error: {exc}", file=sys.stderr)
+        return 2
+    result: int = args.run(settings, args)
+    return result
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Engine creation and schema migration (Alembic, run in-process)."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+
+# Serialises `db upgrade` across replicas starting at once (any fixed 64-bit number).
+MIGRATION_LOCK_ID = 0x6465706C6F79_01
+
+
+def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
+    """Create the async engine; SQLite gets WAL, full fsync on commit and foreign keys."""
+    if url.startswith("sqlite"):
+        engine = create_async_engine(
+            url,
+            connect_args={"timeout": 30},
+            # One connection per use: the write path is a single group-commit writer
+            # and readers are cheap to open under WAL.
+            poolclass=NullPool if ":memory:" not in url else None,
+        )
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers run beside the writer; synchronous=FULL makes every commit durable
+    # before we acknowledge a delivery.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """Return the Alembic config pointing at the migrations shipped with the package."""
+    config = Config()
+    config.set_main_option("script_location", str(files("bot.migrations")))
+    config.attributes["connection"] = connection
+    return config
+
+
+def _upgrade(connection: Connection) -> None:
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
+    command.upgrade(alembic_config(connection), "head")
+
+
+async def upgrade(engine: AsyncEngine) -> None:
+    """Apply every pending migration."""
+    async with engine.begin() as conn:
+        await conn.run_sync(_upgrade)

@@ -1,0 +1,175 @@
+"""The schema, as SQLAlchemy Core tables (migrations in `migrations/` create the same)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC timestamps on every engine (SQLite keeps no zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# Identity: BigInteger on PostgreSQL, INTEGER PRIMARY KEY (rowid) on SQLite.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("client_key", String(255), primary_key=True),
+    Column("shared_secret", Text, nullable=False),
+    Column("base_url", Text, nullable=False),
+    Column("enabled", Boolean, nullable=False, default=True),
+    Column("installed_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    # "" for the OAuth app, the clientKey for a Connect tenant.
+    Column("tenant", String(255), nullable=False, default=""),
+    Column("delivery_id", String(255), nullable=False),
+    Column("retry_count", Integer, nullable=False, default=0),
+    Column("webhook_event", String(255), nullable=False),
+    Column("issue_key", String(255)),
+    Column("source", String(16), nullable=False, default="live"),
+    Column("body", LargeBinary, nullable=False),
+    Column("status", String(16), nullable=False, default="received"),
+    Column("received_at", UTCDateTime, nullable=False),
+    Column("lease_owner", String(64)),
+    Column("lease_until", UTCDateTime),
+    Column("processed_at", UTCDateTime),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("error", Text),
+    Column("ruleset_version", String(64)),
+    UniqueConstraint("tenant", "delivery_id"),
+    Index(None, "status", "id"),
+    Index(None, "received_at"),
+)
+
+rule_matches = Table(
+    "rule_matches",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("event_id", Id, ForeignKey("events.id", ondelete="CASCADE"), nullable=False),
+    Column("rule_name", String(255), nullable=False),
+    Column("matched", Boolean, nullable=False),
+    Column("reason", Text),
+    Column("ruleset_version", String(64), nullable=False),
+    Index(None, "event_id"),
+)
+
+action_runs = Table(
+    "action_runs",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("event_id", Id, ForeignKey("events.id", ondelete="CASCADE"), nullable=False),
+    Column("rule_name", String(255), nullable=False),
+    Column("step_index", Integer, nullable=False),
+    Column("step_id", String(255)),
+    Column("action", String(255), nullable=False),
+    Column("idempotency_key", String(600), nullable=False, unique=True),
+    Column("status", String(16), nullable=False, default="pending"),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", UTCDateTime),
+    Column("lease_owner", String(64)),
+    Column("lease_until", UTCDateTime),
+    Column("params", JSON),
+    Column("state", JSON),
+    Column("result", JSON),
+    Column("last_error", Text),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index(None, "status", "next_attempt_at"),
+    Index(None, "event_id", "rule_name", "step_index"),
+)
+
+action_attempts = Table(
+    "action_attempts",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("action_run_id", Id, ForeignKey("action_runs.id", ondelete="CASCADE"), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime, nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("status_code", Integer),
+    Column("error", Text),
+    Index(None, "action_run_id"),
+)
+
+webhook_registrations = Table(
+    "webhook_registrations",
+    metadata,
+    Column("tenant", String(255), primary_key=True),
+    Column("webhook_id", BigInteger, primary_key=True),
+    Column("jql", Text, nullable=False),
+    Column("events", JSON, nullable=False),
+    Column("fields", JSON),
+    Column("expires_at", UTCDateTime),
+    Column("registered_at", UTCDateTime, nullable=False),
+    Column("refreshed_at", UTCDateTime),
+)
+
+# Small persisted values: the failed-webhook cursor, a rotated refresh token, ...
+kv = Table(
+    "kv",
+    metadata,
+    Column("key", String(255), primary_key=True),
+    Column("value", Text, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+EVENT_STATUSES = ("received", "processing", "processed", "failed")
+ACTION_STATUSES = ("pending", "running", "succeeded", "retrying", "dead", "skipped")

@@ -1,0 +1,144 @@
+"""The event store's write path: concurrent deliveries share one commit (group commit)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Insert
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bot.db.models import events, utcnow
+from bot.delivery import Delivery
+from bot.errors import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """The outcome of storing one delivery."""
+
+    event_id: int | None  # None when it was a redelivery of a stored event
+    created: bool
+
+
+@dataclass(slots=True)
+class _Pending:
+    tenant: str
+    delivery: Delivery
+    source: str
+    done: asyncio.Future[Stored]
+
+
+def upsert_ignoring_duplicates(engine: AsyncEngine) -> Insert:
+    """INSERT ... ON CONFLICT (tenant, delivery_id) DO NOTHING RETURNING the new rows."""
+    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+    stmt: Insert = (
+        dialect.insert(events)
+        .on_conflict_do_nothing(index_elements=["tenant", "delivery_id"])
+        .returning(events.c.id, events.c.tenant, events.c.delivery_id)
+    )
+    return stmt
+
+
+class EventStore:
+    """Stores deliveries; `add` returns only after the row is committed."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        max_batch: int = 1000,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self._engine = engine
+        self._max_batch = max_batch
+        self._on_commit = on_commit
+        self._insert = upsert_ignoring_duplicates(engine)
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._writer = asyncio.create_task(self._write_forever(), name="event-store-writer")
+
+    async def close(self) -> None:
+        """Stop the writer after what is queued has been written."""
+        if self._writer is None:
+            return
+        await self._queue.join()
+        self._writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._writer
+        self._writer = None
+
+    async def add(self, tenant: str, delivery: Delivery, *, source: str = "live") -> Stored:
+        """Store a delivery (a redelivery of a stored one is not stored again)."""
+        if self._writer is None:
+            raise StoreUnavailable("event store is not running")
+        done: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(tenant, delivery, source, done))
+        return await asyncio.shield(done)
+
+    async def _write_forever(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                results = await self._write(batch)
+            except (SQLAlchemyError, OSError) as exc:
+                log.warning("event store write failed (%d deliveries): %s", len(batch), exc)
+                for item in batch:
+                    if not item.done.done():
+                        item.done.set_exception(StoreUnavailable("database unavailable"))
+                    self._queue.task_done()
+                continue
+            except asyncio.CancelledError:
+                for item in batch:
+                    if not item.done.done():
+                        item.done.set_exception(StoreUnavailable("event store stopped"))
+                raise
+            for item, result in zip(batch, results, strict=True):
+                if not item.done.done():
+                    item.done.set_result(result)
+            if self._on_commit is not None:
+                self._on_commit()
+            for _ in batch:
+                self._queue.task_done()
+
+    async def _write(self, batch: list[_Pending]) -> list[Stored]:
+        now = utcnow()
+        rows: dict[tuple[str, str], dict[str, Any]] = {}
+        for item in batch:
+            key = (item.tenant, item.delivery.delivery_id)
+            rows.setdefault(
+                key,
+                {
+                    "tenant": item.tenant,
+                    "delivery_id": item.delivery.delivery_id,
+                    "retry_count": item.delivery.retry_count,
+                    "webhook_event": item.delivery.webhook_event,
+                    "issue_key": item.delivery.issue_key,
+                    "source": item.source,
+                    "body": item.delivery.body,
+                    "status": "received",
+                    "received_at": now,
+                    "attempts": 0,
+                },
+            )
+        async with self._engine.begin() as conn:
+            result = await conn.execute(self._insert, list(rows.values()))
+            created = {(row.tenant, row.delivery_id): int(row.id) for row in result}
+        # Within one batch the first of several identical deliveries is the new one.
+        results: list[Stored] = []
+        for item in batch:
+            event_id = created.pop((item.tenant, item.delivery.delivery_id), None)
+            results.append(Stored(event_id=event_id, created=event_id is not None))
+        return results

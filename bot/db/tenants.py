@@ -1,0 +1,92 @@
+"""Connect tenants: stored at install, their shared secrets cached for the hot path."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bot.db.models import tenants, utcnow
+
+CACHE_TTL_S = 30.0  # how long another replica's install/uninstall may go unseen here
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    client_key: str
+    shared_secret: str
+    base_url: str
+    enabled: bool
+
+
+class Tenants:
+    """Read and write tenants; lookups are cached for `CACHE_TTL_S`."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._cache: dict[str, tuple[float, Tenant | None]] = {}
+
+    async def get(self, client_key: str) -> Tenant | None:
+        """Return the tenant (enabled or not), or None if it never installed."""
+        hit = self._cache.get(client_key)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(select(tenants).where(tenants.c.client_key == client_key))
+            ).first()
+        tenant = (
+            Tenant(row.client_key, row.shared_secret, row.base_url, bool(row.enabled))
+            if row is not None
+            else None
+        )
+        self._cache[client_key] = (time.monotonic() + CACHE_TTL_S, tenant)
+        return tenant
+
+    async def active_secret(self, client_key: str) -> str | None:
+        """Return the shared secret of an enabled tenant, else None."""
+        tenant = await self.get(client_key)
+        return tenant.shared_secret if tenant is not None and tenant.enabled else None
+
+    async def install(self, client_key: str, shared_secret: str, base_url: str) -> None:
+        """Create or update a tenant from its `installed` callback and enable it."""
+        now = utcnow()
+        dialect = postgresql if self._engine.dialect.name == "postgresql" else sqlite
+        stmt = dialect.insert(tenants).values(
+            client_key=client_key,
+            shared_secret=shared_secret,
+            base_url=base_url,
+            enabled=True,
+            installed_at=now,
+            updated_at=now,
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["client_key"],
+            set_={
+                "shared_secret": shared_secret,
+                "base_url": base_url,
+                "enabled": True,
+                "updated_at": now,
+            },
+        )
+        async with self._engine.begin() as conn:
+            await conn.execute(stmt)
+        self._cache.pop(client_key, None)
+
+    async def disable(self, client_key: str) -> None:
+        """Mark a tenant uninstalled: its deliveries are refused from now on."""
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                update(tenants)
+                .where(tenants.c.client_key == client_key)
+                .values(enabled=False, updated_at=utcnow())
+            )
+        self._cache.pop(client_key, None)
+
+    async def all_enabled(self) -> list[Tenant]:
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(select(tenants).where(tenants.c.enabled))).all()
+        return [Tenant(r.client_key, r.shared_secret, r.base_url, True) for r in rows]

@@ -1,0 +1,76 @@
+"""Parsing of a Jira delivery: a pure function of its headers and body bytes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from bot.errors import PayloadError, UnsupportedMediaType
+
+DELIVERY_ID_HEADER = "X-Atlassian-Webhook-Identifier"
+RETRY_HEADER = "X-Atlassian-Webhook-Retry"
+MAX_ID_CHARS = 255
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A parsed, not yet stored, Jira webhook delivery."""
+
+    delivery_id: str
+    retry_count: int
+    webhook_event: str
+    issue_key: str | None
+    body: bytes
+
+
+def is_json_content_type(content_type: str | None) -> bool:
+    """Tell whether a Content-Type header names JSON (`application/json; charset=...`)."""
+    if not content_type:
+        return False
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+def parse_payload(body: bytes) -> dict[str, Any]:
+    """Decode a delivery body: a JSON object with a string `webhookEvent`."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise PayloadError(f"body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise PayloadError("body must be a JSON object")
+    event = payload.get("webhookEvent")
+    if not isinstance(event, str) or not event or len(event) > MAX_ID_CHARS:
+        raise PayloadError("body has no webhookEvent")
+    return payload
+
+
+def parse_delivery(
+    headers: Mapping[str, str], body: bytes, *, delivery_id: str | None = None
+) -> Delivery:
+    """Check and parse a delivery; `delivery_id` overrides the header (failed-webhook replay)."""
+    if not is_json_content_type(headers.get("Content-Type")):
+        raise UnsupportedMediaType("Content-Type must be application/json")
+    ident = delivery_id if delivery_id is not None else headers.get(DELIVERY_ID_HEADER, "")
+    ident = ident.strip()
+    if not ident:
+        raise PayloadError(f"missing {DELIVERY_ID_HEADER} header")
+    if len(ident) > MAX_ID_CHARS or not ident.isprintable():
+        raise PayloadError(f"{DELIVERY_ID_HEADER} is not a valid identifier")
+    retry_raw = headers.get(RETRY_HEADER, "0").strip() or "0"
+    retry_count = int(retry_raw) if retry_raw.isdigit() and len(retry_raw) < 6 else 0
+    payload = parse_payload(body)
+    issue = payload.get("issue")
+    key = issue.get("key") if isinstance(issue, dict) else None
+    return Delivery(
+        delivery_id=ident,
+        retry_count=retry_count,
+        webhook_event=payload["webhookEvent"],
+        issue_key=key if isinstance(key, str) and len(key) <= MAX_ID_CHARS else None,
+        body=body,
+    )

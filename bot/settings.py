@@ -1,0 +1,226 @@
+"""Settings: one frozen object, built once at start-up from the environment and `.env`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
+
+from bot.errors import SettingsError
+
+GENESYS_REGIONS = frozenset(
+    {
+        "mypurecloud.com",
+        "mypurecloud.ie",
+        "mypurecloud.de",
+        "mypurecloud.jp",
+        "mypurecloud.com.au",
+        "usw2.pure.cloud",
+        "use2.us-gov-pure.cloud",
+        "cac1.pure.cloud",
+        "euw2.pure.cloud",
+        "euc2.pure.cloud",
+        "aps1.pure.cloud",
+        "apne2.pure.cloud",
+        "apne3.pure.cloud",
+        "sae1.pure.cloud",
+        "mec1.pure.cloud",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything deploybot reads from its environment; nothing reads os.environ later."""
+
+    database_url: str = "sqlite+aiosqlite:///./deploybot.db"
+    rules_dir: Path = Path("./rules")
+    host: str = "0.0.0.0"
+    port: int = 8080
+    public_url: str | None = None
+    admin_token: str | None = field(default=None, repr=False)
+    max_body_bytes: int = 1024 * 1024
+    lease_s: float = 60.0
+    workers: int = 2
+    retention_days: int = 30
+    log_format: Literal["auto", "json", "text"] = "auto"
+    jira_auth_mode: Literal["oauth", "connect"] = "oauth"
+    jira_base_url: str | None = None
+    jira_client_id: str | None = None
+    jira_client_secret: str | None = field(default=None, repr=False)
+    jira_refresh_token: str | None = field(default=None, repr=False)
+    jira_token_url: str = "https://auth.atlassian.com/oauth/token"
+    jira_connect_keys_url: str = "https://connect-install-keys.atlassian.com"
+    jira_app_key: str = "deploybot"
+    ubiops_api_url: str = "https://api.ubiops.com/v2.1"
+    ubiops_api_token: str | None = field(default=None, repr=False)
+    genesys_region: str = "mypurecloud.com"
+    genesys_api_url: str = ""
+    genesys_login_url: str = ""
+    genesys_client_id: str | None = None
+    genesys_client_secret: str | None = field(default=None, repr=False)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every configured secret value, for redaction and leak tests."""
+        values = (
+            self.admin_token,
+            self.jira_client_secret,
+            self.jira_refresh_token,
+            self.ubiops_api_token,
+            self.genesys_client_secret,
+        )
+        return tuple(v for v in values if v)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def disabled_features(self) -> list[str]:
+        """Describe what is off for lack of credentials (one start-up warning each)."""
+        off: list[str] = []
+        if self.jira_auth_mode == "oauth" and not self.jira_client_secret:
+            off.append("Jira deliveries are refused: JIRA_CLIENT_SECRET is not set")
+        if self.jira_auth_mode == "oauth" and not (
+            self.jira_base_url and self.jira_client_id and self.jira_refresh_token
+        ):
+            off.append(
+                "Jira webhook registration is off: set JIRA_BASE_URL, JIRA_CLIENT_ID,"
+                " JIRA_CLIENT_SECRET and JIRA_REFRESH_TOKEN"
+            )
+        if self.jira_auth_mode == "connect" and not self.public_url:
+            off.append("Connect install is off: DEPLOYBOT_PUBLIC_URL is not set")
+        if not self.ubiops_api_token:
+            off.append("UbiOps actions are off: UBIOPS_API_TOKEN is not set")
+        if not (self.genesys_client_id and self.genesys_client_secret):
+            off.append("Genesys actions are off: set GENESYS_CLIENT_ID and GENESYS_CLIENT_SECRET")
+        if not self.admin_token:
+            off.append("admin API and status page are off: DEPLOYBOT_ADMIN_TOKEN is not set")
+        return off
+
+
+def _int(name: str, low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
+        if not low <= value <= high:
+            raise SettingsError(f"{name} must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _float(name: str, low: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+        if value < low:
+            raise SettingsError(f"{name} must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _choice(name: str, choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw not in choices:
+            raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+        return raw
+
+    return parse
+
+
+def _url(name: str, schemes: tuple[str, ...] = ("http", "https")) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        parts = urlsplit(raw)
+        if parts.scheme not in schemes or not parts.netloc:
+            raise SettingsError(f"{name} must be an absolute {'/'.join(schemes)} URL, got {raw!r}")
+        return raw.rstrip("/")
+
+    return parse
+
+
+def _database_url(raw: str) -> str:
+    if not raw.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+        raise SettingsError(
+            "DEPLOYBOT_DATABASE_URL must start with sqlite+aiosqlite:// or"
+            f" postgresql+asyncpg://, got {raw.split('://')[0]!r}://..."
+        )
+    return raw
+
+
+def _region(raw: str) -> str:
+    if raw not in GENESYS_REGIONS:
+        raise SettingsError(
+            f"GENESYS_REGION {raw!r} is not a Genesys Cloud region; known: "
+            + ", ".join(sorted(GENESYS_REGIONS))
+        )
+    return raw
+
+
+def _str(raw: str) -> str:
+    return raw
+
+
+# attribute -> (environment variable, parser)
+_VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
+    "database_url": ("DEPLOYBOT_DATABASE_URL", _database_url),
+    "rules_dir": ("DEPLOYBOT_RULES_DIR", Path),
+    "host": ("DEPLOYBOT_HOST", _str),
+    "port": ("DEPLOYBOT_PORT", _int("DEPLOYBOT_PORT", 0, 65535)),
+    "public_url": ("DEPLOYBOT_PUBLIC_URL", _url("DEPLOYBOT_PUBLIC_URL")),
+    "admin_token": ("DEPLOYBOT_ADMIN_TOKEN", _str),
+    "max_body_bytes": ("DEPLOYBOT_MAX_BODY_BYTES", _int("DEPLOYBOT_MAX_BODY_BYTES", 1024, 1 << 30)),
+    "lease_s": ("DEPLOYBOT_LEASE_S", _float("DEPLOYBOT_LEASE_S", 1.0)),
+    "workers": ("DEPLOYBOT_WORKERS", _int("DEPLOYBOT_WORKERS", 0, 64)),
+    "retention_days": ("DEPLOYBOT_RETENTION_DAYS", _int("DEPLOYBOT_RETENTION_DAYS", 1, 3650)),
+    "log_format": (
+        "DEPLOYBOT_LOG_FORMAT",
+        _choice("DEPLOYBOT_LOG_FORMAT", ("auto", "json", "text")),
+    ),
+    "jira_auth_mode": ("JIRA_AUTH_MODE", _choice("JIRA_AUTH_MODE", ("oauth", "connect"))),
+    "jira_base_url": ("JIRA_BASE_URL", _url("JIRA_BASE_URL")),
+    "jira_client_id": ("JIRA_CLIENT_ID", _str),
+    "jira_client_secret": ("JIRA_CLIENT_SECRET", _str),
+    "jira_refresh_token": ("JIRA_REFRESH_TOKEN", _str),
+    "jira_token_url": ("JIRA_TOKEN_URL", _url("JIRA_TOKEN_URL")),
+    "jira_connect_keys_url": ("JIRA_CONNECT_KEYS_URL", _url("JIRA_CONNECT_KEYS_URL")),
+    "jira_app_key": ("JIRA_APP_KEY", _str),
+    "ubiops_api_url": ("UBIOPS_API_URL", _url("UBIOPS_API_URL")),
+    "ubiops_api_token": ("UBIOPS_API_TOKEN", _str),
+    "genesys_region": ("GENESYS_REGION", _region),
+    "genesys_api_url": ("GENESYS_API_URL", _url("GENESYS_API_URL")),
+    "genesys_login_url": ("GENESYS_LOGIN_URL", _url("GENESYS_LOGIN_URL")),
+    "genesys_client_id": ("GENESYS_CLIENT_ID", _str),
+    "genesys_client_secret": ("GENESYS_CLIENT_SECRET", _str),
+}
+assert set(_VARIABLES) == {f.name for f in fields(Settings)}, "every setting has a variable"
+
+
+def from_env(env: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env")) -> Settings:
+    """Build the settings from `env` (default os.environ) over the `.env` file's values."""
+    merged: dict[str, str] = {}
+    if dotenv is not None and dotenv.is_file():
+        merged.update({k: v for k, v in dotenv_values(dotenv).items() if v is not None})
+    merged.update(os.environ if env is None else env)
+    values: dict[str, object] = {}
+    for attr, (variable, parse) in _VARIABLES.items():
+        raw = merged.get(variable, "").strip()
+        if raw:
+            values[attr] = parse(raw)
+    settings = Settings(**values)  # type: ignore[arg-type]
+    region = settings.genesys_region
+    return replace(
+        settings,
+        genesys_api_url=settings.genesys_api_url or f"https://api.{region}",
+        genesys_login_url=settings.genesys_login_url or f"https://login.{region}",
+    )

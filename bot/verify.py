@@ -1,0 +1,243 @@
+"""Verification of Jira's signed requests: a pure function of the request and the keys.
+
+Nothing here does I/O or imports aiohttp; the web layer passes method, path, query and
+the Authorization header, and maps `VerificationError` to 401.
+
+Connect JWT and qsh: https://developer.atlassian.com/cloud/jira/platform/understanding-jwt-for-connect-apps/
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import jwt
+
+from bot.errors import VerificationError
+
+LEEWAY_S = 30
+CONTEXT_QSH = "context-qsh"
+
+QueryPairs = Iterable[tuple[str, str]]
+
+
+def _rfc3986(text: str) -> str:
+    return quote(text, safe="~")
+
+
+def canonical_request(method: str, path: str, query: QueryPairs) -> str:
+    """Return Atlassian's canonical form `METHOD&path&query` of a request."""
+    canon_path = path if path.startswith("/") else "/" + path
+    if len(canon_path) > 1:
+        canon_path = canon_path.rstrip("/") or "/"
+    canon_path = canon_path.replace("&", "%26")
+    grouped: dict[str, list[str]] = {}
+    for key, value in query:
+        if key == "jwt":
+            continue
+        grouped.setdefault(_rfc3986(key), []).append(_rfc3986(value))
+    canon_query = "&".join(
+        f"{key}={','.join(sorted(values))}" for key, values in sorted(grouped.items())
+    )
+    return f"{method.upper()}&{canon_path}&{canon_query}"
+
+
+def query_string_hash(method: str, path: str, query: QueryPairs) -> str:
+    """Return the `qsh` claim of a request: SHA-256 hex of its canonical form."""
+    return hashlib.sha256(canonical_request(method, path, query).encode()).hexdigest()
+
+
+def relative_path(path: str, base_path: str) -> str:
+    """Return `path` relative to the app base URL's path (qsh is computed on that)."""
+    base = base_path.rstrip("/")
+    if base and (path == base or path.startswith(base + "/")):
+        return path[len(base) :] or "/"
+    return path
+
+
+def _token(authorization: str | None, scheme: str) -> str:
+    if not authorization:
+        raise VerificationError("missing Authorization header")
+    found, _, token = authorization.partition(" ")
+    if found.lower() != scheme.lower() or not token.strip():
+        raise VerificationError(f"expected Authorization: {scheme} <token>")
+    return token.strip()
+
+
+def _unverified_header(token: str) -> dict[str, Any]:
+    try:
+        return jwt.get_unverified_header(token)
+    except jwt.PyJWTError as exc:
+        raise VerificationError("malformed token") from exc
+
+
+def _decode(
+    token: str,
+    key: Any,
+    algorithm: str,
+    *,
+    now: float,
+    audience: str | None = None,
+    require: tuple[str, ...] = ("exp",),
+) -> dict[str, Any]:
+    header = _unverified_header(token)
+    if header.get("alg") != algorithm:
+        raise VerificationError(f"token algorithm must be {algorithm}")
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            key,
+            algorithms=[algorithm],
+            leeway=LEEWAY_S,
+            audience=audience,
+            # `aud` is only meaningful for signed installs; deliveries may carry any.
+            options={
+                "require": list(require),
+                "verify_iat": False,
+                "verify_aud": audience is not None,
+            },
+        )
+    except jwt.ExpiredSignatureError as exc:
+        raise VerificationError("token expired") from exc
+    except jwt.InvalidSignatureError as exc:
+        raise VerificationError("bad token signature") from exc
+    except jwt.PyJWTError as exc:
+        raise VerificationError(f"invalid token: {exc}") from exc
+    # PyJWT checks exp against the wall clock; also check against the caller's clock so
+    # tests and replays are deterministic, and refuse tokens issued in the future.
+    if float(claims["exp"]) + LEEWAY_S < now:
+        raise VerificationError("token expired")
+    iat = claims.get("iat")
+    if isinstance(iat, int | float) and float(iat) - LEEWAY_S > now:
+        raise VerificationError("token issued in the future")
+    return claims
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """Who a verified request came from."""
+
+    tenant: str  # Connect clientKey, or "" for the OAuth app
+    claims: Mapping[str, Any]
+
+
+def verify_oauth(authorization: str | None, secret: str, *, now: float) -> Verified:
+    """Verify an OAuth 2.0 app delivery: `Bearer` JWT, HS256 with the client secret."""
+    token = _token(authorization, "Bearer")
+    claims = _decode(token, secret, "HS256", now=now)
+    return Verified(tenant="", claims=claims)
+
+
+def verify_connect(
+    authorization: str | None,
+    method: str,
+    path: str,
+    query: QueryPairs,
+    shared_secret: Callable[[str], str | None],
+    *,
+    now: float,
+) -> Verified:
+    """Verify a Connect delivery: `JWT` token, HS256 with the tenant's secret, exact qsh."""
+    token = _token(authorization, "JWT")
+    issuer = connect_issuer(authorization)
+    secret = shared_secret(issuer)
+    if secret is None:
+        raise VerificationError("unknown tenant")
+    claims = _decode(token, secret, "HS256", now=now)
+    check_qsh(claims, method, path, query)
+    return Verified(tenant=issuer, claims=claims)
+
+
+def connect_issuer(authorization: str | None) -> str:
+    """Return the unverified `iss` of a Connect token: which tenant's secret to check with."""
+    token = _token(authorization, "JWT")
+    _unverified_header(token)
+    try:
+        unverified = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError as exc:
+        raise VerificationError("malformed token") from exc
+    issuer = unverified.get("iss")
+    if not isinstance(issuer, str) or not issuer:
+        raise VerificationError("token has no issuer")
+    return issuer
+
+
+def check_qsh(claims: Mapping[str, Any], method: str, path: str, query: QueryPairs) -> None:
+    """Refuse a token whose qsh is not this request's (`context-qsh` never passes)."""
+    qsh = claims.get("qsh")
+    if not isinstance(qsh, str):
+        raise VerificationError("token has no qsh")
+    if qsh == CONTEXT_QSH:
+        raise VerificationError("context-qsh is not accepted here")
+    if not hmac.compare_digest(qsh, query_string_hash(method, path, query)):
+        raise VerificationError("qsh does not match the request")
+
+
+def token_algorithm(authorization: str | None) -> str | None:
+    """Return the `alg` a JWT claims (unverified), or None when there is no readable token."""
+    token = authorization.partition(" ")[2].strip() if authorization else ""
+    try:
+        alg = jwt.get_unverified_header(token).get("alg")
+    except jwt.PyJWTError:
+        return None
+    return alg if isinstance(alg, str) else None
+
+
+def install_key_id(authorization: str | None) -> str:
+    """Return the `kid` of a signed-install token (the key to fetch), checking its form."""
+    token = _token(authorization, "JWT")
+    header = _unverified_header(token)
+    if header.get("alg") != "RS256":
+        raise VerificationError("install token algorithm must be RS256")
+    kid = header.get("kid")
+    if not isinstance(kid, str) or not kid or "/" in kid or ".." in kid:
+        raise VerificationError("install token has no usable kid")
+    return kid
+
+
+def verify_install(
+    authorization: str | None,
+    method: str,
+    path: str,
+    query: QueryPairs,
+    public_key_pem: str,
+    *,
+    audience: str,
+    now: float,
+) -> Verified:
+    """Verify a signed install/uninstall callback: RS256 by Atlassian, `aud` our base URL."""
+    token = _token(authorization, "JWT")
+    claims = _decode(
+        token,
+        public_key_pem,
+        "RS256",
+        now=now,
+        audience=audience,
+        require=("exp", "iss", "aud"),
+    )
+    check_qsh(claims, method, path, query)
+    return Verified(tenant=str(claims["iss"]), claims=claims)
+
+
+def sign_connect(
+    method: str,
+    path: str,
+    query: QueryPairs,
+    *,
+    issuer: str,
+    secret: str,
+    now: float,
+    ttl_s: int = 180,
+) -> str:
+    """Return an HS256 Connect JWT for an outgoing request (Jira REST calls)."""
+    payload = {
+        "iss": issuer,
+        "iat": int(now),
+        "exp": int(now) + ttl_s,
+        "qsh": query_string_hash(method, path, query),
+    }
+    return jwt.encode(payload, secret, algorithm="HS256")

@@ -1,0 +1,103 @@
+"""The aiohttp application factory: routes, error mapping, and resource lifetimes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+from sqlalchemy import text
+
+from bot.db.engine import create_engine, upgrade
+from bot.db.store import EventStore
+from bot.db.tenants import Tenants
+from bot.errors import (
+    PayloadError,
+    PayloadTooLarge,
+    StoreUnavailable,
+    UnsupportedMediaType,
+    VerificationError,
+)
+from bot.settings import Settings
+from bot.web import jira
+from bot.web.keys import CLOCK, ENGINE, HTTP, INSTALL_KEYS, SETTINGS, STORE, TENANTS
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_STATUS: list[tuple[type[Exception], int]] = [
+    (VerificationError, 401),
+    (PayloadTooLarge, 413),
+    (UnsupportedMediaType, 415),
+    (PayloadError, 400),
+    (StoreUnavailable, 503),
+]
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map deploybot's errors to statuses with a short JSON reason; nothing else leaks."""
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge:
+        return web.json_response({"error": "request body too large"}, status=413)
+    except tuple(exc for exc, _ in _STATUS) as exc:
+        status = next(code for kind, code in _STATUS if isinstance(exc, kind))
+        headers = {"WWW-Authenticate": "JWT"} if status == 401 else None
+        if status == 503:
+            headers = {"Retry-After": "5"}
+        return web.json_response({"error": str(exc)}, status=status, headers=headers)
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when the database answers and the event writer runs."""
+    try:
+        async with request.app[ENGINE].connect() as conn:
+            await conn.execute(text("SELECT 1"))
+    except Exception as exc:  # any failure means not ready; say which
+        return web.json_response({"status": "unavailable", "database": str(exc)}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    engine = create_engine(settings.database_url)
+    await upgrade(engine)
+    app[ENGINE] = engine
+    app[TENANTS] = Tenants(engine)
+    store = EventStore(engine)
+    await store.start()
+    app[STORE] = store
+    yield
+    await store.close()
+    await engine.dispose()
+
+
+async def _http_session(app: web.Application) -> AsyncIterator[None]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        app[HTTP] = session
+        yield
+
+
+def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> web.Application:
+    """Build the application; resources open and close with its cleanup contexts."""
+    app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app[CLOCK] = clock
+    app[INSTALL_KEYS] = {}
+    app.cleanup_ctx.extend([_http_session, _database])
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_post("/webhooks/jira", jira.receive_delivery)
+    if settings.jira_auth_mode == "connect":
+        app.router.add_get("/atlassian-connect.json", jira.descriptor)
+        app.router.add_post("/lifecycle/installed", jira.installed)
+        app.router.add_post("/lifecycle/uninstalled", jira.uninstalled)
+    return app

@@ -1,0 +1,161 @@
+"""Jira endpoints: webhook deliveries, and the Connect descriptor and lifecycle callbacks."""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+import orjson
+from aiohttp import web
+from yarl import URL
+
+from bot import verify
+from bot.delivery import parse_delivery
+from bot.errors import PayloadError, VerificationError
+from bot.web.keys import CLOCK, HTTP, INSTALL_KEYS, SETTINGS, STORE, TENANTS
+
+log = logging.getLogger(__name__)
+
+
+def _request_target(request: web.Request) -> tuple[str, str, list[tuple[str, str]]]:
+    """Return method, path relative to the app base URL, and query pairs (for qsh)."""
+    settings = request.app[SETTINGS]
+    base_path = URL(settings.public_url or "/").path
+    path = verify.relative_path(request.path, base_path)
+    return request.method, path, list(request.query.items())
+
+
+async def _authenticate(request: web.Request) -> str:
+    """Verify the delivery's token; return its tenant ("" for the OAuth app)."""
+    settings = request.app[SETTINGS]
+    authorization = request.headers.get("Authorization")
+    now = request.app[CLOCK]()
+    if settings.jira_auth_mode == "oauth":
+        if not settings.jira_client_secret:
+            raise VerificationError("deliveries are not accepted: no client secret configured")
+        return verify.verify_oauth(authorization, settings.jira_client_secret, now=now).tenant
+    issuer = verify.connect_issuer(authorization)
+    secret = await request.app[TENANTS].active_secret(issuer)
+    method, path, query = _request_target(request)
+    return verify.verify_connect(
+        authorization, method, path, query, lambda _: secret, now=now
+    ).tenant
+
+
+async def receive_delivery(request: web.Request) -> web.Response:
+    """Verify, store (commit), then acknowledge a Jira webhook delivery."""
+    tenant = await _authenticate(request)
+    delivery = parse_delivery(request.headers, await request.read())
+    stored = await request.app[STORE].add(tenant, delivery)
+    log.info(
+        "delivery %s",
+        "stored" if stored.created else "duplicate",
+        extra={
+            "delivery_id": delivery.delivery_id,
+            "event_id": stored.event_id,
+            "webhook_event": delivery.webhook_event,
+            "issue_key": delivery.issue_key,
+            "tenant": tenant,
+        },
+    )
+    if stored.created:
+        return web.json_response({"event_id": stored.event_id}, status=202)
+    return web.json_response({"duplicate": True}, status=200)
+
+
+async def descriptor(request: web.Request) -> web.Response:
+    """Serve the Connect app descriptor."""
+    settings = request.app[SETTINGS]
+    return web.json_response(
+        {
+            "key": settings.jira_app_key,
+            "name": "deploybot",
+            "description": "Turns Jira issue events into UbiOps and Genesys deployments.",
+            "baseUrl": settings.public_url,
+            "authentication": {"type": "jwt"},
+            "lifecycle": {
+                "installed": "/lifecycle/installed",
+                "uninstalled": "/lifecycle/uninstalled",
+            },
+            "scopes": ["READ", "WRITE"],
+            "apiMigrations": {"signed-install": True, "context-qsh": True},
+            "modules": {},
+        }
+    )
+
+
+async def _install_public_key(request: web.Request, kid: str) -> str:
+    cache = request.app[INSTALL_KEYS]
+    if kid in cache:
+        return cache[kid]
+    url = f"{request.app[SETTINGS].jira_connect_keys_url}/{kid}"
+    try:
+        async with request.app[HTTP].get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            if resp.status != 200:
+                raise VerificationError(f"install key {kid!r} not found")
+            pem = await resp.text()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        # Not the caller's fault, but we cannot verify: Jira retries the install.
+        raise web.HTTPServiceUnavailable(text="install key service unreachable") from exc
+    cache[kid] = pem
+    return pem
+
+
+async def _verify_lifecycle(request: web.Request, client_key: str) -> None:
+    """Accept a lifecycle callback signed by Atlassian, or by the tenant's current secret."""
+    settings = request.app[SETTINGS]
+    authorization = request.headers.get("Authorization")
+    method, path, query = _request_target(request)
+    now = request.app[CLOCK]()
+    alg = verify.token_algorithm(authorization)
+    if alg == "RS256":
+        kid = verify.install_key_id(authorization)
+        pem = await _install_public_key(request, kid)
+        verified = verify.verify_install(
+            authorization, method, path, query, pem, audience=settings.public_url or "", now=now
+        )
+    elif alg == "HS256":
+        known = await request.app[TENANTS].get(client_key)
+        if known is None:
+            raise VerificationError("a new tenant's install must be signed by Atlassian (RS256)")
+        verified = verify.verify_connect(
+            authorization, method, path, query, lambda _: known.shared_secret, now=now
+        )
+    else:
+        verify.install_key_id(authorization)  # raises the precise reason
+        raise VerificationError("unsupported token")
+    if verified.tenant != client_key:
+        raise VerificationError("token issuer does not match the body's clientKey")
+
+
+def _lifecycle_body(body: bytes, *required: str) -> dict[str, str]:
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise PayloadError("body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise PayloadError("body must be a JSON object")
+    missing = [k for k in required if not isinstance(payload.get(k), str) or not payload[k]]
+    if missing:
+        raise PayloadError(f"body lacks {', '.join(missing)}")
+    return {k: payload[k] for k in required}
+
+
+async def installed(request: web.Request) -> web.Response:
+    """Store (or update) a Connect tenant from its signed `installed` callback."""
+    if not request.app[SETTINGS].public_url:
+        raise web.HTTPNotFound(text="Connect install needs DEPLOYBOT_PUBLIC_URL")
+    body = _lifecycle_body(await request.read(), "clientKey", "sharedSecret", "baseUrl")
+    await _verify_lifecycle(request, body["clientKey"])
+    await request.app[TENANTS].install(body["clientKey"], body["sharedSecret"], body["baseUrl"])
+    log.info("tenant installed", extra={"tenant": body["clientKey"]})
+    return web.Response(status=204)
+
+
+async def uninstalled(request: web.Request) -> web.Response:
+    """Disable a Connect tenant from its signed `uninstalled` callback."""
+    body = _lifecycle_body(await request.read(), "clientKey")
+    await _verify_lifecycle(request, body["clientKey"])
+    await request.app[TENANTS].disable(body["clientKey"])
+    log.info("tenant uninstalled", extra={"tenant": body["clientKey"]})
+    return web.Response(status=204)

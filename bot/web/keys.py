@@ -1,0 +1,29 @@
+"""Typed application keys shared by the web modules."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import aiohttp
+from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from bot.db.store import EventStore
+from bot.db.tenants import Tenants
+from bot.settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+ENGINE = web.AppKey("engine", AsyncEngine)
+STORE = web.AppKey("store", EventStore)
+TENANTS = web.AppKey("tenants", Tenants)
+HTTP = web.AppKey("http", aiohttp.ClientSession)
+
+
+class Clock(Protocol):
+    """Seconds since the epoch (time.time, or a test's controllable clock)."""
+
+    def __call__(self) -> float: ...
+
+
+CLOCK = web.AppKey("clock", Clock)
+INSTALL_KEYS = web.AppKey("install_keys", dict[str, str])

@@ -1,0 +1,73 @@
+"""The command line: events list/show as CONTRACT.md says, db upgrade, settings errors."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from bot.cli import main
+from bot.settings import Settings
+from tests.conftest import ClientFactory
+from tests.test_webhooks import PAYLOAD, headers
+
+
+async def _store_three(make_client: ClientFactory, settings: Settings) -> None:
+    client = await make_client(settings)
+    for i in range(3):
+        resp = await client.post("/webhooks/jira", json=PAYLOAD, headers=headers(f"cli-{i}"))
+        assert resp.status == 202
+
+
+def _run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str, *argv: str
+) -> tuple[int, str, str]:
+    monkeypatch.setenv("DEPLOYBOT_DATABASE_URL", url)
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+async def test_events_list_and_show(
+    make_client: ClientFactory,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    await _store_three(make_client, settings)
+    url = settings.database_url
+    # The CLI runs its own event loop: call it from a worker thread.
+    import asyncio
+
+    async def run(*argv: str) -> tuple[int, str, str]:
+        return await asyncio.to_thread(_run, monkeypatch, capsys, url, *argv)
+
+    code, out, _ = await run("events", "list", "--json")
+    assert code == 0
+    rows: list[dict[str, Any]] = [json.loads(line) for line in out.splitlines()]
+    assert [r["delivery_id"] for r in rows] == ["cli-2", "cli-1", "cli-0"]
+    for key in ("id", "delivery_id", "webhook_event", "status", "received_at"):
+        assert all(key in r for r in rows)
+    code, out, _ = await run("events", "list", "--json", "--limit", "1", "--status", "received")
+    assert len(out.splitlines()) == 1
+    code, out, _ = await run("events", "list", "--status", "failed")
+    assert out == ""
+    code, out, _ = await run("events", "show", str(rows[0]["id"]), "--json")
+    shown = json.loads(out)
+    assert shown["delivery_id"] == "cli-2"
+    assert json.loads(shown["payload"]) == PAYLOAD
+    assert shown["action_runs"] == []
+    code, out, _ = await run("events", "show", str(rows[0]["id"]))
+    assert "cli-2" in out
+    code, _, err = await run("events", "show", "999999")
+    assert code == 1
+    assert "no event 999999" in err
+
+
+def test_bad_setting_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DEPLOYBOT_PORT", "http")
+    assert main(["db", "upgrade"]) == 2
+    assert "DEPLOYBOT_PORT must be a whole number" in capsys.readouterr().err
