@@ -1,0 +1,199 @@
+"""Run one action of a rule: route it to its service client, look before creating.
+
+An action either finishes (`Done`) or asks to be called again later (`Wait`) with a
+small JSON-able state; the executor persists that state and calls `ActionRunner.run`
+again when `after_s` has passed, so a long build never holds a worker.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from bot.errors import ActionError, ServiceDisabled
+from bot.services.catalog import (
+    SERVICE_MODULES,
+    Operation,
+    Param,
+    check_params,
+    find_existing,
+    lookup_params,
+    mismatches,
+    registry,
+)
+
+# Parameters holding a local file path; a relative one is resolved against files_dir.
+PATH_LOCATIONS = frozenset({"file", "download"})
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The action finished; `result` is what later steps read as `steps.<id>`."""
+
+    result: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """The action is under way; call `run` again after `after_s` with this `state`."""
+
+    after_s: float
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+Outcome = Done | Wait
+
+
+class ServiceClient(Protocol):
+    """What the runner needs of a service adapter (UbiOpsClient, GenesysClient, ...)."""
+
+    async def call(self, op_name: str, params: Mapping[str, Any]) -> Any:
+        """Call one operation of the service's table with its named parameters."""
+        ...
+
+
+ActionFn = Callable[[ServiceClient, Mapping[str, Any], dict[str, Any] | None], Awaitable[Outcome]]
+
+
+@dataclass(frozen=True, slots=True)
+class HighLevelAction:
+    """An action made of several calls (e.g. ubiops.deploy_revision), resumable by state."""
+
+    service: str
+    name: str
+    params: tuple[Param, ...]
+    run: ActionFn
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.service}.{self.name}"
+
+
+def high_level_actions() -> Mapping[str, HighLevelAction]:
+    """Every adapter's `ACTIONS` table, keyed by `service.action` (absent modules skipped)."""
+    found: dict[str, HighLevelAction] = {}
+    for module_name in SERVICE_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        for action in getattr(module, "ACTIONS", ()):
+            found[action.full_name] = action
+    return found
+
+
+def action_params(action_name: str) -> tuple[Param, ...] | None:
+    """Return the parameters an action accepts (operation or high-level), None if unknown."""
+    action = high_level_actions().get(action_name)
+    if action is not None:
+        return action.params
+    op = registry().get(action_name)
+    return None if op is None else op.params
+
+
+def is_duplicate(exc: ActionError) -> bool:
+    """Say whether a failed create means "it exists already" (409, or a 400 saying so)."""
+    text = str(exc).lower()
+    return exc.status == 409 or (exc.status == 400 and "already exist" in text)
+
+
+class ActionRunner:
+    """Route actions to service clients; a missing client means the service is disabled."""
+
+    def __init__(
+        self,
+        clients: Mapping[str, ServiceClient | None],
+        *,
+        files_dir: str | Path | None = None,
+    ) -> None:
+        self._clients = dict(clients)
+        self._files_dir = Path(files_dir) if files_dir is not None else None
+
+    async def run(
+        self,
+        action_name: str,
+        params: Mapping[str, Any],
+        *,
+        state: dict[str, Any] | None = None,
+        lookup_first: bool = False,
+    ) -> Outcome:
+        """Run (or resume, with `state`) one action; raise ActionError when it fails."""
+        service = action_name.partition(".")[0]
+        action = high_level_actions().get(action_name)
+        op = None if action is not None else registry().get(action_name)
+        if action is None and op is None:
+            raise ActionError(f"unknown action {action_name}")
+        client = self._clients.get(service)
+        if client is None:
+            raise ServiceDisabled(f"{action_name}: service {service} is not configured")
+        if action is not None:
+            check_params(action.full_name, action.params, params)
+            return await action.run(client, self._resolve_paths(action.params, params), state)
+        assert op is not None
+        resolved = self._resolve_paths(op.params, params)
+        return Done(await self._call(client, op, resolved, lookup_first=lookup_first))
+
+    def _resolve_paths(self, spec: tuple[Param, ...], params: Mapping[str, Any]) -> dict[str, Any]:
+        """Resolve relative file parameters against the rules folder."""
+        out = dict(params)
+        if self._files_dir is None:
+            return out
+        for p in spec:
+            value = out.get(p.name)
+            if p.location in PATH_LOCATIONS and isinstance(value, str) and value:
+                out[p.name] = value if os.path.isabs(value) else str(self._files_dir / value)
+        return out
+
+    async def _call(
+        self,
+        client: ServiceClient,
+        op: Operation,
+        params: Mapping[str, Any],
+        *,
+        lookup_first: bool,
+    ) -> Any:
+        """Call an operation; for a create, look before creating and accept "exists"."""
+        if op.creates is not None and lookup_first:
+            existing = await self._existing(client, op, params)
+            if existing is not None:
+                return existing
+        try:
+            return await client.call(op.name, params)
+        except ActionError as exc:
+            if op.creates is None or not is_duplicate(exc):
+                raise
+            existing = await self._existing(client, op, params)
+            if existing is None:
+                raise
+            return existing
+
+    async def _existing(
+        self, client: ServiceClient, op: Operation, params: Mapping[str, Any]
+    ) -> Any:
+        """Find the object a create would make; refuse one that differs from the request."""
+        assert op.creates is not None
+        lookup = lookup_params(op, params)
+        if lookup is None:
+            return None  # the key is not in the params: nothing to look for
+        try:
+            found = await client.call(op.creates.lookup, lookup)
+        except ActionError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        existing = find_existing(op, params, found)
+        if existing is None:
+            return None
+        differing = mismatches(op, params, existing)
+        if differing:
+            raise ActionError(
+                f"{op.full_name}: the object exists already but differs in "
+                f"{', '.join(differing)}; not changing it"
+            )
+        return existing

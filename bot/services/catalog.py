@@ -1,0 +1,246 @@
+"""Declarative description of every external operation a rule can call.
+
+The tables live in the adapter modules (`ubiops`, `genesys`, `jira`); this module
+holds the types, the one registry the rule checker, the dry run and the executor
+read, and the pure planner that turns an operation and its parameters into the
+exact HTTP call. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import quote
+
+from bot.errors import ActionError
+
+# "form": a multipart form field sent beside the file; "download": a local path the
+# response body is saved to (deploybot's own, e.g. ubiops.revisions_file_download).
+ParamLocation = Literal["path", "query", "body", "file", "form", "download"]
+
+# Adapter modules whose `OPERATIONS` tables make up the registry.
+SERVICE_MODULES = ("bot.services.ubiops", "bot.services.genesys", "bot.services.jira")
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """One parameter of an operation as named in the service's API reference."""
+
+    name: str
+    location: ParamLocation
+    required: bool = False
+    wire_name: str = ""  # name on the wire (path placeholder or query key); defaults to name
+
+    @property
+    def wire(self) -> str:
+        return self.wire_name or self.name
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedRequest:
+    """The exact HTTP call an action would make (dry run and executor share it)."""
+
+    method: str
+    path: str  # relative to the service base URL, already filled in and quoted
+    query: tuple[tuple[str, str], ...] = ()
+    json_body: Any = None
+    file_path: str | None = None  # multipart upload, field "file"
+    form: tuple[tuple[str, str], ...] = ()  # multipart fields sent beside (or instead of) the file
+    download_path: str | None = None  # save the response body to this local file
+
+    @property
+    def multipart(self) -> bool:
+        return self.file_path is not None or bool(self.form)
+
+
+@dataclass(frozen=True, slots=True)
+class CreateSpec:
+    """How to find the object a create operation would make, to look before creating.
+
+    `lookup` is an operation of the same service (a get or a list). `params` maps each
+    lookup parameter to a dotted path into the create parameters (`"data.version"`).
+    For a list lookup, `match` pairs an item field with a dotted path into the create
+    parameters (None: the field must be null); the item whose fields all equal those
+    values is the existing object.
+    `compare` names body fields that must equal the existing object's for it to count
+    as the object we meant to create (fields absent from the body are not compared).
+    """
+
+    lookup: str
+    params: tuple[tuple[str, str], ...]
+    match: tuple[tuple[str, str | None], ...] = ()
+    compare: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One operation of an external API, e.g. ubiops.deployment_versions_create."""
+
+    service: str
+    name: str
+    method: str
+    path: str  # template with {wire_name} placeholders
+    params: tuple[Param, ...] = field(default=())
+    creates: CreateSpec | None = None  # set on creates: how to look the object up first
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.service}.{self.name}"
+
+    @property
+    def param_names(self) -> frozenset[str]:
+        return frozenset(p.name for p in self.params)
+
+    @property
+    def required_params(self) -> frozenset[str]:
+        return frozenset(p.name for p in self.params if p.required)
+
+
+_registry_cache: dict[str, Operation] | None = None
+
+
+def build_registry(tables: Mapping[str, tuple[Operation, ...]]) -> dict[str, Operation]:
+    """Key every operation of the given tables by `service.operation`; refuse duplicates."""
+    ops: dict[str, Operation] = {}
+    for table in tables.values():
+        for op in table:
+            if op.full_name in ops:
+                raise ValueError(f"operation {op.full_name} is defined twice")
+            ops[op.full_name] = op
+    return ops
+
+
+def registry() -> Mapping[str, Operation]:
+    """Every operation of every service, keyed by `service.operation`."""
+    global _registry_cache
+    if _registry_cache is not None:
+        return _registry_cache
+    tables: dict[str, tuple[Operation, ...]] = {}
+    for module_name in SERVICE_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+            tables[module_name] = tuple(module.OPERATIONS)
+        except ImportError as exc:
+            # Only a service module that does not exist yet is tolerated; a broken
+            # import inside an existing module is a real error.
+            if exc.name != module_name:
+                raise
+    ops = build_registry(tables)
+    if len(tables) == len(SERVICE_MODULES):
+        _registry_cache = ops  # complete: cache it, later calls are a lookup
+    return ops
+
+
+def _query_value(value: Any) -> str:
+    """Render one query value the way the services expect (booleans in lower case)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def check_params(full_name: str, spec: tuple[Param, ...], params: Mapping[str, Any]) -> None:
+    """Refuse unknown parameters and missing required ones with a clear, final error."""
+    names = {p.name for p in spec}
+    unknown = sorted(set(params) - names)
+    if unknown:
+        allowed = ", ".join(sorted(names)) or "none"
+        raise ActionError(
+            f"{full_name}: unknown parameter(s) {', '.join(unknown)} (allowed: {allowed})"
+        )
+    missing = sorted(p.name for p in spec if p.required and params.get(p.name) is None)
+    if missing:
+        raise ActionError(f"{full_name}: missing required parameter(s) {', '.join(missing)}")
+
+
+def plan_request(op: Operation, params: Mapping[str, Any]) -> PlannedRequest:
+    """Turn an operation and its named parameters into the exact HTTP request."""
+    check_params(op.full_name, op.params, params)
+    path_values: dict[str, str] = {}
+    query: list[tuple[str, str]] = []
+    json_body: Any = None
+    file_path: str | None = None
+    download_path: str | None = None
+    form: list[tuple[str, str]] = []
+    for p in op.params:
+        value = params.get(p.name)
+        if value is None:
+            continue
+        if p.location == "path":
+            # safe="" so a "/" inside a name cannot change which resource is addressed
+            path_values[p.wire] = quote(str(value), safe="")
+        elif p.location == "query":
+            values = value if isinstance(value, list | tuple) else [value]
+            query.extend((p.wire, _query_value(v)) for v in values if v is not None)
+        elif p.location == "body":
+            json_body = value
+        elif p.location == "form":
+            form.append((p.wire, _query_value(value)))
+        elif p.location == "download":
+            download_path = str(value)
+        else:
+            file_path = str(value)
+    return PlannedRequest(
+        method=op.method,
+        path=op.path.format_map(path_values),
+        query=tuple(query),
+        json_body=json_body,
+        file_path=file_path,
+        form=tuple(form),
+        download_path=download_path,
+    )
+
+
+def dig(params: Mapping[str, Any], dotted: str) -> Any:
+    """Return the value at a dotted path (`data.version`) in the params, or None."""
+    value: Any = params
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value
+
+
+def lookup_params(op: Operation, params: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Return the lookup operation's params for a create, or None if they cannot be known."""
+    spec = op.creates
+    if spec is None:
+        return None
+    out = {name: dig(params, source) for name, source in spec.params}
+    return None if any(v is None for v in out.values()) else out
+
+
+def find_existing(op: Operation, params: Mapping[str, Any], found: Any) -> Any:
+    """Pick the object a create would have made out of the lookup's answer (None if absent)."""
+    spec = op.creates
+    if spec is None or found is None:
+        return None
+    if not spec.match:
+        return found
+    if not isinstance(found, list):
+        return None
+    for item in found:
+        if isinstance(item, Mapping) and all(
+            item.get(field_name) == (None if source is None else dig(params, source))
+            for field_name, source in spec.match
+        ):
+            return item
+    return None
+
+
+def mismatches(op: Operation, params: Mapping[str, Any], existing: Any) -> list[str]:
+    """List the compared fields where an existing object differs from what the create asked."""
+    spec = op.creates
+    if spec is None or not isinstance(existing, Mapping):
+        return []
+    body_param = next((p.name for p in op.params if p.location == "body"), None)
+    body = params.get(body_param) if body_param else None
+    if not isinstance(body, Mapping):
+        return []
+    # A field the service does not echo (None, e.g. a secret's value) cannot be compared.
+    return [
+        f
+        for f in spec.compare
+        if f in body and existing.get(f) is not None and existing.get(f) != body[f]
+    ]

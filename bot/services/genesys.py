@@ -1,0 +1,520 @@
+"""Genesys Cloud adapter: operation table, client-credentials tokens and the typed client.
+
+Operations are those of the Python SDK's WebDeploymentsApi and of the WidgetsApi (see
+`/work/shared/reference/genesys-*.md`), named as the SDK names them. The only I/O of this
+module is the login call and `http.send`; everything else is pure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from bot.errors import ActionError, SettingsError
+from bot.services.actions import Done, HighLevelAction, Outcome, ServiceClient
+from bot.services.catalog import (
+    CreateSpec,
+    Operation,
+    Param,
+    ParamLocation,
+    PlannedRequest,
+    check_params,
+    plan_request,
+)
+from bot.services.http import RateLimiter, RetryPolicy, Sleep, send
+from bot.settings import GENESYS_REGIONS as REGIONS
+
+SERVICE = "genesys"
+MAX_BODY_BYTES = 512_000  # Genesys refuses larger request bodies with 413
+DEFAULT_REGION = "mypurecloud.com"
+
+
+@dataclass(frozen=True, slots=True)
+class GenesysUrls:
+    """Where the platform API and the login service of one Genesys org are."""
+
+    api_url: str
+    login_url: str
+
+
+def resolve_urls(
+    region: str = DEFAULT_REGION, *, api_url: str | None = None, login_url: str | None = None
+) -> GenesysUrls:
+    """Return the API and login base URLs of a region; explicit URLs win (gateways, tests)."""
+    if api_url and login_url:
+        return GenesysUrls(api_url.rstrip("/"), login_url.rstrip("/"))
+    name = region.strip().lower()
+    if name not in REGIONS:
+        known = ", ".join(sorted(REGIONS))
+        raise SettingsError(f"GENESYS_REGION {region!r} is not a Genesys Cloud region ({known})")
+    return GenesysUrls(
+        (api_url or f"https://api.{name}").rstrip("/"),
+        (login_url or f"https://login.{name}").rstrip("/"),
+    )
+
+
+# --- operation table -------------------------------------------------------------------
+
+_WD = "/api/v2/webdeployments"
+_WIDGETS = "/api/v2/widgets/deployments"
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+def _camel(snake: str) -> str:
+    head, *rest = snake.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def _snake(camel: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", camel).lower()
+
+
+def _op(
+    method: str, path: str, name: str, *extra: str, creates: CreateSpec | None = None
+) -> Operation:
+    """Build one operation; path params come from the template, `extra` are `loc:name[!]`."""
+    params = [Param(_snake(w), "path", True, w) for w in _PLACEHOLDER.findall(path)]
+    for spec in extra:
+        loc, _, rest = spec.partition(":")
+        pname = rest.rstrip("!")
+        location: ParamLocation = "body" if loc == "body" else "query"
+        wire = "" if location == "body" else _camel(pname)
+        params.append(Param(pname, location, rest.endswith("!"), wire))
+    return Operation(SERVICE, name, method, path, tuple(params), creates)
+
+
+def _named(listing: str, body_param: str) -> CreateSpec:
+    """Look a create up by its name in a listing (Genesys names these objects uniquely)."""
+    return CreateSpec(listing, (), match=(("name", f"{body_param}.name"),))
+
+
+OPERATIONS: tuple[Operation, ...] = (
+    # WebDeploymentsApi (Python SDK), in the reference's order
+    _op(
+        "DELETE", f"{_WD}/configurations/{{configurationId}}", "delete_webdeployments_configuration"
+    ),
+    _op("DELETE", f"{_WD}/deployments/{{deploymentId}}", "delete_webdeployments_deployment"),
+    _op(
+        "DELETE",
+        f"{_WD}/deployments/{{deploymentId}}/cobrowse/{{sessionId}}",
+        "delete_webdeployments_deployment_cobrowse_session_id",
+    ),
+    # Its two optional parameters travel as headers, which a catalog Param cannot say yet:
+    # the client sends them from HEADER_PARAMS.
+    _op(
+        "DELETE",
+        f"{_WD}/token/revoke",
+        "delete_webdeployments_token_revoke",
+    ),
+    _op(
+        "GET",
+        f"{_WD}/configurations/{{configurationId}}/versions/{{versionId}}",
+        "get_webdeployments_configuration_version",
+    ),
+    _op(
+        "GET",
+        f"{_WD}/configurations/{{configurationId}}/versions",
+        "get_webdeployments_configuration_versions",
+    ),
+    _op(
+        "GET",
+        f"{_WD}/configurations/{{configurationId}}/versions/draft",
+        "get_webdeployments_configuration_versions_draft",
+    ),
+    _op(
+        "GET",
+        f"{_WD}/configurations",
+        "get_webdeployments_configurations",
+        "query:show_only_published",
+    ),
+    _op(
+        "GET",
+        f"{_WD}/deployments/{{deploymentId}}",
+        "get_webdeployments_deployment",
+        "query:expand",
+    ),
+    _op(
+        "GET",
+        f"{_WD}/deployments/{{deploymentId}}/cobrowse/{{sessionId}}",
+        "get_webdeployments_deployment_cobrowse_session_id",
+    ),
+    _op(
+        "GET",
+        f"{_WD}/deployments/{{deploymentId}}/configurations",
+        "get_webdeployments_deployment_configurations",
+        "query:type",
+        "query:expand",
+    ),
+    _op("GET", f"{_WD}/deployments", "get_webdeployments_deployments", "query:expand"),
+    _op(
+        "POST",
+        f"{_WD}/configurations/{{configurationId}}/versions/draft/publish",
+        "post_webdeployments_configuration_versions_draft_publish",
+    ),
+    _op(
+        "POST",
+        f"{_WD}/configurations",
+        "post_webdeployments_configurations",
+        "body:configuration_version!",
+        creates=_named("get_webdeployments_configurations", "configuration_version"),
+    ),
+    _op(
+        "POST",
+        f"{_WD}/deployments",
+        "post_webdeployments_deployments",
+        "body:deployment!",
+        creates=_named("get_webdeployments_deployments", "deployment"),
+    ),
+    _op(
+        "POST",
+        f"{_WD}/token/oauthcodegrantjwtexchange",
+        "post_webdeployments_token_oauthcodegrantjwtexchange",
+        "body:body!",
+    ),
+    _op("POST", f"{_WD}/token/refresh", "post_webdeployments_token_refresh", "body:body"),
+    _op(
+        "PUT",
+        f"{_WD}/configurations/{{configurationId}}/versions/draft",
+        "put_webdeployments_configuration_versions_draft",
+        "body:configuration_version!",
+    ),
+    _op(
+        "PUT",
+        f"{_WD}/deployments/{{deploymentId}}",
+        "put_webdeployments_deployment",
+        "body:deployment!",
+    ),
+    # WidgetsApi (deprecated by Genesys, still part of the contract); JS names in snake_case
+    _op("DELETE", f"{_WIDGETS}/{{deploymentId}}", "delete_widgets_deployment"),
+    _op("GET", f"{_WIDGETS}/{{deploymentId}}", "get_widgets_deployment"),
+    _op("GET", _WIDGETS, "get_widgets_deployments"),
+    _op(
+        "POST",
+        _WIDGETS,
+        "post_widgets_deployments",
+        "body:body!",
+        creates=_named("get_widgets_deployments", "body"),
+    ),
+    _op("PUT", f"{_WIDGETS}/{{deploymentId}}", "put_widgets_deployment", "body:body!"),
+)
+
+OPERATIONS_BY_NAME: Mapping[str, Operation] = {op.name: op for op in OPERATIONS}
+
+# Header parameters of the reference, by operation: param name -> header name.
+HEADER_PARAMS: Mapping[str, Mapping[str, str]] = {
+    "delete_webdeployments_token_revoke": {
+        "x_journey_session_id": "X-Journey-Session-Id",
+        "x_journey_session_type": "X-Journey-Session-Type",
+    },
+}
+
+
+# --- client-credentials tokens ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCredentials:
+    """An OAuth client id and secret; the secret never shows in a repr."""
+
+    client_id: str
+    client_secret: str = field(repr=False)
+
+    def basic_auth(self) -> str:
+        """Return the `Authorization` header value of the client-credentials grant."""
+        pair = f"{self.client_id}:{self.client_secret}".encode()
+        return "Basic " + base64.b64encode(pair).decode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class AccessToken:
+    """A bearer token and the monotonic time from which it must not be used any more."""
+
+    value: str = field(repr=False)
+    refresh_at_s: float
+
+
+def parse_token_answer(answer: Any, *, now_s: float, margin_s: float) -> AccessToken:
+    """Turn a login answer into a token refreshed `margin_s` (at most half its life) early."""
+    if not isinstance(answer, dict):
+        raise ActionError("Genesys login answered without a JSON object", retryable=True)
+    value, expires_in = answer.get("access_token"), answer.get("expires_in")
+    if not isinstance(value, str) or not value:
+        raise ActionError("Genesys login answered without an access_token", retryable=True)
+    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float) or expires_in <= 0:
+        raise ActionError("Genesys login answered without a positive expires_in", retryable=True)
+    return AccessToken(value, now_s + expires_in - min(margin_s, expires_in / 2))
+
+
+def _json_or_none(raw: bytes) -> Any:
+    try:
+        return json.loads(raw) if raw.strip() else None
+    except ValueError:
+        return None
+
+
+def _login_failure(status: int, answer: Any) -> ActionError:
+    code = answer.get("error") if isinstance(answer, dict) else None
+    detail = f" ({code})" if isinstance(code, str) and len(code) < 64 else ""
+    retryable = status == 429 or status >= 500
+    return ActionError(
+        f"Genesys login refused the token request: HTTP {status}{detail}",
+        status=status,
+        retryable=retryable,
+    )
+
+
+class TokenManager:
+    """Cache one client-credentials token; refresh early, one refresh at a time."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        login_url: str,
+        credentials: ClientCredentials,
+        *,
+        refresh_margin_s: float = 60.0,
+        timeout_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._session = session
+        self._token_url = login_url.rstrip("/") + "/oauth/token"
+        self._credentials = credentials
+        self._margin_s = refresh_margin_s
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        self._token: AccessToken | None = None
+
+    def __repr__(self) -> str:
+        client_id = self._credentials.client_id
+        return f"TokenManager(token_url={self._token_url!r}, client_id={client_id!r})"
+
+    def _fresh(self) -> str | None:
+        token = self._token
+        return token.value if token and self._clock() < token.refresh_at_s else None
+
+    async def token(self) -> str:
+        """Return a valid bearer token, fetching one when none is cached or it is due."""
+        if (value := self._fresh()) is not None:
+            return value
+        async with self._lock:  # callers queued here reuse the refresh the first one made
+            if (value := self._fresh()) is not None:
+                return value
+            return await self._fetch()
+
+    async def refresh(self, rejected: str) -> str:
+        """Replace a token the API rejected (401) unless another caller already did."""
+        async with self._lock:
+            current = self._token
+            if current is not None and current.value != rejected and self._fresh():
+                return current.value
+            return await self._fetch()
+
+    async def _fetch(self) -> str:
+        self._token = None
+        headers = {"Authorization": self._credentials.basic_auth(), "Accept": "application/json"}
+        form = {"grant_type": "client_credentials"}
+        try:
+            async with self._session.post(
+                self._token_url, data=form, headers=headers, timeout=self._timeout
+            ) as resp:
+                status, raw = resp.status, await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # The exception text may echo the request; report only its type.
+            raise ActionError(
+                f"Genesys login failed: {type(exc).__name__}", retryable=True
+            ) from None
+        answer = _json_or_none(raw)
+        if status != 200:
+            raise _login_failure(status, answer)
+        self._token = parse_token_answer(answer, now_s=self._clock(), margin_s=self._margin_s)
+        return self._token.value
+
+
+# --- the client ------------------------------------------------------------------------
+
+
+def body_size_bytes(req: PlannedRequest) -> int:
+    """Return the size of the JSON body aiohttp will send for this request."""
+    return 0 if req.json_body is None else len(json.dumps(req.json_body).encode())
+
+
+class GenesysClient:
+    """Call Genesys Cloud operations by name with a cached token and the shared policy."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        api_url: str,
+        login_url: str,
+        client_id: str,
+        client_secret: str,
+        *,
+        policy: RetryPolicy,
+        per_minute: int,
+        sleep: Sleep = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        refresh_margin_s: float = 60.0,
+    ) -> None:
+        self._session = session
+        self._api_url = api_url.rstrip("/")
+        self._policy = policy
+        self._sleep = sleep
+        self._limiter = RateLimiter(per_minute, clock=clock)
+        self._tokens = TokenManager(
+            session,
+            login_url,
+            ClientCredentials(client_id, client_secret),
+            refresh_margin_s=refresh_margin_s,
+            timeout_s=policy.timeout_s,
+            clock=clock,
+        )
+
+    def __repr__(self) -> str:
+        return f"GenesysClient(api_url={self._api_url!r}, tokens={self._tokens!r})"
+
+    async def call(self, op_name: str, params: Mapping[str, Any]) -> Any:
+        """Run one operation of the table; return its JSON answer (None when empty)."""
+        op = OPERATIONS_BY_NAME.get(op_name.removeprefix(f"{SERVICE}."))
+        if op is None:
+            raise ActionError(f"{SERVICE}.{op_name}: no such Genesys operation")
+        header_names = HEADER_PARAMS.get(op.name, {})
+        extra = {h: str(params[n]) for n, h in header_names.items() if params.get(n) is not None}
+        req = plan_request(op, {k: v for k, v in params.items() if k not in header_names})
+        if (size := body_size_bytes(req)) > MAX_BODY_BYTES:
+            raise ActionError(
+                f"{op.full_name}: request body is {size} bytes; Genesys accepts at most "
+                f"{MAX_BODY_BYTES}",
+                status=413,
+            )
+        sent: list[str] = []  # the token of the latest attempt, to refresh only that one
+
+        async def headers() -> dict[str, str]:
+            sent.append(await self._tokens.token())
+            return {"Authorization": f"Bearer {sent[-1]}", "Accept": "application/json", **extra}
+
+        async def on_unauthorized() -> bool:
+            await self._tokens.refresh(sent[-1])
+            return True
+
+        response = await send(
+            self._session,
+            req,
+            base_url=self._api_url,
+            headers=headers,
+            limiter=self._limiter,
+            policy=self._policy,
+            sleep=self._sleep,
+            on_unauthorized=on_unauthorized,
+        )
+        return response.json
+
+
+# --- high-level actions ----------------------------------------------------------------
+
+# Fields Genesys sets on a configuration version; the rest is the content a user edits.
+_VERSION_META = frozenset(
+    {
+        "id",
+        "version",
+        "status",
+        "dateCreated",
+        "dateModified",
+        "datePublished",
+        "lastModifiedUser",
+        "createdUser",
+        "publishedUser",
+        "selfUri",
+    }
+)
+
+
+def same_content(draft: Mapping[str, Any], version: Mapping[str, Any]) -> bool:
+    """Say whether a draft holds exactly the content of a published version."""
+    return {k: v for k, v in draft.items() if k not in _VERSION_META} == {
+        k: v for k, v in version.items() if k not in _VERSION_META
+    }
+
+
+def latest_version(listing: Any) -> Mapping[str, Any] | None:
+    """Return the highest-numbered published version of a versions listing."""
+    entities = listing.get("entities") if isinstance(listing, Mapping) else None
+    numbered = [
+        v for v in entities or [] if isinstance(v, Mapping) and str(v.get("version")).isdigit()
+    ]
+    return max(numbered, key=lambda v: int(v["version"]), default=None)
+
+
+PUBLISH_ACTION = f"{SERVICE}.publish_configuration"
+PUBLISH_PARAMS = (
+    Param("configuration_id", "path", required=True),
+    Param("body", "body"),
+    Param("deployment_id", "path"),
+)
+
+
+async def publish_configuration(client: ServiceClient, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Update the draft (if a body is given), publish it, and point a deployment at it.
+
+    Safe to run again after a crash: a draft identical to the latest published version
+    is not published a second time, and a deployment already on it is left alone.
+    """
+    check_params(PUBLISH_ACTION, PUBLISH_PARAMS, params)
+    config = {"configuration_id": params["configuration_id"]}
+    if params.get("body") is not None:
+        draft = await client.call(
+            "put_webdeployments_configuration_versions_draft",
+            {**config, "configuration_version": params["body"]},
+        )
+    else:
+        draft = await client.call("get_webdeployments_configuration_versions_draft", config)
+    latest = latest_version(await client.call("get_webdeployments_configuration_versions", config))
+    published = latest is None or not same_content(draft, latest)
+    if published:
+        latest = await client.call(
+            "post_webdeployments_configuration_versions_draft_publish", config
+        )
+    assert latest is not None
+    version = str(latest["version"])
+    result: dict[str, Any] = {
+        "configuration_id": str(params["configuration_id"]),
+        "version": version,
+        "published": published,
+        "configuration": latest,
+    }
+    if deployment_id := params.get("deployment_id"):
+        deployment = await client.call(
+            "get_webdeployments_deployment", {"deployment_id": deployment_id}
+        )
+        target = {"id": latest["id"], "version": version}
+        current = deployment.get("configuration") or {}
+        if {"id": current.get("id"), "version": str(current.get("version"))} != target:
+            deployment = await client.call(
+                "put_webdeployments_deployment",
+                {
+                    "deployment_id": deployment_id,
+                    "deployment": {**deployment, "configuration": target},
+                },
+            )
+        result["deployment"] = deployment
+    return result
+
+
+async def _publish_action(
+    client: ServiceClient, params: Mapping[str, Any], state: dict[str, Any] | None
+) -> Outcome:
+    # Every call is short, so the action finishes in one go; `state` is never needed.
+    return Done(await publish_configuration(client, params))
+
+
+ACTIONS: tuple[HighLevelAction, ...] = (
+    HighLevelAction(SERVICE, "publish_configuration", PUBLISH_PARAMS, _publish_action),
+)

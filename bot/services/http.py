@@ -1,0 +1,322 @@
+"""The one resilience policy every adapter uses: retries, backoff, rate limits, errors.
+
+`retry_delay_s` is the pure decision (retry or not, and after how long); `RateLimiter`
+keeps us under a service's per-minute quota; `send` is the only place that does HTTP
+for the adapters. Secrets from request headers never reach an error message or a log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import IO, Any
+
+import aiohttp
+from multidict import CIMultiDict
+
+from bot.errors import ActionError
+from bot.services.catalog import PlannedRequest
+
+log = logging.getLogger(__name__)
+
+Sleep = Callable[[float], Awaitable[Any]]
+HeaderSource = Mapping[str, str] | Callable[[], Awaitable[Mapping[str, str]]]
+OnUnauthorized = Callable[[], Awaitable[bool]]
+
+RETRYABLE_STATUSES = frozenset({408, 429})
+# Seconds until a service takes requests again, sent with a 429 (UbiOps, Genesys).
+RATE_LIMIT_RESET_HEADERS = ("x-ratelimit-reset", "inin-ratelimit-reset")
+SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key"})
+ERROR_KEYS = ("error", "error_message", "message", "detail")  # UbiOps, UbiOps, Genesys, other
+MAX_ERROR_CHARS = 500
+DOWNLOAD_CHUNK_BYTES = 1 << 16
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often and how patiently one call is attempted."""
+
+    max_attempts: int = 4
+    base_delay_s: float = 0.5
+    max_delay_s: float = 30.0  # a longer wait asked for by the service is left to the executor
+    timeout_s: float = 30.0  # per attempt, connect to last byte
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """A successful answer: status, headers, raw body and its JSON (None if not JSON)."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes = b""
+    json: Any = None
+    downloaded_bytes: int = 0  # when the body was saved to the request's download_path
+
+
+def is_retryable(status: int | None) -> bool:
+    """Say whether a failure with this status (None: no answer at all) may pass on retry."""
+    return status is None or status in RETRYABLE_STATUSES or 500 <= status <= 599
+
+
+def _seconds(value: str | None) -> float | None:
+    """Parse a header value holding seconds; None when absent or not a number."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None  # an HTTP-date Retry-After falls back to our own backoff
+    return max(seconds, 0.0) if math.isfinite(seconds) else None
+
+
+def server_wait_s(status: int | None, headers: Mapping[str, str]) -> float | None:
+    """Return how long the service asked us to wait, or None if it did not say."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    told = _seconds(lower.get("retry-after"))
+    if told is not None:
+        return told
+    if status == 429:
+        # The reset headers ride on every UbiOps answer; they only mean "wait" on a 429.
+        for name in RATE_LIMIT_RESET_HEADERS:
+            told = _seconds(lower.get(name))
+            if told is not None:
+                return told
+    return None
+
+
+def retry_delay_s(
+    policy: RetryPolicy,
+    attempt: int,
+    status: int | None,
+    headers: Mapping[str, str],
+    rng: random.Random,
+) -> float | None:
+    """Return the wait before the next attempt after `attempt` failed, or None to stop.
+
+    Retries connection errors (status None), 408, 429 and 5xx; waits as long as the
+    service says (Retry-After, rate-limit reset) and otherwise uses exponential backoff
+    with full jitter. A service-requested wait beyond `max_delay_s` stops the inline
+    retries: the executor reschedules the action instead of holding a worker.
+    """
+    if attempt >= policy.max_attempts or not is_retryable(status):
+        return None
+    told = server_wait_s(status, headers)
+    if told is not None:
+        return told if told <= policy.max_delay_s else None
+    cap_s = min(policy.max_delay_s, policy.base_delay_s * 2 ** (attempt - 1))
+    return rng.uniform(0.0, cap_s)
+
+
+class RateLimiter:
+    """Token bucket that keeps calls under `per_minute`, spreading a burst evenly."""
+
+    def __init__(
+        self,
+        per_minute: int,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        if per_minute < 1:
+            raise ValueError("per_minute must be at least 1")
+        self._rate_per_s = per_minute / 60.0
+        self._capacity = float(per_minute)
+        self._tokens = float(per_minute)
+        self._clock = clock
+        self._sleep = sleep
+        self._updated = clock()
+        self._lock = asyncio.Lock()  # callers queue in order instead of racing for tokens
+
+    async def acquire(self) -> None:
+        """Wait until one more call fits in the quota, then take it."""
+        async with self._lock:
+            while True:
+                now = self._clock()
+                elapsed_s = max(now - self._updated, 0.0)
+                self._tokens = min(self._capacity, self._tokens + elapsed_s * self._rate_per_s)
+                self._updated = now
+                if self._tokens >= 1.0:
+                    self._tokens -= 1.0
+                    return
+                await self._sleep((1.0 - self._tokens) / self._rate_per_s)
+
+
+def secret_values(headers: Mapping[str, str]) -> list[str]:
+    """List the header values (and their credential part) that must never be shown."""
+    out: list[str] = []
+    for name, value in headers.items():
+        if name.lower() in SENSITIVE_HEADERS and value:
+            out.append(value)
+            credential = value.split(" ", 1)[-1].strip()  # "Token abc" -> "abc"
+            if credential:
+                out.append(credential)
+    return sorted(set(out), key=len, reverse=True)
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """Replace every secret in the text with a marker."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    return text
+
+
+def error_detail(body: bytes) -> str:
+    """Extract the service's own error message from an error body."""
+    try:
+        data = json.loads(body) if body else None
+    except ValueError:
+        data = None
+    if isinstance(data, Mapping):
+        for key in ERROR_KEYS:
+            value = data.get(key)
+            if value:
+                text = value if isinstance(value, str) else json.dumps(value)
+                return text[:MAX_ERROR_CHARS]
+    text = body.decode("utf-8", errors="replace").strip()
+    return text[:MAX_ERROR_CHARS] or "(empty body)"
+
+
+def _parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body) if body else None
+    except ValueError:
+        return None
+
+
+def _open_binary(path: str, mode: str) -> IO[bytes]:
+    if "w" in mode:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return open(path, mode)  # closed by the caller
+
+
+async def _save_body(resp: aiohttp.ClientResponse, path: str) -> int:
+    """Stream a response body into a file atomically; return its size in bytes."""
+    partial = f"{path}.part"
+    size = 0
+    out = await asyncio.to_thread(_open_binary, partial, "wb")
+    try:
+        async for chunk in resp.content.iter_chunked(DOWNLOAD_CHUNK_BYTES):
+            await asyncio.to_thread(out.write, chunk)
+            size += len(chunk)
+    finally:
+        await asyncio.to_thread(out.close)
+    await asyncio.to_thread(os.replace, partial, path)
+    return size
+
+
+async def _attempt(
+    session: aiohttp.ClientSession,
+    req: PlannedRequest,
+    url: str,
+    headers: Mapping[str, str],
+    timeout_s: float,
+) -> Response:
+    """Make one HTTP request and read its whole answer within the timeout."""
+    upload: IO[bytes] | None = None
+    data: aiohttp.FormData | None = None
+    try:
+        if req.multipart:
+            data = aiohttp.FormData()
+            for name, value in req.form:
+                data.add_field(name, value)
+            if req.file_path is not None:
+                # reopened on every attempt: a retried upload must start from byte 0
+                upload = await asyncio.to_thread(_open_binary, req.file_path, "rb")
+                data.add_field(
+                    "file",
+                    upload,
+                    filename=os.path.basename(req.file_path),
+                    content_type="application/octet-stream",
+                )
+        async with session.request(
+            req.method,
+            url,
+            params=list(req.query),
+            json=None if data is not None else req.json_body,
+            data=data,
+            headers=dict(headers),
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+        ) as resp:
+            resp_headers = CIMultiDict(resp.headers)
+            if req.download_path is not None and resp.status < 400:
+                size = await _save_body(resp, req.download_path)
+                return Response(resp.status, resp_headers, downloaded_bytes=size)
+            body = await resp.read()
+            return Response(resp.status, resp_headers, body, _parse_json(body))
+    finally:
+        if upload is not None:
+            upload.close()
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    req: PlannedRequest,
+    *,
+    base_url: str,
+    headers: HeaderSource,
+    limiter: RateLimiter | None,
+    policy: RetryPolicy,
+    sleep: Sleep = asyncio.sleep,
+    rng: random.Random | None = None,
+    on_unauthorized: OnUnauthorized | None = None,
+) -> Response:
+    """Send a planned request with the shared policy; return the answer or raise ActionError.
+
+    `headers` may be an async callable (called before every attempt, so a refreshed
+    token is picked up). On a 401, `on_unauthorized` (if given) is awaited once; when it
+    returns True the request is sent again without counting as an attempt.
+    """
+    if req.file_path is not None and not await asyncio.to_thread(os.path.isfile, req.file_path):
+        raise ActionError(f"{req.method} {req.path}: file not found: {req.file_path}")
+    url = base_url.rstrip("/") + req.path
+    rng = rng or random.Random()
+    attempt = 0
+    reauthorized = False
+    while True:
+        attempt += 1
+        if limiter is not None:
+            await limiter.acquire()
+        sent_headers = dict(await headers()) if callable(headers) else dict(headers)
+        secrets = secret_values(sent_headers)
+        status: int | None = None
+        resp_headers: Mapping[str, str] = {}
+        try:
+            response = await _attempt(session, req, url, sent_headers, policy.timeout_s)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            problem = f"no answer ({type(exc).__name__}: {exc})" if str(exc) else type(exc).__name__
+        else:
+            status, resp_headers = response.status, response.headers
+            if status < 400:
+                return response
+            if status == 401 and on_unauthorized is not None and not reauthorized:
+                reauthorized = True
+                if await on_unauthorized():
+                    attempt -= 1  # the retry with a fresh credential is not a failure
+                    continue
+            problem = f"HTTP {status}: {error_detail(response.body)}"
+        problem = redact(problem, secrets)
+        delay_s = retry_delay_s(policy, attempt, status, resp_headers, rng)
+        if delay_s is None:
+            raise ActionError(
+                f"{req.method} {req.path} failed after {attempt} attempt(s): {problem}",
+                status=status,
+                retryable=is_retryable(status),
+                retry_after_s=server_wait_s(status, resp_headers),
+            )
+        log.warning(
+            "%s %s: %s; retrying in %.2fs (attempt %d of %d)",
+            req.method,
+            req.path,
+            problem,
+            delay_s,
+            attempt,
+            policy.max_attempts,
+        )
+        await sleep(delay_s)
