@@ -1,0 +1,196 @@
+"""Dry run of one event: matching rules, failed conditions, and the exact HTTP calls.
+
+Pure: nothing is sent. Steps run in a dry run are never called, so a later step that
+reads `steps.X` sees a placeholder, shown as `~steps.X.field~` in its parameters.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from bot.errors import DeploybotError
+from bot.rules.engine import evaluate
+from bot.rules.loader import ActionSpec, default_registry
+from bot.rules.model import Miss, Rule, RuleSet, Step
+from bot.rules.templates import build_context, render_params
+from bot.services import catalog
+from bot.services.catalog import Operation, PlannedRequest
+
+
+class Placeholder:
+    """Stands for an earlier step's result; records which parts a template read."""
+
+    def __init__(self, path: str, used: set[str]) -> None:
+        self._path = path
+        self._used = used
+
+    def __getattr__(self, name: str) -> Placeholder:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return Placeholder(f"{self._path}.{name}", self._used)
+
+    def __getitem__(self, key: object) -> Placeholder:
+        return Placeholder(f"{self._path}.{key}", self._used)
+
+    def __str__(self) -> str:
+        self._used.add(self._path)
+        return f"~{self._path}~"  # "~" survives URL quoting, so paths stay readable
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    """One step as it would run: rendered parameters and the HTTP request, or the error."""
+
+    step: Step
+    params: Mapping[str, Any] | None
+    request: PlannedRequest | None
+    error: str | None
+    placeholders: tuple[str, ...]  # steps.X paths filled with placeholders
+
+
+@dataclass(frozen=True, slots=True)
+class RulePlan:
+    """A matching rule and the plan of each of its steps."""
+
+    rule: Rule
+    steps: tuple[StepPlan, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DryRunResult:
+    """Everything a dry run found for one event."""
+
+    event: str
+    issue_key: str | None
+    matched: tuple[RulePlan, ...]
+    missed: tuple[tuple[Rule, Miss], ...]
+    other_rules: int  # rules that listen to other events only
+
+
+def plan_dry_run(
+    ruleset: RuleSet,
+    payload: Mapping[str, Any],
+    *,
+    event_id: str = "dry-run",
+    received_at: str = "dry-run",
+    registry: Mapping[str, ActionSpec] | None = None,
+) -> DryRunResult:
+    """Evaluate the payload and plan every step of every matching rule."""
+    ops = default_registry() if registry is None else registry
+    evaluation = evaluate(ruleset, payload)
+    event = str(payload.get("webhookEvent", ""))
+    matched = tuple(
+        RulePlan(rule, _plan_steps(rule, payload, ops, event_id, received_at))
+        for rule in evaluation.matched
+    )
+    by_name = {rule.name: rule for rule in ruleset.for_event(event)}
+    issue = payload.get("issue")
+    key = issue.get("key") if isinstance(issue, Mapping) else None
+    return DryRunResult(
+        event=event,
+        issue_key=key if isinstance(key, str) else None,
+        matched=matched,
+        missed=tuple((by_name[m.rule_name], m) for m in evaluation.missed),
+        other_rules=len(ruleset.rules) - len(by_name),
+    )
+
+
+def _plan_steps(
+    rule: Rule,
+    payload: Mapping[str, Any],
+    ops: Mapping[str, ActionSpec],
+    event_id: str,
+    received_at: str,
+) -> tuple[StepPlan, ...]:
+    used: set[str] = set()
+    results = {step.id: Placeholder(f"steps.{step.id}", used) for step in rule.steps if step.id}
+    plans: list[StepPlan] = []
+    for step in rule.steps:
+        used.clear()
+        earlier = {sid: results[sid] for sid in (s.id for s in rule.steps[: step.index]) if sid}
+        context = build_context(payload, event_id=event_id, received_at=received_at, steps=earlier)
+        params: dict[str, Any] | None = None
+        request: PlannedRequest | None = None
+        error: str | None = None
+        try:
+            params = render_params(step, context)
+            op = ops.get(step.action)
+            if op is None:
+                error = f"unknown action {step.action!r}"
+            elif isinstance(op, Operation):
+                request = catalog.plan_request(op, params)
+        except DeploybotError as exc:
+            error = str(exc)
+        plans.append(StepPlan(step, params, request, error, tuple(sorted(used))))
+    return tuple(plans)
+
+
+def format_dry_run(result: DryRunResult) -> str:
+    """Render a dry run result as the text `deploybot rules test` prints."""
+    about = f" ({result.issue_key})" if result.issue_key else ""
+    considered = len(result.matched) + len(result.missed)
+    lines = [
+        f"event: {result.event or '(no webhookEvent)'}{about}",
+        f"{considered} rule(s) listen to this event: {len(result.matched)} match, "
+        f"{len(result.missed)} do not; {result.other_rules} rule(s) listen to other events only",
+    ]
+    for plan in result.matched:
+        lines += ["", f"MATCH {plan.rule.name}  ({plan.rule.source})"]
+        for step_plan in plan.steps:
+            lines += _format_step(step_plan)
+    for rule, miss in result.missed:
+        lines += ["", f"NO MATCH {rule.name}  ({rule.source})", f"  {miss.reason}"]
+    lines.append("")
+    lines.append("dry run: nothing was sent")
+    return "\n".join(lines)
+
+
+def _format_step(plan: StepPlan) -> list[str]:
+    step = plan.step
+    label = f"step {step.index + 1}" + (f" [{step.id}]" if step.id else "")
+    lines = [f"  {label}: {step.action}"]
+    if plan.error is not None:
+        return [*lines, f"    error: {plan.error}"]
+    request = plan.request
+    if request is None:
+        lines.append("    a high-level action: several calls, decided as it runs")
+    else:
+        query = "&".join(f"{k}={v}" for k, v in request.query)
+        lines.append(f"    {request.method} {request.path}{'?' + query if query else ''}")
+        if request.json_body is not None:
+            lines.append("    json body:")
+            lines += _indented(request.json_body, 6)
+        for name, value in request.form:
+            lines.append(f"    form field {name}: {value}")
+        if request.file_path is not None:
+            lines.append(f"    file (multipart field 'file'): {request.file_path}")
+        if request.download_path is not None:
+            lines.append(f"    response saved to: {request.download_path}")
+    lines.append("    parameters (rendered):")
+    for name, value in (plan.params or {}).items():
+        lines.append(f"      {name}: {json.dumps(value, ensure_ascii=False, default=str)}")
+    for path in plan.placeholders:
+        lines.append(
+            f"    note: ~{path}~ is a placeholder: a dry run calls no earlier step, "
+            f"so its result is not known"
+        )
+    return lines
+
+
+def _indented(value: Any, spaces: int) -> list[str]:
+    text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
+    return [" " * spaces + line for line in text.splitlines()]
+
+
+def dry_run(
+    ruleset: RuleSet,
+    payload: Mapping[str, Any],
+    *,
+    event_id: str = "dry-run",
+    registry: Mapping[str, ActionSpec] | None = None,
+) -> str:
+    """Return the dry-run report of one event as text."""
+    return format_dry_run(plan_dry_run(ruleset, payload, event_id=event_id, registry=registry))

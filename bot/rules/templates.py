@@ -1,0 +1,111 @@
+"""Jinja2 templates of `with:` parameters: compiled once, rendered per action run.
+
+The environment is sandboxed with strict undefined (a missing field fails the run
+instead of becoming ""), and values from Jira are only ever passed as data: a rendered
+result is never rendered again, so a summary holding "{{ 7*7 }}" stays literal.
+"""
+
+from __future__ import annotations
+
+import functools
+import os.path
+from collections.abc import Mapping
+from typing import Any
+
+from jinja2 import StrictUndefined, Template, nodes
+from jinja2.sandbox import SandboxedEnvironment
+
+from bot.errors import TemplateRenderError
+from bot.rules.model import Step
+
+_MARKERS = ("{{", "{%", "{#")
+_ENV = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+
+
+def is_template(text: str) -> bool:
+    """Return whether `text` holds Jinja syntax (other strings are taken literally)."""
+    return any(marker in text for marker in _MARKERS)
+
+
+@functools.lru_cache(maxsize=8192)
+def compile_template(source: str) -> Template:
+    """Compile `source` (cached: a reload re-uses unchanged templates)."""
+    return _ENV.from_string(source)
+
+
+def referenced_steps(source: str) -> list[str]:
+    """Return the step ids `source` reads as `steps.X` or `steps['X']`, in order."""
+    found: list[str] = []
+    tree = _ENV.parse(source)
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+        target = getattr(node, "node", None)
+        if not (isinstance(target, nodes.Name) and target.name == "steps"):
+            continue
+        if isinstance(node, nodes.Getattr):
+            found.append(node.attr)
+        elif isinstance(node, nodes.Getitem):
+            arg = node.arg
+            if isinstance(arg, nodes.Const) and isinstance(arg.value, str):
+                found.append(arg.value)
+    return found
+
+
+def compile_tree(value: Any) -> Any:
+    """Return `value` with every template string replaced by its compiled template."""
+    if isinstance(value, Mapping):
+        return {key: compile_tree(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [compile_tree(item) for item in value]
+    if isinstance(value, str) and is_template(value):
+        return compile_template(value)
+    return value
+
+
+def build_context(
+    payload: Mapping[str, Any],
+    *,
+    event_id: str,
+    received_at: Any = None,
+    steps: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Return the template context: the payload plus `event` and `steps`."""
+    return {
+        **payload,
+        "event": {"id": event_id, "received_at": received_at},
+        "steps": dict(steps or {}),
+    }
+
+
+def render_params(step: Step, context: Mapping[str, Any]) -> dict[str, Any]:
+    """Render a step's `with:` for one run; `file` parameters become absolute paths."""
+    compiled = step.compiled if step.compiled is not None else compile_tree(step.with_)
+    rendered = _render(compiled, context, "with")
+    if not isinstance(rendered, dict):  # pragma: no cover - the loader only admits mappings
+        raise TemplateRenderError(f"step {step.index + 1}: `with` is not a mapping")
+    for name in step.file_params & rendered.keys():
+        rendered[name] = _resolve_file(step, name, rendered[name])
+    return rendered
+
+
+def _render(value: Any, context: Mapping[str, Any], where: str) -> Any:
+    if isinstance(value, Template):
+        try:
+            return value.render(context)
+        except Exception as exc:  # any failure of a template is this run's failure
+            raise TemplateRenderError(f"{where}: {exc}") from exc
+    if isinstance(value, Mapping):
+        return {key: _render(item, context, f"{where}.{key}") for key, item in value.items()}
+    if isinstance(value, list):
+        return [_render(item, context, f"{where}[{i}]") for i, item in enumerate(value)]
+    return value
+
+
+def _resolve_file(step: Step, name: str, value: Any) -> str:
+    # A templated file name may hold Jira data; it must not climb out of the rules folder.
+    if not isinstance(value, str) or not value:
+        raise TemplateRenderError(f"with.{name}: a file path must be a non-empty string")
+    base = os.path.normpath(os.path.abspath(step.base_dir))
+    path = os.path.normpath(os.path.join(base, value))
+    if os.path.commonpath([base, path]) != base:
+        raise TemplateRenderError(f"with.{name}: {value!r} is outside the rules folder")
+    return path
