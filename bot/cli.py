@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -131,6 +132,18 @@ def _events_show(settings: Settings, args: argparse.Namespace) -> int:
     return _with_engine(work)(settings, args)
 
 
+def _rules_check(settings: Settings, args: argparse.Namespace) -> int:
+    from bot.rules.cli import cmd_check
+
+    return cmd_check(args.dir or settings.rules_dir)
+
+
+def _rules_test(settings: Settings, args: argparse.Namespace) -> int:
+    from bot.rules.cli import cmd_test
+
+    return cmd_test(args.event, args.rules or settings.rules_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deploybot", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("serve", help="run the web server, workers and scheduler").set_defaults(
         run=_serve
     )
+
+    rules = commands.add_parser("rules", help="rule files").add_subparsers(
+        dest="rules_command", required=True
+    )
+    check = rules.add_parser("check", help="validate rule files; print file:line: message")
+    check.add_argument("dir", nargs="?", type=Path, help="rules folder (default: settings)")
+    check.set_defaults(run=_rules_check)
+    dry = rules.add_parser("test", help="dry run: which rules match an event, what they'd call")
+    dry.add_argument("event", type=Path, help="a Jira webhook payload (JSON file)")
+    dry.add_argument("--rules", type=Path, help="rules folder (default: settings)")
+    dry.set_defaults(run=_rules_test)
 
     db = commands.add_parser("db", help="database").add_subparsers(dest="db_command", required=True)
     db.add_parser("upgrade", help="apply migrations").set_defaults(run=_db_upgrade)

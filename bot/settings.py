@@ -46,7 +46,7 @@ class Settings:
     admin_token: str | None = field(default=None, repr=False)
     max_body_bytes: int = 1024 * 1024
     lease_s: float = 60.0
-    workers: int = 2
+    workers: int = 8
     retention_days: int = 30
     log_format: Literal["auto", "json", "text"] = "auto"
     jira_auth_mode: Literal["oauth", "connect"] = "oauth"

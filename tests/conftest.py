@@ -68,6 +68,7 @@ class postgres_database:  # used like a function: `async with postgres_database(
 
 @pytest.fixture
 def settings(database_url: str, tmp_path: Path) -> Settings:
+    (tmp_path / "rules").mkdir(exist_ok=True)
     return Settings(
         database_url=database_url,
         rules_dir=tmp_path / "rules",

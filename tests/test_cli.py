@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -37,19 +38,23 @@ async def test_events_list_and_show(
 ) -> None:
     await _store_three(make_client, settings)
     url = settings.database_url
-    # The CLI runs its own event loop: call it from a worker thread.
-    import asyncio
 
+    # The CLI runs its own event loop: call it from a worker thread.
     async def run(*argv: str) -> tuple[int, str, str]:
         return await asyncio.to_thread(_run, monkeypatch, capsys, url, *argv)
 
-    code, out, _ = await run("events", "list", "--json")
-    assert code == 0
-    rows: list[dict[str, Any]] = [json.loads(line) for line in out.splitlines()]
+    # The worker processes the events (no rules here); wait until it has.
+    for _ in range(200):
+        code, out, _ = await run("events", "list", "--json")
+        assert code == 0
+        rows: list[dict[str, Any]] = [json.loads(line) for line in out.splitlines()]
+        if all(r["status"] == "processed" for r in rows):
+            break
+        await asyncio.sleep(0.05)
     assert [r["delivery_id"] for r in rows] == ["cli-2", "cli-1", "cli-0"]
     for key in ("id", "delivery_id", "webhook_event", "status", "received_at"):
         assert all(key in r for r in rows)
-    code, out, _ = await run("events", "list", "--json", "--limit", "1", "--status", "received")
+    code, out, _ = await run("events", "list", "--json", "--limit", "1", "--status", "processed")
     assert len(out.splitlines()) == 1
     code, out, _ = await run("events", "list", "--status", "failed")
     assert out == ""

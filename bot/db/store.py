@@ -60,7 +60,7 @@ class EventStore:
     ) -> None:
         self._engine = engine
         self._max_batch = max_batch
-        self._on_commit = on_commit
+        self.on_commit = on_commit
         self._insert = upsert_ignoring_duplicates(engine)
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
@@ -108,8 +108,8 @@ class EventStore:
             for item, result in zip(batch, results, strict=True):
                 if not item.done.done():
                     item.done.set_result(result)
-            if self._on_commit is not None:
-                self._on_commit()
+            if self.on_commit is not None:
+                self.on_commit()
             for _ in batch:
                 self._queue.task_done()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,11 +22,32 @@ from bot.errors import (
     UnsupportedMediaType,
     VerificationError,
 )
+from bot.executor import ActionExecutor
+from bot.processor import EventProcessor
+from bot.rules import RuleWatcher
+from bot.services.actions import ActionRunner, ServiceClient
+from bot.services.genesys import GenesysClient
+from bot.services.http import RetryPolicy
+from bot.services.ubiops import UbiOpsClient
 from bot.settings import Settings
 from bot.web import jira
-from bot.web.keys import CLOCK, ENGINE, HTTP, INSTALL_KEYS, SETTINGS, STORE, TENANTS
+from bot.web.keys import (
+    CLOCK,
+    ENGINE,
+    EXECUTOR,
+    HTTP,
+    INSTALL_KEYS,
+    PROCESSOR,
+    RULES,
+    SETTINGS,
+    STORE,
+    TENANTS,
+)
 
 log = logging.getLogger(__name__)
+
+RULES_POLL_S = 2.0
+GENESYS_PER_MINUTE = 300
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -57,13 +80,21 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when the database answers and the event writer runs."""
+    """Ready when the database answers and a good rule set is loaded."""
+    rules = request.app[RULES]
+    body: dict[str, object] = {"rules_version": rules.current.version, "rule_errors": rules.errors}
     try:
         async with request.app[ENGINE].connect() as conn:
             await conn.execute(text("SELECT 1"))
     except Exception as exc:  # any failure means not ready; say which
-        return web.json_response({"status": "unavailable", "database": str(exc)}, status=503)
-    return web.json_response({"status": "ready"})
+        return web.json_response(
+            {**body, "status": "unavailable", "database": str(exc)}, status=503
+        )
+    if not rules.loaded:
+        return web.json_response(
+            {**body, "status": "unavailable", "rules": "not loaded"}, status=503
+        )
+    return web.json_response({**body, "status": "ready"})
 
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
@@ -80,6 +111,64 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     await engine.dispose()
 
 
+def service_clients(
+    settings: Settings, session: aiohttp.ClientSession
+) -> dict[str, ServiceClient | None]:
+    """Build the action clients whose credentials are configured (None: disabled)."""
+    ubiops = (
+        UbiOpsClient(session, settings.ubiops_api_url, settings.ubiops_api_token)
+        if settings.ubiops_api_token
+        else None
+    )
+    genesys = (
+        GenesysClient(
+            session,
+            settings.genesys_api_url,
+            settings.genesys_login_url,
+            settings.genesys_client_id,
+            settings.genesys_client_secret,
+            policy=RetryPolicy(),
+            per_minute=GENESYS_PER_MINUTE,
+        )
+        if settings.genesys_client_id and settings.genesys_client_secret
+        else None
+    )
+    return {"ubiops": ubiops, "genesys": genesys}
+
+
+async def _workers(app: web.Application) -> AsyncIterator[None]:
+    """Rule reloads, event processing and action execution, as background tasks."""
+    settings = app[SETTINGS]
+    watcher = await asyncio.to_thread(RuleWatcher, settings.rules_dir)
+    executor = ActionExecutor(
+        app[ENGINE],
+        ActionRunner(service_clients(settings, app[HTTP]), files_dir=settings.rules_dir),
+        rules_dir=settings.rules_dir,
+        lease_s=max(settings.lease_s, 120.0),
+        concurrency=settings.workers,
+    )
+    processor = EventProcessor(
+        app[ENGINE],
+        lambda: watcher.current,
+        lease_s=settings.lease_s,
+        on_planned=executor.wakeup.set,
+    )
+    app[STORE].on_commit = processor.wakeup.set
+    app[RULES], app[PROCESSOR], app[EXECUTOR] = watcher, processor, executor
+    tasks = [
+        asyncio.create_task(watcher.run(RULES_POLL_S), name="rules-watcher"),
+        asyncio.create_task(processor.run(), name="event-processor"),
+        asyncio.create_task(executor.run(), name="action-executor"),
+    ]
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    with contextlib.suppress(Exception):  # the database may be gone: leases expire anyway
+        await processor.release()
+        await executor.release()
+
+
 async def _http_session(app: web.Application) -> AsyncIterator[None]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
         app[HTTP] = session
@@ -92,7 +181,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     app[SETTINGS] = settings
     app[CLOCK] = clock
     app[INSTALL_KEYS] = {}
-    app.cleanup_ctx.extend([_http_session, _database])
+    app.cleanup_ctx.extend([_http_session, _database, _workers])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_post("/webhooks/jira", jira.receive_delivery)

@@ -10,6 +10,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.db.store import EventStore
 from bot.db.tenants import Tenants
+from bot.executor import ActionExecutor
+from bot.processor import EventProcessor
+from bot.rules import RuleWatcher
 from bot.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -27,3 +30,6 @@ class Clock(Protocol):
 
 CLOCK = web.AppKey("clock", Clock)
 INSTALL_KEYS = web.AppKey("install_keys", dict[str, str])
+RULES = web.AppKey("rules", RuleWatcher)
+PROCESSOR = web.AppKey("processor", EventProcessor)
+EXECUTOR = web.AppKey("executor", ActionExecutor)
