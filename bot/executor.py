@@ -10,7 +10,6 @@ outcome is unknown looks for its object before creating it a second time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import uuid
@@ -21,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, exists, insert, or_, select, update
+from sqlalchemy import and_, bindparam, exists, insert, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import ColumnElement
 
+from bot.db.group_commit import GroupCommit
 from bot.db.models import action_attempts, action_runs, events, utcnow
 from bot.due import next_attempt_at
 from bot.errors import ActionError, ServiceDisabled, TemplateRenderError
@@ -57,6 +57,19 @@ class _Run:
     state: dict[str, Any] | None
     attempts: int
     resumed: bool  # claimed back from a worker whose lease ran out: outcome unknown
+    context: dict[str, Any]  # template context: payload, `event`, earlier steps' results
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """One attempt's outcome, waiting to be written with others in one transaction."""
+
+    run: _Run
+    started: datetime
+    finished: datetime
+    outcome: str
+    values: dict[str, Any]
+    status_code: int | None
 
 
 def due_condition(now: datetime) -> ColumnElement[bool]:
@@ -75,6 +88,21 @@ def due_condition(now: datetime) -> ColumnElement[bool]:
     )
     stale = and_(action_runs.c.status == "running", action_runs.c.lease_until < now)
     return or_(waiting, stale)
+
+
+_RECORD_OUTCOME = (
+    update(action_runs)
+    .where(action_runs.c.id == bindparam("b_id"))
+    .values(
+        status=bindparam("b_status"),
+        next_attempt_at=bindparam("b_next_attempt_at"),
+        last_error=bindparam("b_last_error"),
+        updated_at=bindparam("b_updated_at"),
+        result=bindparam("b_result"),
+        attempts=bindparam("b_attempts"),
+        state=bindparam("b_state"),
+    )
+)
 
 
 class ActionExecutor:
@@ -103,6 +131,9 @@ class ActionExecutor:
         self._clock = clock
         self._rng = rng or random.Random()
         self.wakeup = asyncio.Event()
+        self._commits: GroupCommit[_Outcome, bool] = GroupCommit(self._write)
+        # Called with (action, new run status) after each recorded attempt (metrics).
+        self.on_attempt: Callable[[str, str], None] | None = None
 
     async def claim(self, limit: int) -> list[_Run]:
         """Lease up to `limit` due runs."""
@@ -119,7 +150,8 @@ class ActionExecutor:
             returning=tuple(action_runs.c),
         )
         async with self._engine.begin() as conn:
-            rows = (await conn.execute(stmt)).all()
+            rows = sorted((await conn.execute(stmt)).all(), key=lambda r: r.id)
+            contexts = await self._contexts(conn, rows) if rows else {}
         # Any second or later attempt may follow one whose outcome is unknown (a timeout,
         # a worker killed mid-call): it runs with `lookup_first`, so creates look first.
         return [
@@ -134,34 +166,53 @@ class ActionExecutor:
                 state=r.state,
                 attempts=r.attempts,
                 resumed=r.attempts > 1,
+                context=contexts[r.id],
             )
-            for r in sorted(rows, key=lambda r: r.id)
+            for r in rows
         ]
 
-    async def _context(self, run: _Run) -> dict[str, Any]:
-        """Template context: the event payload, `event`, and earlier steps' results."""
-        async with self._engine.connect() as conn:
-            event = (
-                await conn.execute(
-                    select(events.c.body, events.c.received_at).where(events.c.id == run.event_id)
-                )
-            ).one()
-            earlier = await conn.execute(
-                select(action_runs.c.step_id, action_runs.c.result).where(
-                    action_runs.c.event_id == run.event_id,
-                    action_runs.c.rule_name == run.rule_name,
-                    action_runs.c.step_index < run.step_index,
-                    action_runs.c.status == "succeeded",
-                    action_runs.c.step_id.is_not(None),
+    async def _contexts(self, conn: AsyncConnection, rows: list[Any]) -> dict[int, dict[str, Any]]:
+        """Template contexts of claimed runs: two queries for the whole batch."""
+        event_ids = {r.event_id for r in rows}
+        bodies = {
+            e.id: e
+            for e in await conn.execute(
+                select(events.c.id, events.c.body, events.c.received_at).where(
+                    events.c.id.in_(event_ids)
                 )
             )
-            steps = {row.step_id: row.result for row in earlier}
-        return build_context(
-            orjson.loads(event.body),
-            event_id=str(run.event_id),
-            received_at=event.received_at.isoformat(),
-            steps=steps,
-        )
+        }
+        # Steps of a rule run in order, so the earlier results of a due run are final.
+        earlier: dict[tuple[int, str], list[Any]] = {}
+        for row in await conn.execute(
+            select(
+                action_runs.c.event_id,
+                action_runs.c.rule_name,
+                action_runs.c.step_index,
+                action_runs.c.step_id,
+                action_runs.c.result,
+            ).where(
+                action_runs.c.event_id.in_(event_ids),
+                action_runs.c.status == "succeeded",
+                action_runs.c.step_id.is_not(None),
+            )
+        ):
+            earlier.setdefault((row.event_id, row.rule_name), []).append(row)
+        out: dict[int, dict[str, Any]] = {}
+        for r in rows:
+            event = bodies[r.event_id]
+            steps = {
+                e.step_id: e.result
+                for e in earlier.get((r.event_id, r.rule_name), [])
+                if e.step_index < r.step_index
+            }
+            out[r.id] = build_context(
+                orjson.loads(event.body),
+                event_id=str(r.event_id),
+                received_at=event.received_at.isoformat(),
+                steps=steps,
+            )
+        return out
 
     def _step(self, run: _Run) -> Step:
         spec = action_params(run.action) or ()
@@ -179,7 +230,7 @@ class ActionExecutor:
         started = self._clock()
         status_code: int | None = None
         try:
-            params = render_params(self._step(run), await self._context(run))
+            params = render_params(self._step(run), run.context)
             outcome = await self._runner.run(
                 run.action, params, state=run.state, lookup_first=run.resumed
             )
@@ -258,54 +309,21 @@ class ActionExecutor:
         state: dict[str, Any] | None = None,
     ) -> str:
         finished = self._clock()
+        # Every column every time: a batch is then one executemany of one statement.
         values: dict[str, Any] = {
-            "status": status,
-            "lease_owner": None,
-            "lease_until": None,
-            "next_attempt_at": next_attempt_at,
-            "last_error": error,
-            "updated_at": finished,
+            "b_status": status,
+            "b_next_attempt_at": next_attempt_at,
+            "b_last_error": error,
+            "b_updated_at": finished,
+            "b_result": result,
+            "b_attempts": run.attempts if attempts is None else attempts,
+            "b_state": run.state if state is None else state,
         }
-        if result is not None or status == "succeeded":
-            values["result"] = result
-        if attempts is not None:
-            values["attempts"] = attempts
-        if state is not None:
-            values["state"] = state
-        async with self._engine.begin() as conn:
-            updated = await conn.execute(
-                update(action_runs)
-                .where(action_runs.c.id == run.id, action_runs.c.lease_owner == self.owner)
-                .values(**values)
-            )
-            if updated.rowcount != 1:
-                return "lost"  # the lease ran out and another worker owns the run now
-            await conn.execute(
-                insert(action_attempts).values(
-                    action_run_id=run.id,
-                    attempt=run.attempts,
-                    started_at=started,
-                    finished_at=finished,
-                    outcome=outcome,
-                    status_code=status_code,
-                    error=error,
-                )
-            )
-            if status == "dead":
-                await conn.execute(
-                    update(action_runs)
-                    .where(
-                        action_runs.c.event_id == run.event_id,
-                        action_runs.c.rule_name == run.rule_name,
-                        action_runs.c.step_index > run.step_index,
-                        action_runs.c.status.in_(("pending", "retrying")),
-                    )
-                    .values(
-                        status="skipped",
-                        last_error=f"step {run.step_index + 1} ({run.action}) is dead",
-                        updated_at=finished,
-                    )
-                )
+        written = await self._commits.submit(
+            _Outcome(run, started, finished, outcome, values, status_code)
+        )
+        if not written:
+            return "lost"  # the lease ran out and another worker owns the run now
         log.info(
             "action %s",
             outcome,
@@ -320,7 +338,69 @@ class ActionExecutor:
                 "error": error,
             },
         )
+        if self.on_attempt is not None:
+            self.on_attempt(run.action, status)
         return status
+
+    async def _write(self, batch: list[_Outcome]) -> list[bool]:
+        """Write several attempts' outcomes in one transaction; False where a lease was lost.
+
+        Four statements whatever the batch size. The first is a write, so that SQLite
+        takes its write lock at once, and it returns the runs whose lease is still ours.
+        """
+        now = self._clock()
+        async with self._engine.begin() as conn:
+            owned = set(
+                (
+                    await conn.execute(
+                        update(action_runs)
+                        .where(
+                            action_runs.c.id.in_([item.run.id for item in batch]),
+                            action_runs.c.lease_owner == self.owner,
+                        )
+                        .values(lease_owner=None, lease_until=None)
+                        .returning(action_runs.c.id)
+                    )
+                ).scalars()
+            )
+            mine = [item for item in batch if item.run.id in owned]
+            if mine:
+                await conn.execute(
+                    _RECORD_OUTCOME, [{"b_id": item.run.id, **item.values} for item in mine]
+                )
+                await conn.execute(
+                    insert(action_attempts),
+                    [
+                        {
+                            "action_run_id": item.run.id,
+                            "attempt": item.run.attempts,
+                            "started_at": item.started,
+                            "finished_at": item.finished,
+                            "outcome": item.outcome,
+                            "status_code": item.status_code,
+                            "error": item.values["b_last_error"],
+                        }
+                        for item in mine
+                    ],
+                )
+            for item in mine:
+                if item.values["b_status"] == "dead":
+                    run = item.run
+                    await conn.execute(
+                        update(action_runs)
+                        .where(
+                            action_runs.c.event_id == run.event_id,
+                            action_runs.c.rule_name == run.rule_name,
+                            action_runs.c.step_index > run.step_index,
+                            action_runs.c.status.in_(("pending", "retrying")),
+                        )
+                        .values(
+                            status="skipped",
+                            last_error=f"step {run.step_index + 1} ({run.action}) is dead",
+                            updated_at=now,
+                        )
+                    )
+        return [item.run.id in owned for item in batch]
 
     async def run_once(self) -> int:
         """Claim and execute one batch concurrently; return how many runs were executed."""
@@ -330,18 +410,40 @@ class ActionExecutor:
         return len(runs)
 
     async def run(self, poll_s: float = 1.0) -> None:
-        """Execute due runs until cancelled; wake on `wakeup` or every `poll_s` seconds."""
-        while True:
-            try:
-                busy = await self.run_once()
-            except (SQLAlchemyError, OSError) as exc:
-                log.warning("action execution paused: database error: %s", exc)
-                busy = 0
-            if busy:
-                continue
-            self.wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wakeup.wait(), timeout=poll_s)
+        """Execute due runs until cancelled, `concurrency` at a time, claiming as slots free.
+
+        Wakes on `wakeup` (new runs planned), when a run finishes, or every `poll_s`.
+        """
+        inflight: set[asyncio.Task[str]] = set()
+        try:
+            while True:
+                free = self._concurrency - len(inflight)
+                claimed: list[_Run] = []
+                # Claims are writes (a commit each): take them in batches of at least half
+                # the slots, unless nothing is running.
+                if free >= max(1, self._concurrency // 2) or not inflight:
+                    try:
+                        claimed = await self.claim(free)
+                    except (SQLAlchemyError, OSError) as exc:
+                        log.warning("action execution paused: database error: %s", exc)
+                for run in claimed:
+                    inflight.add(asyncio.create_task(self.execute(run)))
+                if claimed and len(inflight) < self._concurrency:
+                    continue  # more may be due right now
+                self.wakeup.clear()
+                waker = asyncio.create_task(self.wakeup.wait())
+                done, _ = await asyncio.wait(
+                    {*inflight, waker}, timeout=poll_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                waker.cancel()
+                for task in done - {waker}:
+                    inflight.discard(task)
+                    if not task.cancelled() and task.exception() is not None:
+                        log.error("action run task failed: %s", task.exception())
+        finally:
+            for task in inflight:
+                task.cancel()
+            await asyncio.gather(*inflight, return_exceptions=True)
 
     async def release(self) -> None:
         """Give back leases of runs not started (graceful shutdown)."""

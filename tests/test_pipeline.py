@@ -275,7 +275,7 @@ async def test_crash_after_sending_a_create_gives_one_object(
             # The worker sends the create, then is killed before recording the outcome.
             from bot.rules import render_params
 
-            params = render_params(dying._step(run), await dying._context(run))
+            params = render_params(dying._step(run), run.context)
             await runner.run(run.action, params)
             assert fake.version_names("ml-prod", "churn") == ["ops-51"]
             # After the lease, another worker resumes the run: it looks before creating.

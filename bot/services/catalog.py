@@ -18,7 +18,7 @@ from bot.errors import ActionError
 
 # "form": a multipart form field sent beside the file; "download": a local path the
 # response body is saved to (deploybot's own, e.g. ubiops.revisions_file_download).
-ParamLocation = Literal["path", "query", "body", "file", "form", "download"]
+ParamLocation = Literal["path", "query", "header", "body", "file", "form", "download"]
 
 # Adapter modules whose `OPERATIONS` tables make up the registry.
 SERVICE_MODULES = ("bot.services.ubiops", "bot.services.genesys", "bot.services.jira")
@@ -49,6 +49,7 @@ class PlannedRequest:
     file_path: str | None = None  # multipart upload, field "file"
     form: tuple[tuple[str, str], ...] = ()  # multipart fields sent beside (or instead of) the file
     download_path: str | None = None  # save the response body to this local file
+    headers: tuple[tuple[str, str], ...] = ()  # request headers from `header` params
 
     @property
     def multipart(self) -> bool:
@@ -163,6 +164,7 @@ def plan_request(op: Operation, params: Mapping[str, Any]) -> PlannedRequest:
     file_path: str | None = None
     download_path: str | None = None
     form: list[tuple[str, str]] = []
+    headers: list[tuple[str, str]] = []
     for p in op.params:
         value = params.get(p.name)
         if value is None:
@@ -177,6 +179,8 @@ def plan_request(op: Operation, params: Mapping[str, Any]) -> PlannedRequest:
             json_body = value
         elif p.location == "form":
             form.append((p.wire, _query_value(value)))
+        elif p.location == "header":
+            headers.append((p.wire, _query_value(value)))
         elif p.location == "download":
             download_path = str(value)
         else:
@@ -189,6 +193,7 @@ def plan_request(op: Operation, params: Mapping[str, Any]) -> PlannedRequest:
         file_path=file_path,
         form=tuple(form),
         download_path=download_path,
+        headers=tuple(headers),
     )
 
 
@@ -218,6 +223,8 @@ def find_existing(op: Operation, params: Mapping[str, Any], found: Any) -> Any:
         return None
     if not spec.match:
         return found
+    if isinstance(found, Mapping) and isinstance(found.get("entities"), list):
+        found = found["entities"]  # Genesys listings: {"entities": [...], "pageSize": ...}
     if not isinstance(found, list):
         return None
     for item in found:

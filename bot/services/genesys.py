@@ -77,6 +77,13 @@ def _snake(camel: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", camel).lower()
 
 
+# Header parameters of the reference: param name -> header name.
+HEADER_NAMES: Mapping[str, str] = {
+    "x_journey_session_id": "X-Journey-Session-Id",
+    "x_journey_session_type": "X-Journey-Session-Type",
+}
+
+
 def _op(
     method: str, path: str, name: str, *extra: str, creates: CreateSpec | None = None
 ) -> Operation:
@@ -85,8 +92,10 @@ def _op(
     for spec in extra:
         loc, _, rest = spec.partition(":")
         pname = rest.rstrip("!")
-        location: ParamLocation = "body" if loc == "body" else "query"
-        wire = "" if location == "body" else _camel(pname)
+        location: ParamLocation = (
+            "body" if loc == "body" else "header" if loc == "header" else "query"
+        )
+        wire = "" if location == "body" else HEADER_NAMES.get(pname) or _camel(pname)
         params.append(Param(pname, location, rest.endswith("!"), wire))
     return Operation(SERVICE, name, method, path, tuple(params), creates)
 
@@ -107,12 +116,12 @@ OPERATIONS: tuple[Operation, ...] = (
         f"{_WD}/deployments/{{deploymentId}}/cobrowse/{{sessionId}}",
         "delete_webdeployments_deployment_cobrowse_session_id",
     ),
-    # Its two optional parameters travel as headers, which a catalog Param cannot say yet:
-    # the client sends them from HEADER_PARAMS.
     _op(
         "DELETE",
         f"{_WD}/token/revoke",
         "delete_webdeployments_token_revoke",
+        "header:x_journey_session_id",
+        "header:x_journey_session_type",
     ),
     _op(
         "GET",
@@ -207,14 +216,6 @@ OPERATIONS: tuple[Operation, ...] = (
 )
 
 OPERATIONS_BY_NAME: Mapping[str, Operation] = {op.name: op for op in OPERATIONS}
-
-# Header parameters of the reference, by operation: param name -> header name.
-HEADER_PARAMS: Mapping[str, Mapping[str, str]] = {
-    "delete_webdeployments_token_revoke": {
-        "x_journey_session_id": "X-Journey-Session-Id",
-        "x_journey_session_type": "X-Journey-Session-Type",
-    },
-}
 
 
 # --- client-credentials tokens ---------------------------------------------------------
@@ -386,9 +387,7 @@ class GenesysClient:
         op = OPERATIONS_BY_NAME.get(op_name.removeprefix(f"{SERVICE}."))
         if op is None:
             raise ActionError(f"{SERVICE}.{op_name}: no such Genesys operation")
-        header_names = HEADER_PARAMS.get(op.name, {})
-        extra = {h: str(params[n]) for n, h in header_names.items() if params.get(n) is not None}
-        req = plan_request(op, {k: v for k, v in params.items() if k not in header_names})
+        req = plan_request(op, params)
         if (size := body_size_bytes(req)) > MAX_BODY_BYTES:
             raise ActionError(
                 f"{op.full_name}: request body is {size} bytes; Genesys accepts at most "
@@ -399,7 +398,7 @@ class GenesysClient:
 
         async def headers() -> dict[str, str]:
             sent.append(await self._tokens.token())
-            return {"Authorization": f"Bearer {sent[-1]}", "Accept": "application/json", **extra}
+            return {"Authorization": f"Bearer {sent[-1]}", "Accept": "application/json"}
 
         async def on_unauthorized() -> bool:
             await self._tokens.refresh(sent[-1])

@@ -241,7 +241,7 @@ async def _attempt(
             params=list(req.query),
             json=None if data is not None else req.json_body,
             data=data,
-            headers=dict(headers),
+            headers={**dict(req.headers), **headers},
             timeout=aiohttp.ClientTimeout(total=timeout_s),
         ) as resp:
             resp_headers = CIMultiDict(resp.headers)
