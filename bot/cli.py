@@ -5,16 +5,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from bot import logs
 from bot import settings as settings_mod
 from bot.db import queries
 from bot.db.engine import create_engine, upgrade
+from bot.db.models import utcnow
 from bot.errors import SettingsError
 from bot.settings import Settings
 
@@ -32,14 +36,37 @@ def _serve(settings: Settings, _args: argparse.Namespace) -> int:
 
     for warning in settings.disabled_features():
         log.warning("%s", warning)
+    app = create_app(settings)
+    app.on_shutdown.append(_exit_deadline(settings.shutdown_timeout_s))
+    # SIGTERM: stop listening, let in-flight requests finish (half the budget), then the
+    # cleanup contexts stop the workers, give back leases and flush the event store.
     web.run_app(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         print=lambda msg: log.info("%s", msg),
         access_log=None,
+        shutdown_timeout=settings.shutdown_timeout_s / 2,
     )
+    log.info("deploybot stopped")
     return 0
+
+
+def _exit_deadline(timeout_s: float) -> Callable[[Any], Awaitable[None]]:
+    """Return an on_shutdown hook that ends the process if shutdown overruns `timeout_s`."""
+
+    async def arm(_app: Any) -> None:
+        def overrun() -> None:
+            # Safe: a 2xx was only ever sent after a commit, and leases expire on their own.
+            log.error("shutdown took longer than %.1f s: exiting now", timeout_s)
+            logging.shutdown()
+            os._exit(1)
+
+        timer = threading.Timer(timeout_s, overrun)  # a thread: fires even if the loop hangs
+        timer.daemon = True  # a clean exit does not wait for it
+        timer.start()
+
+    return arm
 
 
 def _with_engine(
@@ -132,6 +159,31 @@ def _events_show(settings: Settings, args: argparse.Namespace) -> int:
     return _with_engine(work)(settings, args)
 
 
+def _events_replay(settings: Settings, args: argparse.Namespace) -> int:
+    from bot import replay
+
+    try:
+        since = replay.parse_since(args.since, utcnow()) if args.since else None
+        selection = replay.Selection(ids=args.ids, status=args.status, since=since)
+    except ValueError as exc:
+        print(f"deploybot: {exc}", file=sys.stderr)
+        return 2
+
+    async def work(engine: Any) -> int:
+        outcome = await replay.replay(engine, selection)
+        for event_id in outcome.missing:
+            print(f"deploybot: no event {event_id}", file=sys.stderr)
+        if outcome.busy:
+            print(f"left alone (being processed): {outcome.busy}", file=sys.stderr)
+        print(
+            f"replayed {len(outcome.replayed)} event(s);"
+            f" {outcome.runs_reset} dead or skipped action run(s) back to pending"
+        )
+        return 1 if outcome.missing else 0
+
+    return _with_engine(work)(settings, args)
+
+
 def _rules_check(settings: Settings, args: argparse.Namespace) -> int:
     from bot.rules.cli import cmd_check
 
@@ -142,6 +194,18 @@ def _rules_test(settings: Settings, args: argparse.Namespace) -> int:
     from bot.rules.cli import cmd_test
 
     return cmd_test(args.event, args.rules or settings.rules_dir)
+
+
+def _webhooks_sync(settings: Settings, _args: argparse.Namespace) -> int:
+    from bot.jobs import cmd_sync
+
+    return cmd_sync(settings)
+
+
+def _webhooks_list(settings: Settings, args: argparse.Namespace) -> int:
+    from bot.jobs import cmd_list
+
+    return cmd_list(settings, args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,19 +242,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev_show.add_argument("id", type=int)
     ev_show.add_argument("--json", action="store_true")
     ev_show.set_defaults(run=_events_show)
+    ev_replay = ev.add_parser("replay", help="run stored events again (conditions combine)")
+    ev_replay.add_argument("ids", nargs="*", type=int, metavar="ID")
+    ev_replay.add_argument("--status", choices=["received", "processed", "failed"])
+    ev_replay.add_argument("--since", help="received at or after: ISO 8601 time, or 30m, 2h, 7d")
+    ev_replay.set_defaults(run=_events_replay)
+
+    hooks = commands.add_parser("webhooks", help="Jira dynamic webhooks").add_subparsers(
+        dest="webhooks_command", required=True
+    )
+    hooks.add_parser("sync", help="register what the rules need, delete the rest").set_defaults(
+        run=_webhooks_sync
+    )
+    hooks_list = hooks.add_parser("list", help="registered webhooks: JQL, events, expiry")
+    hooks_list.add_argument("--json", action="store_true", help="one JSON object per line")
+    hooks_list.set_defaults(run=_webhooks_list)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
         settings = settings_mod.from_env()
     except SettingsError as exc:
         print(f"deploybot: configuration error: {exc}", file=sys.stderr)
         return 2
+    logs.configure(settings)  # JSON lines (text on a terminal), secrets redacted
     result: int = args.run(settings, args)
     return result
 

@@ -48,6 +48,9 @@ class Settings:
     lease_s: float = 60.0
     workers: int = 8
     retention_days: int = 30
+    shutdown_timeout_s: float = 10.0
+    scheduler_interval_s: float = 60.0
+    webhooks_interval_s: float = 3600.0
     log_format: Literal["auto", "json", "text"] = "auto"
     jira_auth_mode: Literal["oauth", "connect"] = "oauth"
     jira_base_url: str | None = None
@@ -183,6 +186,18 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "lease_s": ("DEPLOYBOT_LEASE_S", _float("DEPLOYBOT_LEASE_S", 1.0)),
     "workers": ("DEPLOYBOT_WORKERS", _int("DEPLOYBOT_WORKERS", 0, 64)),
     "retention_days": ("DEPLOYBOT_RETENTION_DAYS", _int("DEPLOYBOT_RETENTION_DAYS", 1, 3650)),
+    "shutdown_timeout_s": (
+        "DEPLOYBOT_SHUTDOWN_TIMEOUT_S",
+        _float("DEPLOYBOT_SHUTDOWN_TIMEOUT_S", 1.0),
+    ),
+    "scheduler_interval_s": (
+        "DEPLOYBOT_SCHEDULER_INTERVAL_S",
+        _float("DEPLOYBOT_SCHEDULER_INTERVAL_S", 1.0),
+    ),
+    "webhooks_interval_s": (
+        "DEPLOYBOT_WEBHOOKS_INTERVAL_S",
+        _float("DEPLOYBOT_WEBHOOKS_INTERVAL_S", 60.0),
+    ),
     "log_format": (
         "DEPLOYBOT_LOG_FORMAT",
         _choice("DEPLOYBOT_LOG_FORMAT", ("auto", "json", "text")),

@@ -60,7 +60,7 @@ def test_reload_keeps_last_good_set(tmp_path: Path, caplog: pytest.LogCaptureFix
     assert len(warnings) == 4
     assert all(second.version[:12] in w for w in warnings)
     assert watcher.check() is False  # the same broken files are not reported again
-    assert len(caplog.records) == 4
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 4
 
     (rules / "b.yaml").unlink()
     _write(rules / "a.yaml", RULE.format(name="second"))  # back to the rules in force

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import operator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, select
+from sqlalchemy import Row, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot.db.models import action_attempts, action_runs, events, rule_matches
+from bot.db.models import (
+    ACTION_STATUSES,
+    EVENT_STATUSES,
+    action_attempts,
+    action_runs,
+    events,
+    rule_matches,
+)
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -105,3 +114,152 @@ async def get_event(engine: AsyncEngine, event_id: int) -> dict[str, Any] | None
             for r in runs
         ],
     }
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    """Which events to list; None means any. `since` is inclusive, `until` exclusive."""
+
+    status: str | None = None
+    webhook_event: str | None = None
+    issue_key: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+async def search_events(
+    engine: AsyncEngine,
+    where: EventFilter,
+    *,
+    limit: int,
+    before_id: int | None = None,
+    offset: int = 0,
+) -> list[dict[str, Any]]:
+    """Return one page of matching events, newest first (`before_id` is the cursor)."""
+    c = events.c
+    wanted = (
+        (c.status, operator.eq, where.status),
+        (c.webhook_event, operator.eq, where.webhook_event),
+        (c.issue_key, operator.eq, where.issue_key),
+        (c.received_at, operator.ge, where.since),
+        (c.received_at, operator.lt, where.until),
+        (c.id, operator.lt, before_id),
+    )
+    query = (
+        select(*(col for col in c if col.name != "body"))
+        .where(*(op(column, value) for column, op, value in wanted if value is not None))
+        .order_by(c.id.desc())
+        .limit(limit)
+        .offset(offset)
+    )
+    async with engine.connect() as conn:
+        return [event_summary(row) for row in await conn.execute(query)]
+
+
+async def status_counts(engine: AsyncEngine) -> dict[str, dict[str, int]]:
+    """Count events and action runs by status (every known status, zeros included)."""
+    tables = (("events", events, EVENT_STATUSES), ("action_runs", action_runs, ACTION_STATUSES))
+    counts: dict[str, dict[str, int]] = {}
+    async with engine.connect() as conn:
+        for name, table, statuses in tables:
+            rows = await conn.execute(select(table.c.status, func.count()).group_by(table.c.status))
+            counts[name] = dict.fromkeys(statuses, 0) | {s: int(n) for s, n in rows.tuples()}
+    return counts
+
+
+async def list_action_runs(
+    engine: AsyncEngine, *, status: str, limit: int = 100
+) -> list[dict[str, Any]]:
+    """Return action runs in `status` with their event's issue key, most recent first."""
+    r, e = action_runs.c, events.c
+    query = (
+        select(
+            r.id,
+            r.event_id,
+            r.rule_name,
+            r.step_index,
+            r.action,
+            r.status,
+            r.attempts,
+            r.last_error,
+            r.updated_at,
+            e.issue_key,
+            e.webhook_event,
+        )
+        .join(events, e.id == r.event_id)
+        .where(r.status == status)
+        .order_by(r.updated_at.desc(), r.id.desc())
+        .limit(limit)
+    )
+    async with engine.connect() as conn:
+        rows = await conn.execute(query)
+        return [
+            {
+                "id": row.id,
+                "event_id": row.event_id,
+                "issue_key": row.issue_key,
+                "webhook_event": row.webhook_event,
+                "rule": row.rule_name,
+                "step": row.step_index,
+                "action": row.action,
+                "status": row.status,
+                "attempts": row.attempts,
+                "last_error": row.last_error,
+                "updated_at": _iso(row.updated_at),
+            }
+            for row in rows
+        ]
+
+
+RETRYABLE_RUN_STATUSES = ("dead", "skipped")
+
+
+async def retry_action_run(
+    engine: AsyncEngine, run_id: int, now: datetime
+) -> tuple[str, list[int]] | None:
+    """Queue a dead or skipped run again, with the skipped steps after it.
+
+    Return the run's old status and the ids queued (none when the run was in another
+    status), or None when there is no such run.
+    """
+    c = action_runs.c
+    fresh = {
+        "status": "pending",
+        "attempts": 0,
+        "next_attempt_at": now,
+        "lease_owner": None,
+        "lease_until": None,
+        "state": None,
+        "last_error": None,
+        "updated_at": now,
+    }
+    async with engine.begin() as conn:
+        run = (
+            await conn.execute(
+                select(c.status, c.event_id, c.rule_name, c.step_index)
+                .where(c.id == run_id)
+                .with_for_update()
+            )
+        ).first()
+        if run is None:
+            return None
+        if run.status not in RETRYABLE_RUN_STATUSES:
+            return str(run.status), []
+        later = (
+            await conn.execute(
+                update(action_runs)
+                .where(
+                    c.event_id == run.event_id,
+                    c.rule_name == run.rule_name,
+                    c.step_index > run.step_index,
+                    c.status == "skipped",
+                )
+                .values(**fresh)
+                .returning(c.id)
+            )
+        ).scalars()
+        queued = [run_id, *sorted(later)]
+        await conn.execute(
+            update(action_runs).where(c.id == run_id, c.status == run.status).values(**fresh)
+        )
+    return str(run.status), queued

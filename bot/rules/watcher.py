@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from bot.rules.model import RuleSet
 
 log = logging.getLogger(__name__)
 
-_Snapshot = tuple[tuple[str, int, int], ...]
+_Snapshot = tuple[tuple[str, int, int, int], ...]
 
 
 class RuleWatcher:
@@ -62,18 +63,20 @@ class RuleWatcher:
                 log.exception("rule reload failed")
 
     def _scan(self) -> _Snapshot:
-        # Names, mtimes and sizes: cheap to read, and any save changes at least one.
+        # Names, mtimes, sizes and a checksum: an edit that keeps the size within one
+        # mtime tick (coarse file-system clocks) still changes the checksum.
         if not self.rules_dir.is_dir():
-            return (("", -1, -1),)  # no folder: differs from an empty one
+            return (("", -1, -1, -1),)  # no folder: differs from an empty one
         try:
             paths = sorted(self.rules_dir.glob("*.yaml"))
         except OSError:
-            return (("", -1, -1),)  # no folder: differs from an empty one
-        entries: list[tuple[str, int, int]] = []
+            return (("", -1, -1, -1),)  # no folder: differs from an empty one
+        entries: list[tuple[str, int, int, int]] = []
         for path in paths:
             try:
                 stat = path.stat()
-            except OSError:  # deleted between listing and stat: the next scan sees it
+                checksum = zlib.crc32(path.read_bytes())
+            except OSError:  # deleted between listing and reading: the next scan sees it
                 continue
-            entries.append((path.name, stat.st_mtime_ns, stat.st_size))
+            entries.append((path.name, stat.st_mtime_ns, stat.st_size, checksum))
         return tuple(entries)

@@ -12,6 +12,7 @@ import aiohttp
 from aiohttp import web
 from sqlalchemy import text
 
+from bot import metrics
 from bot.db.engine import create_engine, upgrade
 from bot.db.store import EventStore
 from bot.db.tenants import Tenants
@@ -25,12 +26,13 @@ from bot.errors import (
 from bot.executor import ActionExecutor
 from bot.processor import EventProcessor
 from bot.rules import RuleWatcher
+from bot.scheduler import scheduler_ctx
 from bot.services.actions import ActionRunner, ServiceClient
 from bot.services.genesys import GenesysClient
 from bot.services.http import RetryPolicy
 from bot.services.ubiops import UbiOpsClient
 from bot.settings import Settings
-from bot.web import jira
+from bot.web import admin, jira
 from bot.web.keys import (
     CLOCK,
     ENGINE,
@@ -182,6 +184,8 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     app[CLOCK] = clock
     app[INSTALL_KEYS] = {}
     app.cleanup_ctx.extend([_http_session, _database, _workers])
+    app.cleanup_ctx.append(scheduler_ctx)  # after the workers: it wakes their executor
+    metrics.install(app)  # after the workers: it hooks into the executor they create
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_post("/webhooks/jira", jira.receive_delivery)
@@ -189,4 +193,5 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         app.router.add_get("/atlassian-connect.json", jira.descriptor)
         app.router.add_post("/lifecycle/installed", jira.installed)
         app.router.add_post("/lifecycle/uninstalled", jira.uninstalled)
+    admin.setup(app)
     return app

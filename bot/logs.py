@@ -1,0 +1,168 @@
+"""Logging: JSON lines (or human text on a terminal), with every secret redacted.
+
+Records carry context through `extra=` (event_id, delivery_id, issue_key, rule, action,
+...); both formats print those fields. The redaction filter sits on the handler, so it
+sees every record whatever logger it came from, before any formatter renders it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import IO, Any
+
+import orjson
+
+from bot.settings import Settings
+
+MASK = "***"
+# Attributes every LogRecord has; anything else on a record came from `extra=`.
+_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+# Token text that must never reach a log, whatever configured secrets are.
+_TOKEN_PATTERNS = (
+    # An Authorization header's value, in header, dict or repr form.
+    r"(?i)(?<=authorization)(['\"]?\s*[:=]\s*['\"]?)[^'\"\r\n,}]+",
+    # A credential after its scheme; long enough not to eat prose ("JWT verification").
+    r"(?i)\b((?:bearer|jwt|token|basic)\s+)[A-Za-z0-9\-._~+/]{16,}=*",
+    # A bare JWT anywhere ("eyJ" is the base64url of '{"').
+    r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*",
+    # The password of a URL such as postgresql+asyncpg://user:password@host/db.
+    r"(?<=://)([^:/@\s]+:)[^@\s]+(?=@)",
+)
+
+
+class Redactor:
+    """Replace configured secrets and token-like text with `***`."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        # Longest first, so a secret containing another is masked whole.
+        literal = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self._secrets = re.compile("|".join(map(re.escape, literal))) if literal else None
+        self._tokens = [re.compile(p) for p in _TOKEN_PATTERNS]
+
+    def __call__(self, text: str) -> str:
+        # Token shapes first: a short secret masked inside a token would hide its shape.
+        for pattern in self._tokens:
+            text = pattern.sub(lambda m: (m.group(1) if m.re.groups else "") + MASK, text)
+        if self._secrets is not None:
+            text = self._secrets.sub(MASK, text)
+        return text
+
+    def value(self, value: Any) -> Any:
+        """Redact strings inside a value (dicts, lists and tuples walked)."""
+        if isinstance(value, str):
+            return self(value)
+        if isinstance(value, dict):
+            return {k: self.value(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.value(v) for v in value]
+        if isinstance(value, bytes):
+            return self(value.decode("utf-8", "replace"))
+        return value
+
+
+class RedactionFilter(logging.Filter):
+    """Rewrite each record with its message, extras and traceback redacted."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self._redact = redactor
+        self._formatter = logging.Formatter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string still gets logged, redacted
+            message = f"{record.msg!r} {record.args!r}"
+        record.msg, record.args = self._redact(message), None
+        for key in extra_fields(record):
+            setattr(record, key, self._redact.value(getattr(record, key)))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self._formatter.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self._redact(record.exc_text)
+        record.exc_info = None  # the formatters print the redacted exc_text instead
+        if record.stack_info:
+            record.stack_info = self._redact(record.stack_info)
+        return True
+
+
+def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """Return the fields a record got through `extra=`."""
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, the extra fields, exc."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": _timestamp(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        line.update((k, v) for k, v in extra_fields(record).items() if v is not None)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line["exc"] = record.exc_text
+        if record.stack_info:
+            line["stack"] = record.stack_info
+        return orjson.dumps(line, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """Human text: time, level, logger, message, then the extra fields as key=value."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        extras = " ".join(f"{k}={v}" for k, v in extra_fields(record).items() if v is not None)
+        if not extras:
+            return text
+        head, newline, rest = text.partition("\n")  # fields stay on the message's line
+        return f"{head}  {extras}{newline}{rest}"
+
+
+class _Handler(logging.StreamHandler[IO[str]]):
+    """deploybot's own handler, told apart from others (a test runner's) on reconfigure."""
+
+    def __init__(self, stream: IO[str] | None) -> None:
+        super().__init__(stream or sys.stderr)
+        self._follow_stderr = stream is None  # sys.stderr may be swapped later (tests)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._follow_stderr:
+            self.stream = sys.stderr
+        super().emit(record)
+
+
+def make_formatter(log_format: str, stream: IO[str]) -> logging.Formatter:
+    """Pick the formatter: `auto` means text on a terminal, JSON otherwise."""
+    use_text = log_format == "text" or (log_format == "auto" and stream.isatty())
+    return TextFormatter() if use_text else JsonFormatter()
+
+
+def configure(
+    settings: Settings, *, stream: IO[str] | None = None, level: int = logging.INFO
+) -> logging.Handler:
+    """Send every log record to `stream` (stderr), formatted and redacted; return the handler."""
+    handler = _Handler(stream)
+    handler.setFormatter(make_formatter(settings.log_format, stream or sys.stderr))
+    handler.addFilter(RedactionFilter(Redactor(settings.secrets)))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _Handler)]:
+        root.removeHandler(old)  # configured again (tests call main() repeatedly)
+    root.addHandler(handler)
+    root.setLevel(level)
+    return handler
