@@ -131,52 +131,86 @@ class EventProcessor:
 
     async def process(self, claimed: Claimed) -> bool:
         """Evaluate one claimed event and store the outcome; False if the lease was lost."""
+        return await self.process_batch([claimed]) == 1
+
+    async def process_batch(self, claimed: list[Claimed]) -> int:
+        """Evaluate claimed events and store their outcomes in one transaction.
+
+        Return how many were stored (an event whose lease was lost, or whose evaluation
+        failed and will be tried again, is not). One commit per batch instead of one per
+        event keeps the write lock free for deliveries.
+        """
         ruleset = self._rules()
-        try:
-            payload = orjson.loads(claimed.body)
-            evaluation = evaluate(ruleset, payload)
-            failure = None
-        except Exception as exc:  # a payload the engine cannot read fails this event only
-            log.exception("event %s could not be evaluated", claimed.id)
-            evaluation, failure = Evaluation(matched=[], missed=[]), f"evaluation failed: {exc}"
-        if failure is not None and claimed.attempts < MAX_EVENT_ATTEMPTS:
-            return False  # leave the lease to expire: it is tried again later
+        outcomes: list[tuple[int, Evaluation, str | None]] = []
+        for item in claimed:
+            try:
+                payload = orjson.loads(item.body)
+                evaluation = evaluate(ruleset, payload)
+                failure = None
+            except Exception as exc:  # a payload the engine cannot read fails this event only
+                log.exception("event %s could not be evaluated", item.id)
+                evaluation, failure = Evaluation(matched=[], missed=[]), f"evaluation failed: {exc}"
+            if failure is not None and item.attempts < MAX_EVENT_ATTEMPTS:
+                continue  # leave the lease to expire: it is tried again later
+            outcomes.append((item.id, evaluation, failure))
+        if not outcomes:
+            return 0
         async with self._engine.begin() as conn:
-            done = await self._finish(conn, claimed.id, ruleset, evaluation, failure)
-        for rule in evaluation.matched:
-            log.info(
-                "rule matched",
-                extra={"event_id": claimed.id, "rule": rule.name, "ruleset": ruleset.version[:12]},
-            )
-        return done
+            stored, planned = await self._finish(conn, ruleset, outcomes)
+        if planned and self._on_planned is not None:
+            self._on_planned()  # only new action runs are news to the executor
+        for event_id, evaluation, _ in outcomes:
+            for rule in evaluation.matched if event_id in stored else ():
+                log.info(
+                    "rule matched",
+                    extra={
+                        "event_id": event_id,
+                        "rule": rule.name,
+                        "ruleset": ruleset.version[:12],
+                    },
+                )
+        return len(stored)
 
     async def _finish(
         self,
         conn: AsyncConnection,
-        event_id: int,
         ruleset: RuleSet,
-        evaluation: Evaluation,
-        failure: str | None,
-    ) -> bool:
+        outcomes: list[tuple[int, Evaluation, str | None]],
+    ) -> tuple[set[int], int]:
+        """Mark the events still leased to us done, with their matches and action runs.
+
+        A handful of statements per batch, whatever its size; returns the ids stored and
+        how many action runs were planned.
+        """
         now = self._clock()
-        marked = await conn.execute(
-            update(events)
-            .where(events.c.id == event_id, events.c.lease_owner == self.owner)
-            .values(
-                status="failed" if failure else "processed",
-                processed_at=now,
-                lease_owner=None,
-                lease_until=None,
-                error=failure,
-                ruleset_version=ruleset.version,
+        by_failure: dict[str | None, list[int]] = {}
+        for event_id, _, failure in outcomes:
+            by_failure.setdefault(failure, []).append(event_id)
+        stored: set[int] = set()
+        for failure, ids in by_failure.items():
+            marked = await conn.execute(
+                update(events)
+                .where(events.c.id.in_(ids), events.c.lease_owner == self.owner)
+                .values(
+                    status="failed" if failure else "processed",
+                    processed_at=now,
+                    lease_owner=None,
+                    lease_until=None,
+                    error=failure,
+                    ruleset_version=ruleset.version,
+                )
+                .returning(events.c.id)
             )
-        )
-        if marked.rowcount != 1:
-            return False  # another worker took the event over; its outcome stands
-        await conn.execute(delete(rule_matches).where(rule_matches.c.event_id == event_id))
+            # An event another worker took over is not ours to finish: its outcome stands.
+            stored.update(marked.scalars())
+        if not stored:
+            return stored, 0
+        await conn.execute(delete(rule_matches).where(rule_matches.c.event_id.in_(stored)))
+        ours = [(event_id, ev) for event_id, ev, _ in outcomes if event_id in stored]
         match_rows = [
             {"event_id": event_id, "rule_name": rule.name, "matched": True, "reason": None}
-            for rule in evaluation.matched
+            for event_id, ev in ours
+            for rule in ev.matched
         ] + [
             {
                 "event_id": event_id,
@@ -184,7 +218,8 @@ class EventProcessor:
                 "matched": False,
                 "reason": miss.reason,
             }
-            for miss in evaluation.missed
+            for event_id, ev in ours
+            for miss in ev.missed
         ]
         if match_rows:
             await conn.execute(
@@ -207,23 +242,17 @@ class EventProcessor:
                 "created_at": now,
                 "updated_at": now,
             }
-            for rule in evaluation.matched
+            for event_id, ev in ours
+            for rule in ev.matched
             for step in rule.steps
         ]
         if run_rows:
             await conn.execute(self._insert_runs, run_rows)
-        return True
+        return stored, len(run_rows)
 
     async def run_once(self) -> int:
         """Claim and process one batch; return how many events were processed."""
-        claimed = await self.claim()
-        processed = 0
-        for item in claimed:
-            if await self.process(item):
-                processed += 1
-        if processed and self._on_planned is not None:
-            self._on_planned()
-        return processed
+        return await self.process_batch(await self.claim())
 
     async def run(self, poll_s: float = 1.0) -> None:
         """Process events until cancelled; wake on `wakeup` or every `poll_s` seconds."""

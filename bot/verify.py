@@ -23,6 +23,8 @@ LEEWAY_S = 30
 CONTEXT_QSH = "context-qsh"
 
 QueryPairs = Iterable[tuple[str, str]]
+# (token, key, algorithm, audience, required claims) of a verified token
+_CacheKey = tuple[str, str, str, str | None, tuple[str, ...]]
 
 
 def _rfc3986(text: str) -> str:
@@ -84,6 +86,25 @@ def _decode(
     audience: str | None = None,
     require: tuple[str, ...] = ("exp",),
 ) -> dict[str, Any]:
+    # Jira signs a token once and sends it with many deliveries: a token whose signature
+    # and claims were verified with these same parameters need not be verified again.
+    # The time checks still run on every request, against the caller's clock.
+    cache_key: _CacheKey | None = None
+    claims: dict[str, Any] | None = None
+    if isinstance(key, str):
+        cache_key = (token, key, algorithm, audience, require)
+        claims = _VERIFIED.get(cache_key)
+    if claims is None:
+        claims = _verify_signature(token, key, algorithm, audience=audience, require=require)
+    _check_times(claims, now)
+    if cache_key is not None:
+        _remember(cache_key, claims, now)
+    return dict(claims)  # a copy: callers may not alter what the cache holds
+
+
+def _verify_signature(
+    token: str, key: Any, algorithm: str, *, audience: str | None, require: tuple[str, ...]
+) -> dict[str, Any]:
     header = _unverified_header(token)
     if header.get("alg") != algorithm:
         raise VerificationError(f"token algorithm must be {algorithm}")
@@ -107,14 +128,37 @@ def _decode(
         raise VerificationError("bad token signature") from exc
     except jwt.PyJWTError as exc:
         raise VerificationError(f"invalid token: {exc}") from exc
-    # PyJWT checks exp against the wall clock; also check against the caller's clock so
-    # tests and replays are deterministic, and refuse tokens issued in the future.
+    return claims
+
+
+def _check_times(claims: Mapping[str, Any], now: float) -> None:
+    """Refuse a token expired, not yet valid, or issued in the future at `now`."""
+    # PyJWT checks exp and nbf against the wall clock once; these run on every request,
+    # cached or not, against the caller's clock (deterministic tests and replays).
     if float(claims["exp"]) + LEEWAY_S < now:
         raise VerificationError("token expired")
+    nbf = claims.get("nbf")
+    if isinstance(nbf, int | float) and float(nbf) - LEEWAY_S > now:
+        raise VerificationError("token not yet valid")
     iat = claims.get("iat")
     if isinstance(iat, int | float) and float(iat) - LEEWAY_S > now:
         raise VerificationError("token issued in the future")
-    return claims
+
+
+_VERIFIED: dict[_CacheKey, dict[str, Any]] = {}
+VERIFIED_CACHE_SIZE = 4096
+
+
+def _remember(cache_key: _CacheKey, claims: dict[str, Any], now: float) -> None:
+    """Keep a verified token's claims until it expires (bounded: expired ones go first)."""
+    if cache_key in _VERIFIED:
+        return
+    if len(_VERIFIED) >= VERIFIED_CACHE_SIZE:
+        for stale in [k for k, c in _VERIFIED.items() if float(c["exp"]) + LEEWAY_S < now]:
+            del _VERIFIED[stale]
+        while len(_VERIFIED) >= VERIFIED_CACHE_SIZE:
+            del _VERIFIED[next(iter(_VERIFIED))]
+    _VERIFIED[cache_key] = claims
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event, text
+from sqlalchemy import event, exc, make_url, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 # Serialises `db upgrade` across replicas starting at once (any fixed 64-bit number).
 MIGRATION_LOCK_ID = 0x6465706C6F79_01
@@ -22,11 +23,21 @@ def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
         engine = create_async_engine(
             url,
             connect_args={"timeout": 30},
-            # One connection per use: the write path is a single group-commit writer
-            # and readers are cheap to open under WAL.
-            poolclass=NullPool if ":memory:" not in url else None,
+            # One shared connection per process for a file: SQLite has a single writer
+            # anyway, and two connections of one process contending for its lock meet
+            # SQLite's busy handler, which sleeps whole milliseconds (p99 tails); queueing
+            # for the pool is an asyncio wait instead. It also spares a thread and the
+            # pragmas per transaction. (`:memory:` keeps SQLAlchemy's default.)
+            **(
+                {"poolclass": AsyncAdaptedQueuePool, "pool_size": 1, "max_overflow": 0}
+                if ":memory:" not in url
+                else {}
+            ),
         )
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        database = make_url(url).database
+        if database and ":memory:" not in url:
+            _watch_file(engine, Path(database))
         return engine
     return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
 
@@ -40,6 +51,32 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+def _watch_file(engine: AsyncEngine, path: Path) -> None:
+    """Drop a pooled connection whose database file was moved or replaced.
+
+    An open connection keeps writing to the file it opened wherever that went; a fresh
+    one opens what is at the path now (or fails: the database is unavailable).
+    """
+
+    def connected(_dbapi: Any, record: Any) -> None:
+        record.info["file_id"] = _file_id(path)
+
+    def checkout(_dbapi: Any, record: Any, _proxy: Any) -> None:
+        if record.info.get("file_id") != _file_id(path):
+            raise exc.DisconnectionError(f"{path} was moved or replaced")
+
+    event.listen(engine.sync_engine, "connect", connected)
+    event.listen(engine.sync_engine, "checkout", checkout)
 
 
 def alembic_config(connection: Connection | None = None) -> Config:

@@ -1,0 +1,314 @@
+"""Ingest throughput: `deploybot serve` against a bare aiohttp handler, under the same load.
+
+Run: .venv/bin/python bench/ingest.py [--duration 10] [--connections 32] [--rules 1000]
+Needs wrk (Debian: `apt-get update && apt-get install -y wrk`). Each server runs in its
+own process; wrk drives it from another with every request carrying its own delivery id
+and a valid OAuth Bearer JWT, then the bench checks every 202 is a stored row.
+Set DEPLOYBOT_DATABASE_URL to bench PostgreSQL instead of SQLite (use a fresh database);
+`--processes 2` runs two servers, each loaded by its own wrk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import harness
+
+WRK_HINT = "wrk is not installed; on Debian: apt-get update && apt-get install -y wrk"
+
+LUA = r"""
+local token, body, prefix, ids_path = %(token)s, %(body)s, %(prefix)s, %(ids_path)s
+counter, accepted, ids = 0, 0, {}  -- globals: `done` reads them with thread:get
+local threads = {}
+local next_id = 0
+
+function setup(thread)
+  thread:set("tid", next_id)
+  next_id = next_id + 1
+  table.insert(threads, thread)
+end
+
+function init(args)
+  wrk.method = "POST"
+  wrk.path = "/webhooks/jira"
+  wrk.body = body
+  wrk.headers["Content-Type"] = "application/json"
+  wrk.headers["Authorization"] = "Bearer " .. token
+end
+
+function request()
+  counter = counter + 1
+  wrk.headers["X-Atlassian-Webhook-Identifier"] = prefix .. "-" .. tid .. "-" .. counter
+  return wrk.format()
+end
+
+function response(status, headers, body)
+  if status == 202 then
+    accepted = accepted + 1
+    ids[accepted] = body:match('"event_id": *(%%d+)')
+  end
+end
+
+function done(summary, latency, requests)
+  local total = 0
+  local out = io.open(ids_path, "w")
+  for _, thread in ipairs(threads) do
+    total = total + thread:get("accepted")
+    for _, id in ipairs(thread:get("ids")) do out:write(id, "\n") end
+  end
+  out:close()
+  local s = summary.errors
+  io.write(string.format(
+    'RESULT {"requests": %%d, "duration_us": %%d, "accepted": %%d, "p50_us": %%d, ' ..
+    '"p99_us": %%d, "non2xx": %%d, "socket_errors": %%d}\n',
+    summary.requests, summary.duration, total, latency:percentile(50),
+    latency:percentile(99), s.status, s.connect + s.read + s.write + s.timeout))
+end
+"""
+
+
+@dataclass(frozen=True)
+class Load:
+    """One wrk run's outcome."""
+
+    requests: int
+    duration_us: int
+    accepted: int
+    p50_us: int
+    p99_us: int
+    non2xx: int
+    socket_errors: int
+
+    @property
+    def rps(self) -> float:
+        return self.requests / (self.duration_us / 1e6)
+
+
+def lua_string(text: str) -> str:
+    return json.dumps(text)  # a JSON string of ASCII is a valid Lua string literal
+
+
+def run_wrk(port: int, args: argparse.Namespace, workdir: Path, connections: int) -> Load:
+    """Drive one server with wrk; return what its `done` hook reported."""
+    body = json.dumps(harness.issue_updated(), ensure_ascii=True)
+    script = workdir / f"deliveries-{port}.lua"
+    script.write_text(
+        LUA
+        % {
+            "token": lua_string(harness.oauth_token()),
+            "body": lua_string(body),
+            "prefix": lua_string(uuid.uuid4().hex[:12]),
+            "ids_path": lua_string(str(ids_path(workdir, port))),
+        }
+    )
+    out = subprocess.run(
+        [
+            "wrk",
+            f"-t{min(args.threads, connections)}",
+            f"-c{connections}",
+            f"-d{args.duration}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(script),
+            f"http://127.0.0.1:{port}/webhooks/jira",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"wrk failed ({out.returncode}):\n{out.stdout}{out.stderr}")
+    found = re.search(r"^RESULT (.*)$", out.stdout, re.M)
+    if found is None:
+        raise RuntimeError(f"wrk printed no result:\n{out.stdout}")
+    return Load(**json.loads(found.group(1)))
+
+
+def ids_path(workdir: Path, port: int) -> Path:
+    """Where wrk writes the event ids of the 202s it counted."""
+    return workdir / f"accepted-{port}.txt"
+
+
+def combined(loads: list[Load]) -> Load:
+    """Sum concurrent loads; latency percentiles are the worst of them (conservative)."""
+    return Load(
+        requests=sum(x.requests for x in loads),
+        duration_us=max(x.duration_us for x in loads),
+        accepted=sum(x.accepted for x in loads),
+        p50_us=max(x.p50_us for x in loads),
+        p99_us=max(x.p99_us for x in loads),
+        non2xx=sum(x.non2xx for x in loads),
+        socket_errors=sum(x.socket_errors for x in loads),
+    )
+
+
+def drive(ports: list[int], args: argparse.Namespace, workdir: Path) -> Load:
+    """Split the connections over the servers, one wrk per server, run at once."""
+    share = max(args.connections // len(ports), 1)
+    return combined(asyncio.run(_drive_all(ports, args, workdir, share)))
+
+
+async def _drive_all(
+    ports: list[int], args: argparse.Namespace, workdir: Path, connections: int
+) -> list[Load]:
+    return list(
+        await asyncio.gather(
+            *(asyncio.to_thread(run_wrk, port, args, workdir, connections) for port in ports)
+        )
+    )
+
+
+async def missing_rows(database_url: str, event_ids: list[int]) -> int:
+    """Count the acknowledged event ids that are not stored rows."""
+    from sqlalchemy import select
+
+    from bot.db.engine import create_engine
+    from bot.db.models import events
+
+    engine = create_engine(database_url)
+    try:
+        found = 0
+        async with engine.connect() as conn:
+            for start in range(0, len(event_ids), 500):
+                chunk = event_ids[start : start + 500]
+                rows = await conn.execute(select(events.c.id).where(events.c.id.in_(chunk)))
+                found += len(rows.all())
+        return len(set(event_ids)) - found + (len(event_ids) - len(set(event_ids)))
+    finally:
+        await engine.dispose()
+
+
+def bare_server(port: int) -> None:
+    """Serve the baseline: read the body, answer 202 (run_app and its loop, like serve)."""
+    from aiohttp import web
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"event_id": 1}, status=202)
+
+    async def ready(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ready"})
+
+    app = web.Application()
+    app.router.add_post("/webhooks/jira", handler)
+    app.router.add_get("/readyz", ready)
+    web.run_app(
+        app,
+        host="127.0.0.1",
+        port=port,
+        access_log=None,
+        print=None,
+    )
+
+
+def report(name: str, load: Load) -> None:
+    print(
+        f"{name:<28} {load.rps:>9.0f} req/s   p50 {load.p50_us / 1000:6.2f} ms   "
+        f"p99 {load.p99_us / 1000:6.2f} ms   202s {load.accepted}   "
+        f"non-2xx {load.non2xx}   socket errors {load.socket_errors}"
+    )
+
+
+def bench_deploybot(
+    name: str, rule_count: int, args: argparse.Namespace, workdir: Path, database_url: str
+) -> Load:
+    """Run `deploybot serve` (x processes) with `rule_count` rules; check rows against 202s."""
+    rules = harness.write_rules(workdir / f"rules-{rule_count}", rule_count)
+    ports = [harness.free_port() for _ in range(args.processes)]
+    with contextlib.ExitStack() as stack:
+        procs = [
+            stack.enter_context(harness.deploybot(workdir, port, database_url, rules))
+            for port in ports
+        ]
+        spies = [
+            harness.profile(proc.pid, args.duration, args.profile / f"{name}-{i}.txt")
+            for i, proc in enumerate(procs)
+            if args.profile
+        ]
+        load = drive(ports, args, workdir)
+        for spy in spies:
+            spy.wait()
+    report(name, load)
+    event_ids = [int(x) for p in ports for x in ids_path(workdir, p).read_text().split()]
+    missing = asyncio.run(missing_rows(database_url, event_ids))
+    if len(event_ids) != load.accepted or missing:
+        raise SystemExit(
+            f"FAILED: {load.accepted} 202s, {len(event_ids)} event ids, {missing} not stored"
+        )
+    print(f"{'':<28} every 202 is a stored row ({load.accepted} checked)")
+    return load
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per server")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser.add_argument("--rules", type=int, default=1000, help="size of the large rule set")
+    parser.add_argument("--processes", type=int, default=1, help="deploybot processes")
+    parser.add_argument(
+        "--profile", type=Path, help="folder for py-spy profiles (collapsed stacks) of deploybot"
+    )
+    parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.bare_server is not None:
+        bare_server(args.bare_server)
+        return 0
+    if shutil.which("wrk") is None:
+        print(WRK_HINT, file=sys.stderr)
+        return 2
+    args.duration = max(round(args.duration), 1)
+    with tempfile.TemporaryDirectory(prefix="deploybot-bench-") as tmp:
+        workdir = Path(tmp)
+        database_url = os.environ.get(
+            "DEPLOYBOT_DATABASE_URL", f"sqlite+aiosqlite:///{workdir / 'bench.db'}"
+        )
+        engine = "PostgreSQL" if database_url.startswith("postgresql") else "SQLite (FULL)"
+        print(
+            f"{args.connections} connections, {args.duration} s each, {os.cpu_count()} cores, "
+            f"{engine}, {args.processes} deploybot process(es)"
+        )
+        try:
+            port = harness.free_port()
+            with harness.process(
+                [harness.PYTHON, __file__, "--bare-server", str(port)],
+                dict(os.environ),
+                workdir,
+                f"http://127.0.0.1:{port}/readyz",
+                workdir / "bare.log",
+            ):
+                bare = drive([port], args, workdir)
+            report("bare aiohttp", bare)
+            results = [
+                bench_deploybot("deploybot (10 rules)", 10, args, workdir, database_url),
+                bench_deploybot(
+                    f"deploybot ({args.rules} rules)", args.rules, args, workdir, database_url
+                ),
+            ]
+        except RuntimeError:
+            print(harness.log_tail(workdir), file=sys.stderr)
+            raise
+    for label, load in zip(("10 rules", f"{args.rules} rules"), results, strict=True):
+        ratio = load.rps / bare.rps
+        verdict = "meets" if ratio >= 0.40 and load.p99_us < 25_000 else "misses"
+        print(f"ratio deploybot/bare ({label}): {ratio:.2f} ({verdict} >= 0.40, p99 < 25 ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

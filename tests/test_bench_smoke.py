@@ -1,0 +1,37 @@
+"""The benchmarks still run end to end (about a second of load each; no timing asserted)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_bench(script: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (apt install wrk)")
+def test_ingest_bench_runs_and_every_202_is_stored() -> None:
+    out = run_bench("ingest.py", "--duration", "1", "--connections", "8", "--rules", "50")
+    assert out.count("every 202 is a stored row") == 2
+    assert "ratio deploybot/bare (50 rules)" in out
+
+
+def test_pipeline_bench_drains_with_one_ubiops_call_per_event() -> None:
+    out = run_bench("pipeline.py", "--duration", "1", "--events", "60", "--connections", "8")
+    assert "UbiOps creates 60 for 60 events" in out
+    assert "backlog zero" in out
