@@ -67,6 +67,9 @@ class Settings:
     genesys_login_url: str = ""
     genesys_client_id: str | None = None
     genesys_client_secret: str | None = field(default=None, repr=False)
+    # Client-side limits under the accounts' per-minute quotas (429s are handled on top).
+    ubiops_per_minute: int = 240
+    genesys_per_minute: int = 300
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -217,6 +220,14 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "genesys_login_url": ("GENESYS_LOGIN_URL", _url("GENESYS_LOGIN_URL")),
     "genesys_client_id": ("GENESYS_CLIENT_ID", _str),
     "genesys_client_secret": ("GENESYS_CLIENT_SECRET", _str),
+    "ubiops_per_minute": (
+        "UBIOPS_RATE_LIMIT_PER_MINUTE",
+        _int("UBIOPS_RATE_LIMIT_PER_MINUTE", 1, 1_000_000),
+    ),
+    "genesys_per_minute": (
+        "GENESYS_RATE_LIMIT_PER_MINUTE",
+        _int("GENESYS_RATE_LIMIT_PER_MINUTE", 1, 1_000_000),
+    ),
 }
 assert set(_VARIABLES) == {f.name for f in fields(Settings)}, "every setting has a variable"
 

@@ -61,6 +61,8 @@ def test_dotenv_is_read_and_environment_wins(tmp_path: Path) -> None:
         ("GENESYS_REGION", "mypurecloud.moon", "not a Genesys Cloud region"),
         ("DEPLOYBOT_PUBLIC_URL", "bot.example.com", "absolute http/https URL"),
         ("DEPLOYBOT_MAX_BODY_BYTES", "-1", "DEPLOYBOT_MAX_BODY_BYTES"),
+        ("UBIOPS_RATE_LIMIT_PER_MINUTE", "0", "between 1 and"),
+        ("GENESYS_RATE_LIMIT_PER_MINUTE", "many", "must be a whole number"),
     ],
 )
 def test_invalid_values_are_clear_errors(variable: str, value: str, message: str) -> None:

@@ -49,7 +49,6 @@ from bot.web.keys import (
 log = logging.getLogger(__name__)
 
 RULES_POLL_S = 2.0
-GENESYS_PER_MINUTE = 300
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -118,7 +117,12 @@ def service_clients(
 ) -> dict[str, ServiceClient | None]:
     """Build the action clients whose credentials are configured (None: disabled)."""
     ubiops = (
-        UbiOpsClient(session, settings.ubiops_api_url, settings.ubiops_api_token)
+        UbiOpsClient(
+            session,
+            settings.ubiops_api_url,
+            settings.ubiops_api_token,
+            per_minute=settings.ubiops_per_minute,
+        )
         if settings.ubiops_api_token
         else None
     )
@@ -130,7 +134,7 @@ def service_clients(
             settings.genesys_client_id,
             settings.genesys_client_secret,
             policy=RetryPolicy(),
-            per_minute=GENESYS_PER_MINUTE,
+            per_minute=settings.genesys_per_minute,
         )
         if settings.genesys_client_id and settings.genesys_client_secret
         else None
