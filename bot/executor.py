@@ -447,6 +447,7 @@ class ActionExecutor:
 
     async def release(self) -> None:
         """Give back leases of runs not started (graceful shutdown)."""
+        await self._commits.idle()  # outcomes already submitted are written first
         async with self._engine.begin() as conn:
             await conn.execute(
                 update(action_runs)

@@ -1,15 +1,19 @@
 """Group commit: concurrent writers share one transaction, and so one fsync.
 
-No background task: the first caller that finds no write under way becomes the writer and
-writes everything queued meanwhile, batch after batch, until the queue is empty; everyone
-else awaits the result for their own item.
+A drain task exists only while there is something to write: the first submitter starts it,
+and it writes everything queued meanwhile, batch after batch, until the queue is empty.
+Submitters await their own item's result shielded, so one that is cancelled (a client
+gone, a worker stopped) never cancels the write that other submitters share.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
+
+from bot.errors import StoreUnavailable
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -22,25 +26,28 @@ class GroupCommit(Generic[T, R]):
         self._write = write
         self._max_batch = max_batch
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
-        self._writing = False
+        self._drainer: asyncio.Task[None] | None = None
 
     async def submit(self, item: T) -> R:
         """Return `item`'s result once the transaction holding it has committed."""
         done: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, done))
-        if not self._writing:
-            await self._write_all()
-        return await done
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain(), name="group-commit")
+        return await asyncio.shield(done)
 
-    async def _write_all(self) -> None:
-        self._writing = True
+    async def idle(self) -> None:
+        """Wait until everything submitted so far has been written."""
+        if self._drainer is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(self._drainer)  # a waiter gone must not stop the write
+
+    async def _drain(self) -> None:
         batch: list[tuple[T, asyncio.Future[R]]] = []
         try:
             while self._queue:
-                batch, self._queue = (
-                    self._queue[: self._max_batch],
-                    self._queue[self._max_batch :],
-                )
+                batch = self._queue[: self._max_batch]
+                self._queue = self._queue[self._max_batch :]
                 try:
                     results = await self._write([item for item, _ in batch])
                 except Exception as exc:  # every item of a failed transaction fails with it
@@ -52,9 +59,10 @@ class GroupCommit(Generic[T, R]):
                     if not done.done():
                         done.set_result(result)
                 batch = []
-        finally:
-            self._writing = False
-            # Cancelled mid-write: nobody else is writing, so end what would otherwise hang.
+        except asyncio.CancelledError:
+            # Stopped mid-write (shutdown): nothing will write these; say so to their callers.
             for _, done in batch + self._queue:
-                done.cancel()
+                if not done.done():
+                    done.set_exception(StoreUnavailable("writer stopped"))
             self._queue = []
+            raise

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +12,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bot.db.group_commit import GroupCommit
 from bot.db.models import events, utcnow
 from bot.delivery import Delivery
 from bot.errors import StoreUnavailable
@@ -29,12 +28,11 @@ class Stored:
     created: bool
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Pending:
     tenant: str
     delivery: Delivery
     source: str
-    done: asyncio.Future[Stored]
 
 
 def upsert_ignoring_duplicates(engine: AsyncEngine) -> Insert:
@@ -59,61 +57,27 @@ class EventStore:
         on_commit: Callable[[], None] | None = None,
     ) -> None:
         self._engine = engine
-        self._max_batch = max_batch
         self.on_commit = on_commit
         self._insert = upsert_ignoring_duplicates(engine)
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self._writer: asyncio.Task[None] | None = None
+        self._commits: GroupCommit[_Pending, Stored] = GroupCommit(self._write, max_batch=max_batch)
+        self._running = False
 
     async def start(self) -> None:
-        self._writer = asyncio.create_task(self._write_forever(), name="event-store-writer")
+        self._running = True
 
     async def close(self) -> None:
-        """Stop the writer after what is queued has been written."""
-        if self._writer is None:
-            return
-        await self._queue.join()
-        self._writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._writer
-        self._writer = None
+        """Stop taking deliveries once what was submitted has been written."""
+        self._running = False
+        await self._commits.idle()
 
     async def add(self, tenant: str, delivery: Delivery, *, source: str = "live") -> Stored:
         """Store a delivery (a redelivery of a stored one is not stored again)."""
-        if self._writer is None:
+        if not self._running:
             raise StoreUnavailable("event store is not running")
-        done: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(tenant, delivery, source, done))
-        return await asyncio.shield(done)
-
-    async def _write_forever(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self._max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            try:
-                results = await self._write(batch)
-            except (SQLAlchemyError, OSError) as exc:
-                log.warning("event store write failed (%d deliveries): %s", len(batch), exc)
-                for item in batch:
-                    if not item.done.done():
-                        item.done.set_exception(StoreUnavailable("database unavailable"))
-                    self._queue.task_done()
-                continue
-            except asyncio.CancelledError:
-                for item in batch:
-                    if not item.done.done():
-                        item.done.set_exception(StoreUnavailable("event store stopped"))
-                raise
-            for item, result in zip(batch, results, strict=True):
-                if not item.done.done():
-                    item.done.set_result(result)
-            if self.on_commit is not None:
-                self.on_commit()
-            for _ in batch:
-                self._queue.task_done()
+        return await self._commits.submit(_Pending(tenant, delivery, source))
 
     async def _write(self, batch: list[_Pending]) -> list[Stored]:
+        """Insert a batch in one transaction; duplicates (redeliveries) are not stored."""
         now = utcnow()
         rows: dict[tuple[str, str], dict[str, Any]] = {}
         for item in batch:
@@ -133,9 +97,15 @@ class EventStore:
                     "attempts": 0,
                 },
             )
-        async with self._engine.begin() as conn:
-            result = await conn.execute(self._insert, list(rows.values()))
-            created = {(row.tenant, row.delivery_id): int(row.id) for row in result}
+        try:
+            async with self._engine.begin() as conn:
+                result = await conn.execute(self._insert, list(rows.values()))
+                created = {(row.tenant, row.delivery_id): int(row.id) for row in result}
+        except (SQLAlchemyError, OSError) as exc:
+            log.warning("event store write failed (%d deliveries): %s", len(batch), exc)
+            raise StoreUnavailable("database unavailable") from exc
+        if self.on_commit is not None:
+            self.on_commit()
         # Within one batch the first of several identical deliveries is the new one.
         results: list[Stored] = []
         for item in batch:
