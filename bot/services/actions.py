@@ -7,7 +7,7 @@ again when `after_s` has passed, so a long build never holds a worker.
 
 from __future__ import annotations
 
-import importlib
+import functools
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -16,7 +16,6 @@ from typing import Any, Protocol
 
 from bot.errors import ActionError, ServiceDisabled
 from bot.services.catalog import (
-    SERVICE_MODULES,
     Operation,
     Param,
     check_params,
@@ -24,6 +23,7 @@ from bot.services.catalog import (
     lookup_params,
     mismatches,
     registry,
+    service_modules,
 )
 
 # Parameters holding a local file path; a relative one is resolved against files_dir.
@@ -73,19 +73,14 @@ class HighLevelAction:
         return f"{self.service}.{self.name}"
 
 
+@functools.cache
 def high_level_actions() -> Mapping[str, HighLevelAction]:
-    """Every adapter's `ACTIONS` table, keyed by `service.action` (absent modules skipped)."""
-    found: dict[str, HighLevelAction] = {}
-    for module_name in SERVICE_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        for action in getattr(module, "ACTIONS", ()):
-            found[action.full_name] = action
-    return found
+    """Every adapter's `ACTIONS` table, keyed by `service.action`."""
+    return {
+        action.full_name: action
+        for module in service_modules()
+        for action in getattr(module, "ACTIONS", ())
+    }
 
 
 def action_params(action_name: str) -> tuple[Param, ...] | None:

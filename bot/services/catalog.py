@@ -8,9 +8,11 @@ exact HTTP call. Pure: no I/O.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any, Literal
 from urllib.parse import quote
 
@@ -99,7 +101,10 @@ class Operation:
         return frozenset(p.name for p in self.params if p.required)
 
 
-_registry_cache: dict[str, Operation] | None = None
+@functools.cache
+def service_modules() -> tuple[ModuleType, ...]:
+    """The adapter modules (imported lazily: they import this module)."""
+    return tuple(importlib.import_module(name) for name in SERVICE_MODULES)
 
 
 def build_registry(tables: Mapping[str, tuple[Operation, ...]]) -> dict[str, Operation]:
@@ -113,25 +118,10 @@ def build_registry(tables: Mapping[str, tuple[Operation, ...]]) -> dict[str, Ope
     return ops
 
 
+@functools.cache
 def registry() -> Mapping[str, Operation]:
     """Every operation of every service, keyed by `service.operation`."""
-    global _registry_cache
-    if _registry_cache is not None:
-        return _registry_cache
-    tables: dict[str, tuple[Operation, ...]] = {}
-    for module_name in SERVICE_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-            tables[module_name] = tuple(module.OPERATIONS)
-        except ImportError as exc:
-            # Only a service module that does not exist yet is tolerated; a broken
-            # import inside an existing module is a real error.
-            if exc.name != module_name:
-                raise
-    ops = build_registry(tables)
-    if len(tables) == len(SERVICE_MODULES):
-        _registry_cache = ops  # complete: cache it, later calls are a lookup
-    return ops
+    return build_registry({m.__name__: tuple(m.OPERATIONS) for m in service_modules()})
 
 
 def _query_value(value: Any) -> str:
