@@ -170,9 +170,9 @@ async def _workers(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    with contextlib.suppress(Exception):  # the database may be gone: leases expire anyway
-        await processor.release()
-        await executor.release()
+    for release in (processor.release, executor.release):
+        with contextlib.suppress(Exception):  # the database may be gone: leases expire anyway
+            await release()
 
 
 async def _http_session(app: web.Application) -> AsyncIterator[None]:
