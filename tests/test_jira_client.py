@@ -288,7 +288,7 @@ async def test_oauth_rotates_refresh_tokens_and_keeps_the_new_one(oauth: Jira) -
     assert all(c.status == 200 for c in fake.api_requests())
 
     with pytest.raises(ActionError) as spent:
-        await oauth.tokens(refresh_token=original).access_token()
+        await oauth.tokens(refresh_token=original).token()
     assert spent.value.status == 403
     oauth.assert_all_authorized()
 

@@ -30,6 +30,7 @@ from bot.services.catalog import (
     plan_request,
 )
 from bot.services.http import RateLimiter, RetryPolicy, Sleep, send
+from bot.services.tokens import AccessToken, CachedToken, parse_token_answer
 from bot.settings import GENESYS_REGIONS as REGIONS
 
 SERVICE = "genesys"
@@ -234,26 +235,6 @@ class ClientCredentials:
         return "Basic " + base64.b64encode(pair).decode("ascii")
 
 
-@dataclass(frozen=True, slots=True)
-class AccessToken:
-    """A bearer token and the monotonic time from which it must not be used any more."""
-
-    value: str = field(repr=False)
-    refresh_at_s: float
-
-
-def parse_token_answer(answer: Any, *, now_s: float, margin_s: float) -> AccessToken:
-    """Turn a login answer into a token refreshed `margin_s` (at most half its life) early."""
-    if not isinstance(answer, dict):
-        raise ActionError("Genesys login answered without a JSON object", retryable=True)
-    value, expires_in = answer.get("access_token"), answer.get("expires_in")
-    if not isinstance(value, str) or not value:
-        raise ActionError("Genesys login answered without an access_token", retryable=True)
-    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float) or expires_in <= 0:
-        raise ActionError("Genesys login answered without a positive expires_in", retryable=True)
-    return AccessToken(value, now_s + expires_in - min(margin_s, expires_in / 2))
-
-
 def _json_or_none(raw: bytes) -> Any:
     try:
         return json.loads(raw) if raw.strip() else None
@@ -272,8 +253,8 @@ def _login_failure(status: int, answer: Any) -> ActionError:
     )
 
 
-class TokenManager:
-    """Cache one client-credentials token; refresh early, one refresh at a time."""
+class TokenManager(CachedToken):
+    """The client-credentials token, refreshed `refresh_margin_s` before it expires."""
 
     def __init__(
         self,
@@ -285,42 +266,18 @@ class TokenManager:
         timeout_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(clock)
         self._session = session
         self._token_url = login_url.rstrip("/") + "/oauth/token"
         self._credentials = credentials
         self._margin_s = refresh_margin_s
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._clock = clock
-        self._lock = asyncio.Lock()
-        self._token: AccessToken | None = None
 
     def __repr__(self) -> str:
         client_id = self._credentials.client_id
         return f"TokenManager(token_url={self._token_url!r}, client_id={client_id!r})"
 
-    def _fresh(self) -> str | None:
-        token = self._token
-        return token.value if token and self._clock() < token.refresh_at_s else None
-
-    async def token(self) -> str:
-        """Return a valid bearer token, fetching one when none is cached or it is due."""
-        if (value := self._fresh()) is not None:
-            return value
-        async with self._lock:  # callers queued here reuse the refresh the first one made
-            if (value := self._fresh()) is not None:
-                return value
-            return await self._fetch()
-
-    async def refresh(self, rejected: str) -> str:
-        """Replace a token the API rejected (401) unless another caller already did."""
-        async with self._lock:
-            current = self._token
-            if current is not None and current.value != rejected and self._fresh():
-                return current.value
-            return await self._fetch()
-
-    async def _fetch(self) -> str:
-        self._token = None
+    async def _fetch(self) -> AccessToken:
         headers = {"Authorization": self._credentials.basic_auth(), "Accept": "application/json"}
         form = {"grant_type": "client_credentials"}
         try:
@@ -336,8 +293,9 @@ class TokenManager:
         answer = _json_or_none(raw)
         if status != 200:
             raise _login_failure(status, answer)
-        self._token = parse_token_answer(answer, now_s=self._clock(), margin_s=self._margin_s)
-        return self._token.value
+        return parse_token_answer(
+            answer, source="Genesys login", now_s=self._clock(), margin_s=self._margin_s
+        )
 
 
 # --- the client ------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import aiohttp
 from bot.errors import ActionError
 from bot.services import http
 from bot.services.catalog import Operation, Param, PlannedRequest, plan_request
+from bot.services.tokens import AccessToken, CachedToken, parse_token_answer
 from bot.verify import sign_connect
 from bot.webhook_plan import AuthMode, RegisteredWebhook, SyncPlan, WebhookSpec
 
@@ -164,13 +165,7 @@ class ConnectAuth:
 OnRotate = Callable[[str], Awaitable[None]]
 
 
-@dataclass(slots=True)
-class _Access:
-    value: str = field(repr=False)
-    refresh_at: float
-
-
-class OAuthTokens:
+class OAuthTokens(CachedToken):
     """Access tokens from the refresh-token grant; keeps the rotated refresh token.
 
     Atlassian rotates refresh tokens: every grant answers with a new one and the old one
@@ -190,6 +185,7 @@ class OAuthTokens:
         clock: Callable[[], float] = time.time,
         margin_s: float = 60.0,
     ) -> None:
+        super().__init__(clock)
         self._session = session
         self._token_url = token_url
         self._client_id = client_id
@@ -197,34 +193,12 @@ class OAuthTokens:
         self.refresh_token = refresh_token
         self._on_rotate = on_rotate
         self._policy = policy
-        self._clock = clock
         self._margin_s = margin_s
-        self._lock = asyncio.Lock()
-        self._access: _Access | None = None
 
     def __repr__(self) -> str:
         return f"OAuthTokens(token_url={self._token_url!r}, client_id={self._client_id!r})"
 
-    def _fresh(self) -> str | None:
-        access = self._access
-        return access.value if access and self._clock() < access.refresh_at else None
-
-    async def access_token(self) -> str:
-        """Return a usable access token, running the grant when none is fresh."""
-        if (value := self._fresh()) is not None:
-            return value
-        async with self._lock:  # one grant at a time: a second would spend the new token
-            return self._fresh() or await self._grant()
-
-    async def refresh(self, rejected: str | None) -> str:
-        """Replace a token Jira rejected (401) unless another caller already did."""
-        async with self._lock:
-            access = self._access
-            if access is not None and access.value != rejected and self._fresh():
-                return access.value
-            return await self._grant()
-
-    async def _grant(self) -> str:
+    async def _fetch(self) -> AccessToken:
         body = {
             "grant_type": "refresh_token",
             "client_id": self._client_id,
@@ -241,19 +215,15 @@ class OAuthTokens:
                 policy=self._policy,
             )
         ).json
-        value = answer.get("access_token") if isinstance(answer, Mapping) else None
-        expires_in = answer.get("expires_in") if isinstance(answer, Mapping) else None
-        if not isinstance(value, str) or not isinstance(expires_in, int | float) or expires_in <= 0:
-            raise ActionError("Jira's token endpoint answered without access_token/expires_in")
+        token = parse_token_answer(
+            answer, source="Jira's token endpoint", now_s=self._clock(), margin_s=self._margin_s
+        )
         rotated = answer.get("refresh_token")
         if isinstance(rotated, str) and rotated and rotated != self.refresh_token:
             self.refresh_token = rotated
             if self._on_rotate is not None:
                 await self._on_rotate(rotated)
-        self._access = _Access(
-            value, self._clock() + expires_in - min(self._margin_s, expires_in / 2)
-        )
-        return value
+        return token
 
 
 # --- client ----------------------------------------------------------------------------
@@ -295,7 +265,7 @@ class JiraClient:
         async def headers() -> Mapping[str, str]:
             if isinstance(auth, ConnectAuth):
                 return auth.header(req, self._clock())
-            sent.append(await auth.access_token())
+            sent.append(await auth.token())
             return {"Authorization": f"Bearer {sent[-1]}"}
 
         async def on_unauthorized() -> bool:
