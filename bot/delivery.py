@@ -57,7 +57,7 @@ def parse_delivery(
     if not is_json_content_type(headers.get("Content-Type")):
         raise UnsupportedMediaType("Content-Type must be application/json")
     ident = delivery_id if delivery_id is not None else headers.get(DELIVERY_ID_HEADER, "")
-    ident = ident.strip()
+    ident = ident.strip(" \t")  # HTTP whitespace only: "id\x85" is not "id"
     if not ident:
         raise PayloadError(f"missing {DELIVERY_ID_HEADER} header")
     if len(ident) > MAX_ID_CHARS or not ident.isprintable():

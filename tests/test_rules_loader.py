@@ -190,6 +190,18 @@ ERROR_CASES = [
         ],
     ),
     (
+        "a sandbox escape: private names refused at load, not only when rendered",
+        HEAD
+        + STEP.replace("churn", "'{{ cycler.__init__.__globals__ }}'").replace(
+            "version: v1", "version: \"{{ issue['_x'] }}\""
+        ),
+        [
+            "r.yaml:10: with.deployment_name: templates may not read private names "
+            "('__init__', '__globals__')",
+            "r.yaml:11: with.data.version: templates may not read private names ('_x')",
+        ],
+    ),
+    (
         "duplicate step id, steps.X not earlier",
         HEAD
         + "    do:\n"

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bot.db.models import tenants, utcnow
 
 CACHE_TTL_S = 30.0  # how long another replica's install/uninstall may go unseen here
+CACHE_MAX_ENTRIES = 4096  # unknown issuers are cached too: bound what a flood of them costs
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,9 @@ class Tenants:
             if row is not None
             else None
         )
+        if len(self._cache) >= CACHE_MAX_ENTRIES:
+            now = time.monotonic()
+            self._cache = {k: v for k, v in self._cache.items() if v[0] > now and v[1]}
         self._cache[client_key] = (time.monotonic() + CACHE_TTL_S, tenant)
         return tenant
 

@@ -552,12 +552,15 @@ class _Checker:
             if not templates.is_template(scalar.value):
                 continue
             try:
-                referenced = templates.referenced_steps(scalar.value)
+                referenced, private = templates.inspect_template(scalar.value)
             except TemplateSyntaxError as exc:
                 self.error(
                     _template_line(scalar, exc.lineno), f"template error in {path}: {exc.message}"
                 )
                 continue
+            if private:
+                names = ", ".join(map(repr, private))
+                self.error(scalar, f"{path}: templates may not read private names ({names})")
             for ref in referenced:
                 if ref in seen:
                     continue

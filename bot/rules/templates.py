@@ -33,21 +33,31 @@ def compile_template(source: str) -> Template:
     return _ENV.from_string(source)
 
 
-def referenced_steps(source: str) -> list[str]:
-    """Return the step ids `source` reads as `steps.X` or `steps['X']`, in order."""
-    found: list[str] = []
-    tree = _ENV.parse(source)
-    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
-        target = getattr(node, "node", None)
-        if not (isinstance(target, nodes.Name) and target.name == "steps"):
+def _attribute_name(node: nodes.Getattr | nodes.Getitem) -> str | None:
+    """The attribute or constant key `node` reads (`x.name`, `x['name']`), else None."""
+    if isinstance(node, nodes.Getattr):
+        return node.attr
+    arg = node.arg
+    return arg.value if isinstance(arg, nodes.Const) and isinstance(arg.value, str) else None
+
+
+def inspect_template(source: str) -> tuple[list[str], list[str]]:
+    """Return the step ids `source` reads as `steps.X` / `steps['X']`, in order, and the
+    private names (`_x`) it reaches for, which the sandbox would refuse when rendering."""
+    steps: list[str] = []
+    private: list[str] = []
+    for node in _ENV.parse(source).find_all((nodes.Getattr, nodes.Getitem)):
+        assert isinstance(node, nodes.Getattr | nodes.Getitem)
+        name = _attribute_name(node)
+        if name is None:
             continue
-        if isinstance(node, nodes.Getattr):
-            found.append(node.attr)
-        elif isinstance(node, nodes.Getitem):
-            arg = node.arg
-            if isinstance(arg, nodes.Const) and isinstance(arg.value, str):
-                found.append(arg.value)
-    return found
+        if name.startswith("_"):
+            private.append(name)
+        target = node.node
+        if isinstance(target, nodes.Name) and target.name == "steps":
+            steps.append(name)
+    private.reverse()  # the walk meets `a._x._y` outermost first
+    return steps, private
 
 
 def compile_tree(value: Any) -> Any:
