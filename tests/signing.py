@@ -68,3 +68,29 @@ class InstallKeys:
             "qsh": hash_url(method, path),
         }
         return jwt.encode(payload, self._key, algorithm="RS256", headers={"kid": kid or self.kid})
+
+
+def b64url(data: bytes) -> str:
+    """Unpadded base64url, as JWT segments are written."""
+    import base64
+
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def forge_token(header: dict[str, Any], claims: Any, key: bytes | None = None) -> str:
+    """A JWT built by hand: HMAC-SHA256 over it with `key` (any bytes), or no signature.
+
+    PyJWT refuses some hostile shapes (an RSA public key as an HMAC secret, `alg: none`
+    with a signature, claims that are not an object); an attacker's token is not so polite.
+    """
+    import hashlib
+    import hmac
+    import json
+
+    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(claims).encode())}"
+    signature = (
+        b64url(hmac.new(key, signing_input.encode(), hashlib.sha256).digest())
+        if key is not None
+        else ""
+    )
+    return f"{signing_input}.{signature}"

@@ -167,7 +167,7 @@ async def test_send_retries_5xx_then_returns_the_answer(aiohttp_server: ServerFa
     async with aiohttp.ClientSession() as session:
         resp = await send(
             session,
-            PlannedRequest("POST", "/things", query=(("a", "1"),), json_body={"x": 1}),
+            PlannedRequest("PUT", "/things", query=(("a", "1"),), json_body={"x": 1}),
             base_url=base_url,
             headers={"Authorization": "Token s3cr3t-value"},
             limiter=None,
@@ -180,6 +180,47 @@ async def test_send_retries_5xx_then_returns_the_answer(aiohttp_server: ServerFa
     assert len(recorder.seen) == 3
     assert all(s["path"] == "/api/things" for s in recorder.seen)
     assert recorder.seen[0]["headers"]["Authorization"] == "Token s3cr3t-value"
+
+
+async def test_a_post_without_an_answer_is_not_sent_again(aiohttp_server: ServerFactory) -> None:
+    """A 5xx may come after the POST was carried out: the caller looks before retrying.
+    A 429 was not carried out, so it is retried here as for any method."""
+    recorder = Recorder([reply(429), reply(502), reply(201, {"id": 1})])
+    base_url = await serve(aiohttp_server, recorder)
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(ActionError, match=r"HTTP 502.*outcome unknown, not sent again") as info:
+            await send(
+                session,
+                PlannedRequest("POST", "/things", json_body={"x": 1}),
+                base_url=base_url,
+                headers={},
+                limiter=None,
+                policy=POLICY,
+                sleep=Sleeps(),
+                rng=TopOfRange(),
+            )
+    assert info.value.retryable and info.value.status == 502
+    assert len(recorder.seen) == 2
+
+
+async def test_a_post_that_never_connected_is_retried() -> None:
+    with socket.socket() as sock:  # a port nobody listens on: connection refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    sleeps = Sleeps()
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(ActionError, match="failed after 4 attempt") as info:
+            await send(
+                session,
+                PlannedRequest("POST", "/things", json_body={"x": 1}),
+                base_url=f"http://127.0.0.1:{port}",
+                headers={},
+                limiter=None,
+                policy=POLICY,
+                sleep=sleeps,
+                rng=TopOfRange(),
+            )
+    assert info.value.retryable and len(sleeps.calls) == 3
 
 
 @pytest.mark.parametrize(

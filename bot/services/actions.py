@@ -161,9 +161,15 @@ class ActionRunner:
         try:
             return await client.call(op.name, params)
         except ActionError as exc:
-            if op.creates is None or not is_duplicate(exc):
+            # "exists already", or no answer: either way the object may be there now.
+            if op.creates is None or not (is_duplicate(exc) or exc.retryable):
                 raise
-            existing = await self._existing(client, op, params)
+            try:
+                existing = await self._existing(client, op, params)
+            except ActionError as lookup_failed:
+                if lookup_failed.retryable:
+                    raise exc from None  # the create's failure is the one to report
+                raise
             if existing is None:
                 raise
             return existing

@@ -40,6 +40,9 @@ class Param:
         return self.wire_name or self.name
 
 
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+
+
 @dataclass(frozen=True, slots=True)
 class PlannedRequest:
     """The exact HTTP call an action would make (dry run and executor share it)."""
@@ -56,6 +59,12 @@ class PlannedRequest:
     @property
     def multipart(self) -> bool:
         return self.file_path is not None or bool(self.form)
+
+    @property
+    def repeatable(self) -> bool:
+        """Whether sending it twice does what sending it once does (RFC 9110 idempotent
+        methods). A POST whose answer was lost may have created something already."""
+        return self.method in IDEMPOTENT_METHODS
 
 
 @dataclass(frozen=True, slots=True)

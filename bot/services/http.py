@@ -287,10 +287,12 @@ async def send(
         secrets = secret_values(sent_headers)
         status: int | None = None
         resp_headers: Mapping[str, str] = {}
+        unsent = False  # the request surely never reached the service
         try:
             response = await _attempt(session, req, url, sent_headers, policy.timeout_s)
         except (aiohttp.ClientError, TimeoutError) as exc:
             problem = f"no answer ({type(exc).__name__}: {exc})" if str(exc) else type(exc).__name__
+            unsent = isinstance(exc, aiohttp.ClientConnectorError)
         else:
             status, resp_headers = response.status, response.headers
             if status < 400:
@@ -302,6 +304,17 @@ async def send(
                     continue
             problem = f"HTTP {status}: {error_detail(response.body)}"
         problem = redact(problem, secrets)
+        unknown_outcome = (status is None and not unsent) or (status or 0) >= 500
+        if unknown_outcome and not req.repeatable:
+            # A POST without an answer (timeout, dropped connection, 5xx) may have been
+            # carried out: sending it again could make a second object. The caller looks
+            # for the object first (ActionRunner), then the executor retries.
+            raise ActionError(
+                f"{req.method} {req.path}: {problem}; outcome unknown, not sent again",
+                status=status,
+                retryable=True,
+                retry_after_s=server_wait_s(status, resp_headers),
+            )
         delay_s = retry_delay_s(policy, attempt, status, resp_headers, rng)
         if delay_s is None:
             raise ActionError(

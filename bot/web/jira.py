@@ -138,6 +138,9 @@ def _lifecycle_body(body: bytes, *required: str) -> dict[str, str]:
     missing = [k for k in required if not isinstance(payload.get(k), str) or not payload[k]]
     if missing:
         raise PayloadError(f"body lacks {', '.join(missing)}")
+    key = payload["clientKey"]  # looked up before any signature check: keep it plain text
+    if len(key) > verify.MAX_ISSUER_CHARS or not key.isprintable():
+        raise PayloadError("clientKey is not a valid client key")
     return {k: payload[k] for k in required}
 
 

@@ -49,7 +49,11 @@ class RecordedRequest:
 
 @dataclass(slots=True)
 class Fault:
-    """A failure injected on matching requests, `count` times or for a seeded `fraction`."""
+    """A failure injected on matching requests, `count` times or for a seeded `fraction`.
+
+    A "slow" fault with `after=True` lets the request be processed first and holds only
+    the answer `delay_s`: the client gives up on a create that did happen.
+    """
 
     kind: FaultKind
     count: int | None
@@ -59,6 +63,8 @@ class Fault:
     retry_after_s: int
     delay_s: float
     fired: int = 0
+    after: bool = False
+    echo_authorization: bool = False  # quote the request's Authorization in the error body
 
     def fires(self, path: str) -> bool:
         """Say whether this fault hits a request to `path` (and count it if so)."""
@@ -188,11 +194,15 @@ class FakeGenesys:
         path_prefix: str = "/api/",
         retry_after_s: int = 1,
         delay_s: float = 0.5,
+        after: bool = False,
+        echo_authorization: bool = False,
     ) -> Fault:
         """Fail the next `count` matching requests (or, with count=None, a seeded fraction)."""
         fault = Fault(
             kind, count, fraction, random.Random(seed), path_prefix, retry_after_s, delay_s
         )
+        fault.after = after
+        fault.echo_authorization = echo_authorization
         self.faults.append(fault)
         return fault
 
@@ -223,12 +233,24 @@ class FakeGenesys:
                 body,
             )
         )
+        late_s = 0.0
         for fault in self.faults:
             if fault.fires(request.path):
+                if fault.kind == "slow" and fault.after:
+                    late_s = fault.delay_s
+                    break
                 answer = await self._apply(fault, request)
                 if answer is not None:
                     return answer
                 break
+        response = await self._respond(request, handler, body)
+        if late_s:
+            await asyncio.sleep(late_s)  # done, but the client has given up by now
+        return response
+
+    async def _respond(
+        self, request: web.Request, handler: Handler, body: bytes
+    ) -> web.StreamResponse:
         if len(body) > MAX_BODY_BYTES:
             return error_response(
                 413, "request.entity.too.large", f"Request body exceeds {MAX_BODY_BYTES} bytes"
@@ -266,7 +288,10 @@ class FakeGenesys:
             return error_response(429, "too.many.requests", message, headers)
         status = int(fault.kind)
         code = "internal.server.error" if status == 500 else "service.unavailable"
-        return error_response(status, code, f"Injected {status}")
+        message = f"Injected {status}"
+        if fault.echo_authorization:
+            message += f" (Authorization: {request.headers.get('Authorization')})"
+        return error_response(status, code, message)
 
     def _authorized(self, request: web.Request) -> bool:
         route = request.match_info.route

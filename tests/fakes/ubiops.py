@@ -24,7 +24,8 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -75,7 +76,8 @@ class Fault:
     """A failure to inject: an error status, a slow answer, or a dropped connection.
 
     With `after=True` the request is processed first (state changes) and only the
-    answer is lost, the case that makes a retried create meet its own first attempt.
+    answer is lost (a slow fault: held `delay_s` before it is sent), the case that
+    makes a retried create meet its own first attempt.
     `method` / `path_contains` restrict which requests the fault applies to.
     """
 
@@ -86,11 +88,18 @@ class Fault:
     after: bool = False
     method: str | None = None
     path_contains: str | None = None
+    # A careless service quoting the request's Authorization header in its error body.
+    echo_authorization: bool = False
 
     def applies_to(self, request: web.Request) -> bool:
         return (self.method is None or request.method == self.method) and (
             self.path_contains is None or self.path_contains in request.path
         )
+
+    @property
+    def label(self) -> str:
+        """Name the fault's kind for counting: "slow", "drop" or the status."""
+        return str(self.status) if self.kind == "status" else self.kind
 
     @staticmethod
     def rate_limited(reset_s: int) -> Fault:
@@ -176,6 +185,8 @@ class FakeUbiOps:
         self._window_count = 0
         self._faults: list[Fault] = []
         self._fraction: tuple[float, Fault, random.Random] | None = None
+        self._mix: tuple[float, tuple[Fault, ...], random.Random] | None = None
+        self.injected: Counter[str] = Counter()  # faults answered, by `Fault.label`
 
     # ----- test controls -------------------------------------------------------------
 
@@ -187,9 +198,14 @@ class FakeUbiOps:
         """Answer about `fraction` of the matching requests with the fault (seeded)."""
         self._fraction = (fraction, fault, random.Random(seed))
 
+    def fail_mix(self, fraction: float, faults: Sequence[Fault], *, seed: int = 0) -> None:
+        """Answer about `fraction` of the requests with one of `faults`, picked evenly (seeded)."""
+        self._mix = (fraction, tuple(faults), random.Random(seed))
+
     def clear_faults(self) -> None:
         self._faults.clear()
         self._fraction = None
+        self._mix = None
 
     def add_project_variable(
         self, project: str, name: str, value: str, *, secret: bool = False
@@ -263,6 +279,11 @@ class FakeUbiOps:
             fraction, fault, rng = self._fraction
             if fault.applies_to(request) and rng.random() < fraction:
                 return fault
+        if self._mix is not None:
+            fraction, faults, rng = self._mix
+            if rng.random() < fraction:
+                picked = rng.choice(faults)
+                return picked if picked.applies_to(request) else None
         return None
 
     def _rate_limit_headers(self) -> tuple[dict[str, str], bool]:
@@ -287,6 +308,8 @@ class FakeUbiOps:
         body = {"error": "Rate limit exceeded" if fault.status == 429 else "Internal error"}
         if fault.status == 503:
             body = {"error": "Service temporarily unavailable"}
+        if fault.echo_authorization:
+            body["error"] += f" (Authorization: {request.headers.get('Authorization')})"
         return web.json_response(body, status=fault.status, headers=fault.headers)
 
     @web.middleware
@@ -313,7 +336,9 @@ class FakeUbiOps:
         if over_limit:
             return web.json_response({"error": "Rate limit exceeded"}, status=429)
         fault = self._next_fault(request)
-        if fault is not None and fault.kind == "slow":
+        if fault is not None:
+            self.injected[fault.label] += 1
+        if fault is not None and fault.kind == "slow" and not fault.after:
             await asyncio.sleep(fault.delay_s)  # the client has timed out by now
         elif fault is not None and not fault.after:
             return await self._fail(request, fault)
@@ -328,7 +353,9 @@ class FakeUbiOps:
             response = await handler(request)
         except ApiError as exc:
             return web.json_response({"error": exc.message}, status=exc.status)
-        if fault is not None and fault.after and fault.kind != "slow":
+        if fault is not None and fault.after and fault.kind == "slow":
+            await asyncio.sleep(fault.delay_s)  # done, but the client has given up by now
+        elif fault is not None and fault.after:
             return await self._fail(request, fault)  # done, but the answer is lost
         return response
 

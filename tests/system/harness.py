@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+from aiohttp import web
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -19,7 +20,6 @@ from bot.db.models import action_runs, events
 from tests.conftest import CLIENT_SECRET
 from tests.signing import oauth_token
 from tests.test_pipeline import issue_updated, wait_for
-
 
 
 def free_port() -> int:
@@ -50,11 +50,12 @@ class Service:
         self.env, self.cwd, self.log = env, cwd, log
         self.url = f"http://127.0.0.1:{env['DEPLOYBOT_PORT']}"
         self.proc: asyncio.subprocess.Process | None = None
+        self.argv: list[str] = ["-m", "bot", "serve"]  # after the interpreter
 
     async def start(self, session: aiohttp.ClientSession, timeout_s: float = 30) -> None:
         with self.log.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bot", "serve", env=self.env, cwd=self.cwd, stderr=log
+                sys.executable, *self.argv, env=self.env, cwd=self.cwd, stderr=log
             )
 
         async def healthy() -> bool:
@@ -155,3 +156,85 @@ rules:
           deployment_name: churn
           data: {version: "{{ issue.key | lower }}", environment: python3-11}
 """
+
+
+async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
+    """Serve `app` on a free loopback port; return the runner (clean it up) and its origin.
+
+    Unlike pytest-aiohttp's test server, a handler keeps running when its client goes
+    away, as on a real API server: a create sent just before a SIGKILL still lands, and
+    only its answer is lost.
+    """
+    runner = web.AppRunner(app, handler_cancellation=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+def quick_retries_argv(
+    *,
+    timeout_s: float,
+    attempts: int,
+    base_delay_s: float,
+    budget_attempts: int,
+    budget_base_delay_s: float,
+    budget_max_delay_s: float,
+) -> list[str]:
+    """Arguments for `Service.argv`: `bot serve` with shorter retry constants.
+
+    The service has no setting for the per-attempt HTTP timeout (`RetryPolicy.timeout_s`,
+    30 s) nor for the executor's retry budget (`RetryBudget`: 8 attempts from 5 s), both
+    built with their defaults in bot/web/app.py. A system test bounded in time replaces
+    only those defaults in the service process before `bot serve` starts; the code
+    under test is unchanged. Drop this once settings exist for them.
+    """
+    code = f"""
+import sys
+from bot.executor import RetryBudget
+from bot.services.http import RetryPolicy
+max_delay_s = RetryPolicy().max_delay_s
+RetryPolicy.__init__.__defaults__ = (
+    {attempts!r}, {base_delay_s!r}, max_delay_s, {timeout_s!r}
+)
+RetryBudget.__init__.__defaults__ = (
+    {budget_attempts!r}, {budget_base_delay_s!r}, {budget_max_delay_s!r}
+)
+from bot.cli import main
+sys.exit(main(["serve"]))
+"""
+    return ["-c", code]
+
+
+def peer_pid(peer_port: int, server_port: int, pids: list[int]) -> int | None:
+    """Return which of `pids` owns the loopback client socket `peer_port` -> `server_port`.
+
+    Linux only (/proc): the kernel's socket table gives the client end's inode, and the
+    process whose file descriptors include that socket is the sender. None when no
+    listed process holds it (it has died, or the connection is already gone).
+    """
+    inode = None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            next(lines)
+            for line in lines:
+                cols = line.split()
+                local, remote = cols[1].rsplit(":", 1)[1], cols[2].rsplit(":", 1)[1]
+                if int(local, 16) == peer_port and int(remote, 16) == server_port:
+                    inode = cols[9]
+    if inode is None or inode == "0":
+        return None
+    target = f"socket:[{inode}]"
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    return pid
+            except OSError:
+                continue
+    return None
