@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,36 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool
 MIGRATION_LOCK_ID = 0x6465706C6F79_01
 
 
+def _stop_once(stop: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Make `aiosqlite.Connection.stop` idempotent.
+
+    aiosqlite (0.22) stops a connection by queueing a sentinel after which its worker
+    thread exits. A second stop (SQLAlchemy terminating a connection that a cancelled
+    task was closing, then closing it again) queues behind that sentinel and its future
+    is never answered: whoever awaits it (`close()`, engine disposal at shutdown) waits
+    forever. The first stop already closes the connection, so a repeat has nothing to do.
+    """
+
+    def stop_once(self: Any) -> Any:
+        if not self._running:
+            return None
+        return stop(self)
+
+    stop_once.__wrapped__ = stop  # type: ignore[attr-defined]
+    return stop_once
+
+
+def _patch_aiosqlite() -> None:
+    import aiosqlite
+
+    if not hasattr(aiosqlite.Connection.stop, "__wrapped__"):
+        aiosqlite.Connection.stop = _stop_once(aiosqlite.Connection.stop)  # type: ignore[method-assign,assignment]
+
+
 def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
     """Create the async engine; SQLite gets WAL, full fsync on commit and foreign keys."""
     if url.startswith("sqlite"):
+        _patch_aiosqlite()
         engine = create_async_engine(
             url,
             connect_args={"timeout": 30},
