@@ -29,7 +29,7 @@ from tests.system.harness import (
 )
 from tests.test_pipeline import EXAMPLE_RULES, TOKEN, wait_for
 
-SHUTDOWN_TIMEOUT_S = 5.0
+SHUTDOWN_TIMEOUT_S = 10.0  # the default DEPLOYBOT_SHUTDOWN_TIMEOUT_S
 BURST = 300
 SIGTERM_AFTER = 40  # answers seen before the signal is sent
 
