@@ -127,6 +127,24 @@ async def wait_for(predicate: Callable[[], Any], timeout_s: float = 15.0) -> Non
         await asyncio.sleep(0.05)
 
 
+async def event_when_runs_are(database_url: str, event_id: int, statuses: list[str]) -> Any:
+    """Wait until the event's action runs have `statuses` (in order); return the event."""
+    engine = create_engine(database_url)
+
+    async def settled() -> bool:
+        shown = await get_event(engine, event_id)
+        assert shown is not None
+        return [r["status"] for r in shown["action_runs"]] == statuses
+
+    try:
+        await wait_for(settled)
+        shown = await get_event(engine, event_id)
+    finally:
+        await engine.dispose()
+    assert shown is not None
+    return shown
+
+
 async def test_delivery_runs_the_rule_once(
     make_client: ClientFactory,
     settings: Settings,
@@ -185,19 +203,7 @@ async def test_template_failure_kills_the_run_and_skips_later_steps(
     body = json.dumps(issue_updated("OPS-43", deployment=None))
     resp = await client.post("/webhooks/jira", data=body, headers=headers("e2e-2"))
     event_id = (await resp.json())["event_id"]
-    engine = create_engine(settings.database_url)
-
-    async def settled() -> bool:
-        shown = await get_event(engine, event_id)
-        assert shown is not None
-        return [r["status"] for r in shown["action_runs"]] == ["dead", "skipped"]
-
-    try:
-        await wait_for(settled)
-        shown = await get_event(engine, event_id)
-    finally:
-        await engine.dispose()
-    assert shown is not None
+    shown = await event_when_runs_are(settings.database_url, event_id, ["dead", "skipped"])
     assert "customfield_10050" in shown["action_runs"][0]["last_error"]
     assert fake.calls("POST", r".*/versions") == []
 

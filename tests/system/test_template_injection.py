@@ -31,7 +31,7 @@ from bot.settings import Settings
 from tests.conftest import ClientFactory
 from tests.fakes.genesys import FakeGenesys
 from tests.fakes.ubiops import FakeUbiOps
-from tests.test_pipeline import TOKEN, issue_updated, wait_for
+from tests.test_pipeline import TOKEN, event_when_runs_are, issue_updated, wait_for
 from tests.test_webhooks import headers
 
 HOSTILE = [
@@ -200,19 +200,7 @@ async def test_a_rule_template_escaping_the_sandbox_fails_its_run(
     )
     assert resp.status == 202
     event_id = (await resp.json())["event_id"]
-    engine = create_engine(settings.database_url)
-
-    async def settled() -> bool:
-        shown = await get_event(engine, event_id)
-        assert shown is not None
-        return [r["status"] for r in shown["action_runs"]] == ["dead", "skipped"]
-
-    try:
-        await wait_for(settled)
-        shown = await get_event(engine, event_id)
-    finally:
-        await engine.dispose()
-    assert shown is not None
+    shown = await event_when_runs_are(settings.database_url, event_id, ["dead", "skipped"])
     error = shown["action_runs"][0]["last_error"]
     assert "with.project_name" in error
     assert "access to attribute '__init__'" in error and "unsafe" in error
