@@ -163,6 +163,7 @@ def profile(pid: int, duration_s: float, out: Path) -> subprocess.Popen[bytes]:
             "raw",
             "-o",
             str(out),
+            *(["--native"] if os.environ.get("BENCH_PROFILE_NATIVE") else []),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -197,6 +197,8 @@ def bare_server(port: int) -> None:
     """Serve the baseline: read the body, answer 202 (run_app and its loop, like serve)."""
     from aiohttp import web
 
+    from bot.cli import event_loop
+
     async def handler(request: web.Request) -> web.Response:
         await request.read()
         return web.json_response({"event_id": 1}, status=202)
@@ -213,6 +215,7 @@ def bare_server(port: int) -> None:
         port=port,
         access_log=None,
         print=None,
+        loop=event_loop(),  # the loop `serve` runs on (uvloop when installed)
     )
 
 

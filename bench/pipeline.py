@@ -1,8 +1,8 @@
 """End to end: deliveries in, rules matched, one UbiOps call per event, backlog drained.
 
 Run: .venv/bin/python bench/pipeline.py [--duration 10] [--processes 1] [--rules 10]
-`deploybot serve` runs in its own process(es) against the fake UbiOps server, which runs
-here with the delivery sender (32 concurrent connections). Deliveries are sent for
+`deploybot serve` runs in its own process(es) against the fake UbiOps server (a process
+of its own too); the delivery sender runs here (32 concurrent connections). Deliveries are sent for
 `--duration` seconds; then the bench waits until every event is processed and every
 action run has succeeded, checks one UbiOps create per event, and prints sustained
 events/s (events / time until the backlog is zero) and deploybot's peak RSS.
@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +25,6 @@ from pathlib import Path
 
 import aiohttp
 import orjson
-from aiohttp import web
 from sqlalchemy import func, select
 
 if __package__ in (None, ""):
@@ -33,30 +33,69 @@ if __package__ in (None, ""):
 from bench import harness
 from bot.db.engine import create_engine
 from bot.db.models import action_runs, events
-from tests.fakes.ubiops import FakeUbiOps
 
 UBIOPS_TOKEN = "bench-ubiops-token-" + "u" * 24
 
 
-async def start_fake_ubiops() -> tuple[FakeUbiOps, web.AppRunner, str]:
-    """Serve the fake UbiOps API on 127.0.0.1 with the deployment the rule targets."""
-    fake = FakeUbiOps(token=UBIOPS_TOKEN, rate_limit_per_minute=10**9)
-    runner = web.AppRunner(fake.app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    base_url = f"http://127.0.0.1:{port}{fake.prefix}"
+def spawn_fake_ubiops(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Run the fake UbiOps API in its own process; return it and its base URL."""
+    port = harness.free_port()
+    with (workdir / "fake-ubiops.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                harness.PYTHON,
+                "-m",
+                "bench.fake_ubiops",
+                "--port",
+                str(port),
+                "--token",
+                UBIOPS_TOKEN,
+            ],
+            cwd=harness.ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return proc, f"http://127.0.0.1:{port}/v2.1"
+
+
+async def start_fake_ubiops(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Run the fake UbiOps, with the deployment the rule targets, once it answers."""
+    proc, base_url = spawn_fake_ubiops(workdir)
+    deadline = time.monotonic() + 30
+    async with aiohttp.ClientSession(headers={"Authorization": f"Token {UBIOPS_TOKEN}"}) as session:
+        while True:
+            try:
+                async with session.post(
+                    f"{base_url}/projects/ml-prod/deployments",
+                    json={"name": "churn", "input_type": "structured", "output_type": "structured"},
+                ) as resp:
+                    resp.raise_for_status()
+                    break
+            except aiohttp.ClientConnectionError:
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    raise
+                await asyncio.sleep(0.1)
+    return proc, base_url
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a live process has used so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def versions_created(base_url: str) -> int:
+    """Count the versions the fake holds: one per UbiOps create that succeeded."""
     async with (
-        aiohttp.ClientSession() as session,
-        session.post(
-            f"{base_url}/projects/ml-prod/deployments",
-            json={"name": "churn", "input_type": "structured", "output_type": "structured"},
-            headers={"Authorization": f"Token {UBIOPS_TOKEN}"},
-        ) as resp,
+        aiohttp.ClientSession(headers={"Authorization": f"Token {UBIOPS_TOKEN}"}) as session,
+        session.get(f"{base_url}/projects/ml-prod/deployments/churn/versions") as resp,
     ):
         resp.raise_for_status()
-    return fake, runner, base_url
+        return len(await resp.json())
 
 
 async def send(urls: list[str], duration_s: float, connections: int, most: int | None) -> int:
@@ -116,13 +155,22 @@ async def backlog(database_url: str) -> tuple[int, int, int]:
 
 
 async def run(args: argparse.Namespace, workdir: Path, database_url: str) -> int:
-    fake, runner, ubiops_url = await start_fake_ubiops()
+    fake, ubiops_url = await start_fake_ubiops(workdir)
+    try:
+        return await _run(args, workdir, database_url, ubiops_url)
+    finally:
+        fake.terminate()
+        await asyncio.to_thread(fake.wait, 10)
+
+
+async def _run(args: argparse.Namespace, workdir: Path, database_url: str, ubiops_url: str) -> int:
     rules = harness.write_rules(workdir / "rules", args.rules, ubiops_call=True)
     ports = [harness.free_port() for _ in range(args.processes)]
     with contextlib.ExitStack() as stack:
+        procs = []
         for port in ports:
             # Blocking start-up: nothing else runs on this loop yet but the fake, idle.
-            await asyncio.to_thread(
+            proc = await asyncio.to_thread(
                 stack.enter_context,
                 harness.deploybot(
                     workdir,
@@ -131,8 +179,18 @@ async def run(args: argparse.Namespace, workdir: Path, database_url: str) -> int
                     rules,
                     UBIOPS_API_URL=ubiops_url,
                     UBIOPS_API_TOKEN=UBIOPS_TOKEN,
+                    # The fake has no limit; the client's own limiter (240/min by
+                    # default, for the real API) would measure only itself.
+                    UBIOPS_RATE_LIMIT_PER_MINUTE="1000000",
+                    DEPLOYBOT_WORKERS=str(args.workers),
                 ),
             )
+            procs.append(proc)
+        spies = [
+            harness.profile(p.pid, args.profile_s, args.profile / f"pipeline-{i}.txt")
+            for i, p in enumerate(procs)
+            if args.profile
+        ]
         _, _, succeeded_before = await backlog(database_url)  # migrated by now
         started = time.monotonic()
         urls = [f"http://127.0.0.1:{port}/webhooks/jira" for port in ports]
@@ -152,9 +210,12 @@ async def run(args: argparse.Namespace, workdir: Path, database_url: str) -> int
                 )
             await asyncio.sleep(0.05)
         drained_s = time.monotonic() - started
+        busy_s = sum(cpu_seconds(p.pid) for p in procs)
+        for spy in spies:
+            await asyncio.to_thread(spy.wait)
         await asyncio.to_thread(stack.close)
-    await runner.cleanup()
-    creates = len(fake.calls("POST", r"/projects/ml-prod/deployments/churn/versions"))
+    creates = await versions_created(ubiops_url)
+    # The largest child: the deploybot processes have exited by now (the fake has not).
     peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(
         f"deliveries {accepted} in {sent_s:.1f} s ({accepted / sent_s:.0f}/s in);"
@@ -162,6 +223,11 @@ async def run(args: argparse.Namespace, workdir: Path, database_url: str) -> int
     )
     print(f"sustained {accepted / drained_s:.0f} events/s end to end (goal >= 1000)")
     print(f"UbiOps creates {creates} for {accepted} events; peak RSS {peak_mib:.0f} MiB")
+    sender_s = resource.getrusage(resource.RUSAGE_SELF)
+    print(
+        f"CPU seconds: deploybot {busy_s:.1f}, sender {sender_s.ru_utime + sender_s.ru_stime:.1f}"
+        f" ({os.cpu_count()} cores x {drained_s:.1f} s = {(os.cpu_count() or 1) * drained_s:.0f})"
+    )
     if creates != accepted or succeeded - succeeded_before != accepted:
         raise SystemExit(f"FAILED: {creates} UbiOps calls, {succeeded} runs for {accepted} events")
     return 0
@@ -173,8 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--processes", type=int, default=1, help="deploybot processes")
     parser.add_argument("--rules", type=int, default=10, help="rules (one matches each event)")
+    parser.add_argument(
+        "--workers", type=int, default=64, help="DEPLOYBOT_WORKERS: concurrent action runs"
+    )
     parser.add_argument("--events", type=int, help="send at most this many deliveries")
     parser.add_argument("--drain-timeout", type=float, default=120.0, help="seconds")
+    parser.add_argument(
+        "--profile", type=Path, help="folder for py-spy profiles (collapsed stacks) of deploybot"
+    )
+    parser.add_argument("--profile-s", type=float, default=10.0, help="seconds to profile")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="deploybot-pipeline-") as tmp:
         workdir = Path(tmp)

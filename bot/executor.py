@@ -10,6 +10,7 @@ outcome is unknown looks for its object before creating it a second time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import uuid
@@ -21,12 +22,15 @@ from typing import Any
 
 import orjson
 from sqlalchemy import and_, bindparam, exists, insert, or_, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql import ColumnElement
+from sqlalchemy.sql.elements import BindParameter
 
+from bot.db.engine import Writes
 from bot.db.group_commit import GroupCommit
-from bot.db.models import action_attempts, action_runs, events, utcnow
+from bot.db.models import UTCDateTime, action_attempts, action_runs, events, utcnow
 from bot.due import next_attempt_at
 from bot.errors import ActionError, ServiceDisabled, TemplateRenderError
 from bot.processor import claim_statement
@@ -72,8 +76,9 @@ class _Outcome:
     status_code: int | None
 
 
-def due_condition(now: datetime) -> ColumnElement[bool]:
-    """Runs that may start now: waiting and due with their previous step succeeded, or stale."""
+def due_conditions(now: datetime | BindParameter[datetime]) -> list[ColumnElement[bool]]:
+    """Runs that may start now, one condition per status: waiting and due with their
+    previous step succeeded (pending, retrying), or stale (running, lease run out)."""
     previous = action_runs.alias("previous")
     previous_succeeded = exists().where(
         previous.c.event_id == action_runs.c.event_id,
@@ -81,13 +86,16 @@ def due_condition(now: datetime) -> ColumnElement[bool]:
         previous.c.step_index == action_runs.c.step_index - 1,
         previous.c.status == "succeeded",
     )
-    waiting = and_(
-        action_runs.c.status.in_(("pending", "retrying")),
-        or_(action_runs.c.next_attempt_at.is_(None), action_runs.c.next_attempt_at <= now),
-        or_(action_runs.c.step_index == 0, previous_succeeded),
-    )
+    waiting = [
+        and_(
+            action_runs.c.status == status,
+            or_(action_runs.c.next_attempt_at.is_(None), action_runs.c.next_attempt_at <= now),
+            or_(action_runs.c.step_index == 0, previous_succeeded),
+        )
+        for status in ("pending", "retrying")
+    ]
     stale = and_(action_runs.c.status == "running", action_runs.c.lease_until < now)
-    return or_(waiting, stale)
+    return [*waiting, stale]
 
 
 _RECORD_OUTCOME = (
@@ -120,8 +128,10 @@ class ActionExecutor:
         owner: str | None = None,
         clock: Callable[[], datetime] = utcnow,
         rng: random.Random | None = None,
+        writes: Writes | None = None,
     ) -> None:
         self._engine = engine
+        self._writes = writes or Writes(engine)
         self._runner = runner
         self._rules_dir = rules_dir
         self._lease_s = lease_s
@@ -132,26 +142,33 @@ class ActionExecutor:
         self._rng = rng or random.Random()
         self.wakeup = asyncio.Event()
         self._commits: GroupCommit[_Outcome, bool] = GroupCommit(self._write)
+        self._claims: dict[int, Any] = {}  # claim statements by size
         # Called with (action, new run status) after each recorded attempt (metrics).
         self.on_attempt: Callable[[str, str], None] | None = None
 
     async def claim(self, limit: int) -> list[_Run]:
         """Lease up to `limit` due runs."""
         now = self._clock()
-        stmt = claim_statement(
-            action_runs,
-            self._engine.dialect.name,
-            due_condition(now),
-            owner=self.owner,
-            now=now,
-            lease_s=self._lease_s,
-            limit=limit,
-            values={"status": "running", "updated_at": now},
-            returning=tuple(action_runs.c),
-        )
-        async with self._engine.begin() as conn:
-            rows = sorted((await conn.execute(stmt)).all(), key=lambda r: r.id)
-            contexts = await self._contexts(conn, rows) if rows else {}
+        stmt = self._claims.get(limit)
+        if stmt is None:  # built once per size: building it costs more than running it
+            at = bindparam("b_now", type_=UTCDateTime())
+            stmt = self._claims[limit] = claim_statement(
+                action_runs,
+                self._engine.dialect.name,
+                due_conditions(at),
+                owner=self.owner,
+                lease_until=bindparam("b_lease_until", type_=UTCDateTime()),
+                limit=limit,
+                values={"status": "running", "updated_at": at},
+                returning=tuple(action_runs.c),
+            )
+        times = {"b_now": now, "b_lease_until": now + timedelta(seconds=self._lease_s)}
+
+        def claim(conn: Connection) -> tuple[list[Any], dict[int, dict[str, Any]]]:
+            rows = sorted(conn.execute(stmt, times).all(), key=lambda r: r.id)
+            return rows, self._contexts(conn, rows) if rows else {}
+
+        rows, contexts = await self._writes.run_relaxed(claim)
         # Any second or later attempt may follow one whose outcome is unknown (a timeout,
         # a worker killed mid-call): it runs with `lookup_first`, so creates look first.
         return [
@@ -171,12 +188,12 @@ class ActionExecutor:
             for r in rows
         ]
 
-    async def _contexts(self, conn: AsyncConnection, rows: list[Any]) -> dict[int, dict[str, Any]]:
+    def _contexts(self, conn: Connection, rows: list[Any]) -> dict[int, dict[str, Any]]:
         """Template contexts of claimed runs: two queries for the whole batch."""
         event_ids = {r.event_id for r in rows}
         bodies = {
             e.id: e
-            for e in await conn.execute(
+            for e in conn.execute(
                 select(events.c.id, events.c.body, events.c.received_at).where(
                     events.c.id.in_(event_ids)
                 )
@@ -184,7 +201,7 @@ class ActionExecutor:
         }
         # Steps of a rule run in order, so the earlier results of a due run are final.
         earlier: dict[tuple[int, str], list[Any]] = {}
-        for row in await conn.execute(
+        for row in conn.execute(
             select(
                 action_runs.c.event_id,
                 action_runs.c.rule_name,
@@ -343,63 +360,64 @@ class ActionExecutor:
         return status
 
     async def _write(self, batch: list[_Outcome]) -> list[bool]:
-        """Write several attempts' outcomes in one transaction; False where a lease was lost.
+        """Write several attempts' outcomes in one transaction; False where a lease was lost."""
+        return await self._writes.run_relaxed(self._write_outcomes, batch)
+
+    def _write_outcomes(self, conn: Connection, batch: list[_Outcome]) -> list[bool]:
+        """Write outcomes in `conn`'s transaction; False where a lease was lost.
 
         Four statements whatever the batch size. The first is a write, so that SQLite
         takes its write lock at once, and it returns the runs whose lease is still ours.
         """
         now = self._clock()
-        async with self._engine.begin() as conn:
-            owned = set(
-                (
-                    await conn.execute(
-                        update(action_runs)
-                        .where(
-                            action_runs.c.id.in_([item.run.id for item in batch]),
-                            action_runs.c.lease_owner == self.owner,
-                        )
-                        .values(lease_owner=None, lease_until=None)
-                        .returning(action_runs.c.id)
+        owned = set(
+            (
+                conn.execute(
+                    update(action_runs)
+                    .where(
+                        action_runs.c.id.in_([item.run.id for item in batch]),
+                        action_runs.c.lease_owner == self.owner,
                     )
-                ).scalars()
+                    .values(lease_owner=None, lease_until=None)
+                    .returning(action_runs.c.id)
+                )
+            ).scalars()
+        )
+        mine = [item for item in batch if item.run.id in owned]
+        if mine:
+            conn.execute(_RECORD_OUTCOME, [{"b_id": item.run.id, **item.values} for item in mine])
+            conn.execute(
+                insert(action_attempts),
+                [
+                    {
+                        "action_run_id": item.run.id,
+                        "attempt": item.run.attempts,
+                        "started_at": item.started,
+                        "finished_at": item.finished,
+                        "outcome": item.outcome,
+                        "status_code": item.status_code,
+                        "error": item.values["b_last_error"],
+                    }
+                    for item in mine
+                ],
             )
-            mine = [item for item in batch if item.run.id in owned]
-            if mine:
-                await conn.execute(
-                    _RECORD_OUTCOME, [{"b_id": item.run.id, **item.values} for item in mine]
-                )
-                await conn.execute(
-                    insert(action_attempts),
-                    [
-                        {
-                            "action_run_id": item.run.id,
-                            "attempt": item.run.attempts,
-                            "started_at": item.started,
-                            "finished_at": item.finished,
-                            "outcome": item.outcome,
-                            "status_code": item.status_code,
-                            "error": item.values["b_last_error"],
-                        }
-                        for item in mine
-                    ],
-                )
-            for item in mine:
-                if item.values["b_status"] == "dead":
-                    run = item.run
-                    await conn.execute(
-                        update(action_runs)
-                        .where(
-                            action_runs.c.event_id == run.event_id,
-                            action_runs.c.rule_name == run.rule_name,
-                            action_runs.c.step_index > run.step_index,
-                            action_runs.c.status.in_(("pending", "retrying")),
-                        )
-                        .values(
-                            status="skipped",
-                            last_error=f"step {run.step_index + 1} ({run.action}) is dead",
-                            updated_at=now,
-                        )
+        for item in mine:
+            if item.values["b_status"] == "dead":
+                run = item.run
+                conn.execute(
+                    update(action_runs)
+                    .where(
+                        action_runs.c.event_id == run.event_id,
+                        action_runs.c.rule_name == run.rule_name,
+                        action_runs.c.step_index > run.step_index,
+                        action_runs.c.status.in_(("pending", "retrying")),
                     )
+                    .values(
+                        status="skipped",
+                        last_error=f"step {run.step_index + 1} ({run.action}) is dead",
+                        updated_at=now,
+                    )
+                )
         return [item.run.id in owned for item in batch]
 
     async def run_once(self) -> int:
@@ -415,8 +433,18 @@ class ActionExecutor:
         Wakes on `wakeup` (new runs planned), when a run finishes, or every `poll_s`.
         """
         inflight: set[asyncio.Task[str]] = set()
+
+        def finished(task: asyncio.Task[str]) -> None:
+            inflight.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("action run task failed: %s", task.exception())
+            self.wakeup.set()  # a slot is free
+
         try:
             while True:
+                # Cleared before the claim: a run planned (or finished) meanwhile wakes
+                # the wait below. One event to wait on, whatever the concurrency.
+                self.wakeup.clear()
                 free = self._concurrency - len(inflight)
                 claimed: list[_Run] = []
                 # Claims are writes (a commit each): take them in batches of at least half
@@ -427,30 +455,25 @@ class ActionExecutor:
                     except (SQLAlchemyError, OSError) as exc:
                         log.warning("action execution paused: database error: %s", exc)
                 for run in claimed:
-                    inflight.add(asyncio.create_task(self.execute(run)))
+                    task = asyncio.create_task(self.execute(run))
+                    inflight.add(task)
+                    task.add_done_callback(finished)
                 if claimed and len(inflight) < self._concurrency:
                     continue  # more may be due right now
-                self.wakeup.clear()
-                waker = asyncio.create_task(self.wakeup.wait())
-                done, _ = await asyncio.wait(
-                    {*inflight, waker}, timeout=poll_s, return_when=asyncio.FIRST_COMPLETED
-                )
-                waker.cancel()
-                for task in done - {waker}:
-                    inflight.discard(task)
-                    if not task.cancelled() and task.exception() is not None:
-                        log.error("action run task failed: %s", task.exception())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wakeup.wait(), timeout=poll_s)
         finally:
-            for task in inflight:
+            pending = list(inflight)
+            for task in pending:
                 task.cancel()
-            await asyncio.gather(*inflight, return_exceptions=True)
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def release(self) -> None:
         """Give back leases of runs not started (graceful shutdown)."""
         await self._commits.idle()  # outcomes already submitted are written first
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                update(action_runs)
-                .where(action_runs.c.lease_owner == self.owner, action_runs.c.status == "running")
-                .values(lease_until=self._clock())
-            )
+        stmt = (
+            update(action_runs)
+            .where(action_runs.c.lease_owner == self.owner, action_runs.c.status == "running")
+            .values(lease_until=self._clock())
+        )
+        await self._writes.run(lambda conn: conn.execute(stmt))

@@ -183,12 +183,16 @@ class Metrics:
             ["service", "operation"],
             registry=self.registry,
         )
+        self._by_status: dict[int, Counter] = {}
         self._snapshot = _SnapshotCollector(clock)
         self.registry.register(self._snapshot)
 
     def observe_delivery(self, status: int, elapsed_s: float) -> None:
         """Count one answered delivery."""
-        self.deliveries.labels(delivery_outcome(status)).inc()
+        counter = self._by_status.get(status)
+        if counter is None:  # each status's labelled child is looked up once
+            counter = self._by_status[status] = self.deliveries.labels(delivery_outcome(status))
+        counter.inc()
         self.ack_seconds.observe(elapsed_s)
 
     def observe_attempt(self, action: str, status: str) -> None:

@@ -12,24 +12,42 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy import and_, bindparam, delete, insert, or_, select, union_all, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot.db.models import action_runs, events, rule_matches, utcnow
+from bot.db.engine import Writes
+from bot.db.models import UTCDateTime, action_runs, events, rule_matches, utcnow
 from bot.rules import Evaluation, RuleSet, evaluate
 
 log = logging.getLogger(__name__)
 
 MAX_EVENT_ATTEMPTS = 5  # an event that crashes its worker this often is marked failed
+# Evaluation is CPU on the event loop that also acknowledges deliveries: it runs in
+# slices of at most SLICE_S, and while deliveries are arriving it pauses BUSY_PAUSE_S
+# after each slice, so acknowledgements never queue behind a batch of evaluations
+# (ingest first; the backlog drains once the burst is over). It also claims smaller
+# batches then (BUSY_BATCH).
+SLICE_S = 0.002
+BUSY_PAUSE_S = 0.02
+BUSY_BATCH = 10
+
+
+_SET_MISSES = (
+    update(events)
+    .where(events.c.id == bindparam("b_id"))
+    .values(rule_misses=bindparam("b_misses", type_=events.c.rule_misses.type))
+)
 
 
 def idempotency_key(event_id: int, rule_name: str, step_index: int) -> str:
@@ -49,11 +67,10 @@ class Claimed:
 def claim_statement(
     table: Any,
     dialect_name: str,
-    ready: Any,
+    ready: Sequence[Any],
     *,
     owner: str,
-    now: datetime,
-    lease_s: float,
+    lease_until: Any,
     limit: int,
     values: dict[str, Any],
     returning: tuple[Any, ...],
@@ -62,16 +79,33 @@ def claim_statement(
 
     One statement, so that on SQLite it takes the write lock at once (no read-then-write
     upgrade that could deadlock), and on PostgreSQL replicas skip each other's rows.
+    `ready` lists conditions a row may meet, each on one status, so that on SQLite
+    each is its own walk of the (status, id) index, oldest first, stopping after `limit`
+    rows (as one OR, SQLite reads and sorts every matching row: the whole backlog, on
+    every claim). `lease_until` (and times in `ready`) may be values or bind parameters.
     """
-    candidates = select(table.c.id).where(ready).order_by(table.c.id).limit(limit)
+    candidates: Any
     if dialect_name == "postgresql":
-        candidates = candidates.with_for_update(skip_locked=True)
+        candidates = (
+            select(table.c.id)
+            .where(or_(*ready))
+            .order_by(table.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    else:
+        branches = [
+            select(table.c.id).where(cond).order_by(table.c.id).limit(limit).subquery()
+            for cond in ready
+        ]
+        each = union_all(*(select(b.c.id) for b in branches)).subquery()
+        candidates = select(each.c.id).order_by(each.c.id).limit(limit)
     return (
         update(table)
         .where(table.c.id.in_(candidates.scalar_subquery()))
         .values(
             lease_owner=owner,
-            lease_until=now + timedelta(seconds=lease_s),
+            lease_until=lease_until,
             attempts=table.c.attempts + 1,
             **values,
         )
@@ -92,8 +126,12 @@ class EventProcessor:
         owner: str | None = None,
         on_planned: Callable[[], None] | None = None,
         clock: Callable[[], datetime] = utcnow,
+        writes: Writes | None = None,
+        ingest_busy: Callable[[], bool] = lambda: False,
     ) -> None:
         self._engine = engine
+        self._writes = writes or Writes(engine)
+        self._ingest_busy = ingest_busy
         self._rules = rules
         self._lease_s = lease_s
         self._batch = batch
@@ -106,27 +144,33 @@ class EventProcessor:
             else sqlite.insert(action_runs)
         ).on_conflict_do_nothing(index_elements=["idempotency_key"])
         self.wakeup = asyncio.Event()
+        self._claims: dict[int, Any] = {}  # claim statements by size
 
     async def claim(self) -> list[Claimed]:
         """Lease up to `batch` events that are received, or whose lease has run out."""
         now = self._clock()
-        ready = or_(
-            events.c.status == "received",
-            and_(events.c.status == "processing", events.c.lease_until < now),
-        )
-        stmt = claim_statement(
-            events,
-            self._engine.dialect.name,
-            ready,
-            owner=self.owner,
-            now=now,
-            lease_s=self._lease_s,
-            limit=self._batch,
-            values={"status": "processing"},
-            returning=(events.c.id, events.c.body, events.c.attempts),
-        )
-        async with self._engine.begin() as conn:
-            rows = (await conn.execute(stmt)).all()
+        # While deliveries arrive, small batches: a delivery's commit may queue behind
+        # this batch's transaction (one writer), so it must be short.
+        limit = min(self._batch, BUSY_BATCH) if self._ingest_busy() else self._batch
+        stmt = self._claims.get(limit)
+        if stmt is None:  # built once per size: building it costs more than running it
+            at = bindparam("b_now", type_=UTCDateTime())
+            ready = [
+                events.c.status == "received",
+                and_(events.c.status == "processing", events.c.lease_until < at),
+            ]
+            stmt = self._claims[limit] = claim_statement(
+                events,
+                self._engine.dialect.name,
+                ready,
+                owner=self.owner,
+                lease_until=bindparam("b_lease_until", type_=UTCDateTime()),
+                limit=limit,
+                values={"status": "processing"},
+                returning=(events.c.id, events.c.body, events.c.attempts),
+            )
+        times = {"b_now": now, "b_lease_until": now + timedelta(seconds=self._lease_s)}
+        rows = await self._writes.run_relaxed(lambda conn: conn.execute(stmt, times).all())
         return sorted((Claimed(r.id, r.body, r.attempts) for r in rows), key=lambda c: c.id)
 
     async def process(self, claimed: Claimed) -> bool:
@@ -142,7 +186,11 @@ class EventProcessor:
         """
         ruleset = self._rules()
         outcomes: list[tuple[int, Evaluation, str | None]] = []
+        slice_end = time.perf_counter() + SLICE_S
         for item in claimed:
+            if time.perf_counter() > slice_end:
+                await self._yield_to_ingest()
+                slice_end = time.perf_counter() + SLICE_S
             try:
                 payload = orjson.loads(item.body)
                 evaluation = evaluate(ruleset, payload)
@@ -155,8 +203,7 @@ class EventProcessor:
             outcomes.append((item.id, evaluation, failure))
         if not outcomes:
             return 0
-        async with self._engine.begin() as conn:
-            stored, planned = await self._finish(conn, ruleset, outcomes)
+        stored, planned = await self._writes.run_relaxed(self._finish, ruleset, outcomes)
         if planned and self._on_planned is not None:
             self._on_planned()  # only new action runs are news to the executor
         for event_id, evaluation, _ in outcomes:
@@ -171,9 +218,9 @@ class EventProcessor:
                 )
         return len(stored)
 
-    async def _finish(
+    def _finish(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         ruleset: RuleSet,
         outcomes: list[tuple[int, Evaluation, str | None]],
     ) -> tuple[set[int], int]:
@@ -188,7 +235,7 @@ class EventProcessor:
             by_failure.setdefault(failure, []).append(event_id)
         stored: set[int] = set()
         for failure, ids in by_failure.items():
-            marked = await conn.execute(
+            marked = conn.execute(
                 update(events)
                 .where(events.c.id.in_(ids), events.c.lease_owner == self.owner)
                 .values(
@@ -198,6 +245,7 @@ class EventProcessor:
                     lease_until=None,
                     error=failure,
                     ruleset_version=ruleset.version,
+                    rule_misses=None,
                 )
                 .returning(events.c.id)
             )
@@ -205,27 +253,32 @@ class EventProcessor:
             stored.update(marked.scalars())
         if not stored:
             return stored, 0
-        await conn.execute(delete(rule_matches).where(rule_matches.c.event_id.in_(stored)))
+        conn.execute(delete(rule_matches).where(rule_matches.c.event_id.in_(stored)))
         ours = [(event_id, ev) for event_id, ev, _ in outcomes if event_id in stored]
         match_rows = [
-            {"event_id": event_id, "rule_name": rule.name, "matched": True, "reason": None}
-            for event_id, ev in ours
-            for rule in ev.matched
-        ] + [
             {
                 "event_id": event_id,
-                "rule_name": miss.rule_name,
-                "matched": False,
-                "reason": miss.reason,
+                "rule_name": rule.name,
+                "matched": True,
+                "reason": None,
+                "ruleset_version": ruleset.version,
             }
             for event_id, ev in ours
-            for miss in ev.missed
+            for rule in ev.matched
         ]
         if match_rows:
-            await conn.execute(
-                insert(rule_matches),
-                [{**row, "ruleset_version": ruleset.version} for row in match_rows],
-            )
+            conn.execute(insert(rule_matches), match_rows)
+        # Misses are most of a large rule set: one JSON value per event, not a row per rule.
+        miss_rows = [
+            {
+                "b_id": event_id,
+                "b_misses": [{"rule": m.rule_name, "reason": m.reason} for m in ev.missed],
+            }
+            for event_id, ev in ours
+            if ev.missed
+        ]
+        if miss_rows:
+            conn.execute(_SET_MISSES, miss_rows)
         run_rows = [
             {
                 "event_id": event_id,
@@ -247,8 +300,12 @@ class EventProcessor:
             for step in rule.steps
         ]
         if run_rows:
-            await conn.execute(self._insert_runs, run_rows)
+            conn.execute(self._insert_runs, run_rows)
         return stored, len(run_rows)
+
+    async def _yield_to_ingest(self) -> None:
+        """Let waiting requests run; while deliveries arrive, leave the loop to them a while."""
+        await asyncio.sleep(BUSY_PAUSE_S if self._ingest_busy() else 0)
 
     async def run_once(self) -> int:
         """Claim and process one batch; return how many events were processed."""
@@ -263,6 +320,7 @@ class EventProcessor:
                 log.warning("event processing paused: database error: %s", exc)
                 busy = 0
             if busy:
+                await self._yield_to_ingest()
                 continue
             self.wakeup.clear()
             with contextlib.suppress(TimeoutError):
@@ -270,9 +328,9 @@ class EventProcessor:
 
     async def release(self) -> None:
         """Give back this worker's leases (graceful shutdown) so others take them at once."""
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                update(events)
-                .where(events.c.lease_owner == self.owner, events.c.status == "processing")
-                .values(status="received", lease_owner=None, lease_until=None)
-            )
+        stmt = (
+            update(events)
+            .where(events.c.lease_owner == self.owner, events.c.status == "processing")
+            .values(status="received", lease_owner=None, lease_until=None)
+        )
+        await self._writes.run(lambda conn: conn.execute(stmt))

@@ -46,7 +46,13 @@ class Settings:
     admin_token: str | None = field(default=None, repr=False)
     max_body_bytes: int = 1024 * 1024
     lease_s: float = 60.0
+    action_lease_s: float = 120.0  # a run's claim: longer than any one call of its action
     workers: int = 8
+    http_timeout_s: float = 30.0  # one call to UbiOps/Genesys/Jira, connect to last byte
+    http_attempts: int = 4  # calls per action attempt (a lost POST answer is never repeated)
+    retry_attempts: int = 8  # action attempts before a run is dead
+    retry_base_delay_s: float = 5.0  # first wait between attempts, doubling with jitter
+    retry_max_delay_s: float = 900.0
     retention_days: int = 30
     shutdown_timeout_s: float = 10.0
     scheduler_interval_s: float = 60.0
@@ -187,7 +193,19 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "admin_token": ("DEPLOYBOT_ADMIN_TOKEN", _str),
     "max_body_bytes": ("DEPLOYBOT_MAX_BODY_BYTES", _int("DEPLOYBOT_MAX_BODY_BYTES", 1024, 1 << 30)),
     "lease_s": ("DEPLOYBOT_LEASE_S", _float("DEPLOYBOT_LEASE_S", 1.0)),
+    "action_lease_s": ("DEPLOYBOT_ACTION_LEASE_S", _float("DEPLOYBOT_ACTION_LEASE_S", 1.0)),
     "workers": ("DEPLOYBOT_WORKERS", _int("DEPLOYBOT_WORKERS", 0, 64)),
+    "http_timeout_s": ("DEPLOYBOT_HTTP_TIMEOUT_S", _float("DEPLOYBOT_HTTP_TIMEOUT_S", 0.1)),
+    "http_attempts": ("DEPLOYBOT_HTTP_ATTEMPTS", _int("DEPLOYBOT_HTTP_ATTEMPTS", 1, 20)),
+    "retry_attempts": ("DEPLOYBOT_RETRY_ATTEMPTS", _int("DEPLOYBOT_RETRY_ATTEMPTS", 1, 100)),
+    "retry_base_delay_s": (
+        "DEPLOYBOT_RETRY_BASE_DELAY_S",
+        _float("DEPLOYBOT_RETRY_BASE_DELAY_S", 0.01),
+    ),
+    "retry_max_delay_s": (
+        "DEPLOYBOT_RETRY_MAX_DELAY_S",
+        _float("DEPLOYBOT_RETRY_MAX_DELAY_S", 0.01),
+    ),
     "retention_days": ("DEPLOYBOT_RETENTION_DAYS", _int("DEPLOYBOT_RETENTION_DAYS", 1, 3650)),
     "shutdown_timeout_s": (
         "DEPLOYBOT_SHUTDOWN_TIMEOUT_S",

@@ -10,10 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from sqlalchemy import event as sa_event
+from sqlalchemy import select, text
 from yarl import URL
 
-from bot.db.engine import create_engine, upgrade
+from bot.db.engine import ThreadWrites, alembic_config, create_engine, upgrade, writes_for
+from bot.db.models import events, rule_matches
 from bot.db.store import EventStore
 from bot.delivery import Delivery
 from bot.settings import Settings
@@ -47,6 +50,65 @@ async def test_concurrent_deliveries_share_commits(database_url: str) -> None:
     assert len({r.event_id for r in results}) == 200
     # 200 concurrent deliveries were written in far fewer transactions than rows.
     assert commits < 20
+    assert store.commits == commits
+
+
+async def test_the_process_writer_shares_commits_and_dedupes(database_url: str) -> None:
+    # What `serve` uses: on a SQLite file a write thread with its own connection.
+    engine = create_engine(database_url)
+    await upgrade(engine)
+    writes = writes_for(engine)
+    store = EventStore(engine, writes=writes)
+    await store.start()
+    try:
+        ids = [f"w-{i}" for i in range(200)] + ["w-7", "w-7"]  # Jira's redeliveries
+        results = await asyncio.gather(*(store.add("", delivery(i)) for i in ids))
+        again = await store.add("", delivery("w-0"))
+    finally:
+        await store.close()
+        await writes.close()
+    try:
+        async with engine.connect() as conn:
+            rows = (await conn.execute(select(events.c.id, events.c.received_at))).all()
+    finally:
+        await engine.dispose()
+    created = [r.event_id for r in results if r.event_id is not None]
+    assert len(created) == 200 and not again.created
+    assert sorted(created) == sorted(r.id for r in rows)
+    assert all(r.received_at.tzinfo is not None for r in rows)  # read back as UTC times
+    assert 1 <= store.commits <= 21  # 202 concurrent deliveries, then one more
+    if engine.dialect.name == "sqlite":
+        assert isinstance(writes, ThreadWrites)
+
+
+async def test_migration_moves_rule_misses_into_the_event(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'old.db'}")
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(lambda c: command.upgrade(alembic_config(c), "0001"))
+            await conn.execute(
+                text(
+                    "INSERT INTO events (id, tenant, delivery_id, retry_count, webhook_event,"
+                    " source, body, status, received_at, attempts)"
+                    " VALUES (1, '', 'd-1', 0, 'jira:issue_updated', 'live', x'7b7d',"
+                    " 'processed', '2026-01-01 00:00:00.000000', 1)"
+                )
+            )
+            await conn.execute(
+                text(
+                    "INSERT INTO rule_matches (event_id, rule_name, matched, reason,"
+                    " ruleset_version) VALUES (1, 'a', 1, NULL, 'v'), (1, 'b', 0, 'no', 'v'),"
+                    " (1, 'c', 0, 'not c', 'v')"
+                )
+            )
+        await upgrade(engine)
+        async with engine.connect() as conn:
+            misses = (await conn.execute(select(events.c.rule_misses))).scalar_one()
+            left = (await conn.execute(select(rule_matches.c.rule_name))).scalars().all()
+    finally:
+        await engine.dispose()
+    assert misses == [{"rule": "b", "reason": "no"}, {"rule": "c", "reason": "not c"}]
+    assert left == ["a"]
 
 
 async def test_sqlite_file_gone_gives_503_then_recovers(

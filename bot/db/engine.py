@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
+import sqlalchemy
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event, exc, make_url, text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import AsyncAdaptedQueuePool
+from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 # Serialises `db upgrade` across replicas starting at once (any fixed 64-bit number).
 MIGRATION_LOCK_ID = 0x6465706C6F79_01
@@ -81,7 +87,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _file_id(path: Path) -> tuple[int, int] | None:
+def file_identity(path: Path) -> tuple[int, int] | None:
     try:
         found = path.stat()
     except OSError:
@@ -89,7 +95,7 @@ def _file_id(path: Path) -> tuple[int, int] | None:
     return found.st_dev, found.st_ino
 
 
-def _watch_file(engine: AsyncEngine, path: Path) -> None:
+def _watch_file(engine: AsyncEngine | Engine, path: Path) -> None:
     """Drop a pooled connection whose database file was moved or replaced.
 
     An open connection keeps writing to the file it opened wherever that went; a fresh
@@ -97,14 +103,117 @@ def _watch_file(engine: AsyncEngine, path: Path) -> None:
     """
 
     def connected(_dbapi: Any, record: Any) -> None:
-        record.info["file_id"] = _file_id(path)
+        record.info["file_id"] = file_identity(path)
 
     def checkout(_dbapi: Any, record: Any, _proxy: Any) -> None:
-        if record.info.get("file_id") != _file_id(path):
+        if record.info.get("file_id") != file_identity(path):
             raise exc.DisconnectionError(f"{path} was moved or replaced")
 
-    event.listen(engine.sync_engine, "connect", connected)
-    event.listen(engine.sync_engine, "checkout", checkout)
+    sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+    event.listen(sync_engine, "connect", connected)
+    event.listen(sync_engine, "checkout", checkout)
+
+
+class Writes:
+    """Run write transactions: `run(fn, *args)` calls `fn(connection, *args)` in one.
+
+    `fn` is synchronous SQLAlchemy code. Here it runs on the async engine (through
+    `run_sync`); `ThreadWrites` runs it in a thread of its own instead.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def run(
+        self, fn: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        async with self.engine.begin() as conn:
+            return await conn.run_sync(fn, *args, **kwargs)
+
+    async def run_relaxed(
+        self, fn: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Like `run`, for the workers' own state (leases, outcomes, plans), not deliveries.
+
+        On a SQLite file this commits without its own fsync (synchronous=NORMAL in WAL):
+        it survives a crash of the process, and the next delivery's commit, which is
+        fsync'd, makes it durable with everything before it. A power cut may lose the
+        last few such commits, which leases and idempotency keys already recover from
+        (a run is claimed again and looks before it creates). Elsewhere it is `run`.
+        """
+        return await self.run(fn, *args, **kwargs)
+
+    async def close(self) -> None:
+        """Release what this writer holds (the engine is the caller's)."""
+
+
+class ThreadWrites(Writes):
+    """A SQLite file's writes, all in one thread with its own (synchronous) connection.
+
+    The process's writers (event store, processor, executor) queue here and never meet
+    SQLite's busy handler, which sleeps whole milliseconds; and a transaction holds the
+    write lock only while its statements run, never while it waits for the event loop
+    between them (an aiosqlite transaction does, once per statement, under load).
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+        url = engine.url.set(drivername="sqlite")
+        self.sync_engine = sqlalchemy.create_engine(
+            url,
+            poolclass=QueuePool,
+            pool_size=1,
+            max_overflow=0,
+            connect_args={"timeout": 30, "check_same_thread": False},
+        )
+        event.listen(self.sync_engine, "connect", _sqlite_pragmas)
+        if url.database:
+            _watch_file(self.sync_engine, Path(url.database))
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writes")
+
+    async def run(
+        self, fn: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._thread, lambda: self._transaction(True, fn, *args, **kwargs)
+        )
+
+    async def run_relaxed(
+        self, fn: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._thread, lambda: self._transaction(False, fn, *args, **kwargs)
+        )
+
+    def _transaction(
+        self,
+        durable: bool,
+        fn: Callable[Concatenate[Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        with self.sync_engine.begin() as conn:
+            # Before the first statement: pysqlite has not begun the transaction yet.
+            info = conn.connection.info
+            if info.get("durable", True) != durable:
+                conn.exec_driver_sql(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                info["durable"] = durable
+            return fn(conn, *args, **kwargs)
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._thread, self.sync_engine.dispose)
+        self._thread.shutdown(wait=True)
+
+
+def writes_for(engine: AsyncEngine) -> Writes:
+    """The process's writer: a thread of its own for a SQLite file, else the engine's pool."""
+    database = engine.url.database
+    if engine.dialect.name == "sqlite" and database and ":memory:" not in database:
+        return ThreadWrites(engine)
+    return Writes(engine)
 
 
 def alembic_config(connection: Connection | None = None) -> Config:

@@ -93,6 +93,9 @@ events = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Column("error", Text),
     Column("ruleset_version", String(64)),
+    # The rules the event missed and why: [{"rule": name, "reason": text}, ...] (one
+    # value per event; only matched rules get a rule_matches row).
+    Column("rule_misses", JSON),
     UniqueConstraint("tenant", "delivery_id"),
     Index(None, "status", "id"),
     Index(None, "received_at"),
@@ -133,6 +136,7 @@ action_runs = Table(
     Column("updated_at", UTCDateTime, nullable=False),
     Index(None, "status", "next_attempt_at"),
     Index(None, "event_id", "rule_name", "step_index"),
+    Index(None, "status", "id"),  # the executor's claim: due runs of a status, oldest first
 )
 
 action_attempts = Table(

@@ -47,7 +47,9 @@ async def list_events(
     engine: AsyncEngine, *, status: str | None = None, limit: int | None = None
 ) -> list[dict[str, Any]]:
     """Return stored events, newest first."""
-    query = select(*(c for c in events.c if c.name != "body")).order_by(events.c.id.desc())
+    query = select(*(c for c in events.c if c.name not in ("body", "rule_misses"))).order_by(
+        events.c.id.desc()
+    )
     if status:
         query = query.where(events.c.status == status)
     if limit is not None:
@@ -96,6 +98,10 @@ async def get_event(engine: AsyncEngine, event_id: int) -> dict[str, Any] | None
         "payload": row.body.decode("utf-8", errors="replace"),
         "matches": [
             {"rule": m.rule_name, "matched": m.matched, "reason": m.reason} for m in matches
+        ]
+        + [
+            {"rule": m["rule"], "matched": False, "reason": m["reason"]}
+            for m in row.rule_misses or ()
         ],
         "action_runs": [
             {

@@ -13,7 +13,7 @@ from aiohttp import web
 from sqlalchemy import text
 
 from bot import metrics
-from bot.db.engine import create_engine, upgrade
+from bot.db.engine import Writes, create_engine, upgrade, writes_for
 from bot.db.store import EventStore
 from bot.db.tenants import Tenants
 from bot.errors import (
@@ -47,6 +47,9 @@ from bot.web.keys import (
 )
 
 log = logging.getLogger(__name__)
+
+# The process's write path (bot.db.engine.writes_for), shared by store and workers.
+WRITES = web.AppKey("writes", Writes)
 
 RULES_POLL_S = 2.0
 
@@ -104,11 +107,14 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     await upgrade(engine)
     app[ENGINE] = engine
     app[TENANTS] = Tenants(engine)
-    store = EventStore(engine)
+    writes = writes_for(engine)
+    app[WRITES] = writes
+    store = EventStore(engine, writes=writes)
     await store.start()
     app[STORE] = store
     yield
     await store.close()
+    await writes.close()
     await engine.dispose()
 
 
@@ -152,12 +158,15 @@ async def _workers(app: web.Application) -> AsyncIterator[None]:
         rules_dir=settings.rules_dir,
         lease_s=max(settings.lease_s, 120.0),
         concurrency=settings.workers,
+        writes=app[WRITES],
     )
     processor = EventProcessor(
         app[ENGINE],
         lambda: watcher.current,
         lease_s=settings.lease_s,
         on_planned=executor.wakeup.set,
+        writes=app[WRITES],
+        ingest_busy=app[STORE].busy,
     )
     app[STORE].on_commit = processor.wakeup.set
     app[RULES], app[PROCESSOR], app[EXECUTOR] = watcher, processor, executor
