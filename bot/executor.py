@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql import ColumnElement
 from sqlalchemy.sql.elements import BindParameter
 
-from bot.db.engine import Writes
+from bot.db.engine import Writes, save_until_done
 from bot.db.group_commit import GroupCommit
 from bot.db.models import UTCDateTime, action_attempts, action_runs, events, utcnow
 from bot.due import next_attempt_at
@@ -336,8 +336,9 @@ class ActionExecutor:
             "b_attempts": run.attempts if attempts is None else attempts,
             "b_state": run.state if state is None else state,
         }
-        written = await self._commits.submit(
-            _Outcome(run, started, finished, outcome, values, status_code)
+        item = _Outcome(run, started, finished, outcome, values, status_code)
+        written = await save_until_done(
+            lambda: self._commits.submit(item), f"action run {run.id}'s outcome"
         )
         if not written:
             return "lost"  # the lease ran out and another worker owns the run now

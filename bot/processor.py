@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot.db.engine import Writes
+from bot.db.engine import Writes, save_until_done
 from bot.db.models import UTCDateTime, action_runs, events, rule_matches, utcnow
 from bot.rules import Evaluation, RuleSet, evaluate
 
@@ -203,7 +203,10 @@ class EventProcessor:
             outcomes.append((item.id, evaluation, failure))
         if not outcomes:
             return 0
-        stored, planned = await self._writes.run_relaxed(self._finish, ruleset, outcomes)
+        stored, planned = await save_until_done(
+            lambda: self._writes.run_relaxed(self._finish, ruleset, outcomes),
+            f"the evaluation of {len(outcomes)} event(s)",
+        )
         if planned and self._on_planned is not None:
             self._on_planned()  # only new action runs are news to the executor
         for event_id, evaluation, _ in outcomes:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import logging
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
 from pathlib import Path
@@ -19,6 +20,7 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 
 P = ParamSpec("P")
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # Serialises `db upgrade` across replicas starting at once (any fixed 64-bit number).
 MIGRATION_LOCK_ID = 0x6465706C6F79_01
@@ -234,3 +236,22 @@ async def upgrade(engine: AsyncEngine) -> None:
     """Apply every pending migration."""
     async with engine.begin() as conn:
         await conn.run_sync(_upgrade)
+
+
+SAVE_RETRY_MAX_S = 2.0  # longest wait between tries of a write that must not be dropped
+
+
+async def save_until_done(write: Callable[[], Awaitable[T]], what: str) -> T:
+    """Run `write` until the database takes it, waiting out an outage.
+
+    For results already paid for (an action carried out, an event evaluated): dropping
+    them would leave their rows claimed until the lease ran out.
+    """
+    delay_s = 0.1
+    while True:
+        try:
+            return await write()
+        except (exc.SQLAlchemyError, OSError) as error:
+            log.warning("%s not saved (database error: %s); again in %.1fs", what, error, delay_s)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, SAVE_RETRY_MAX_S)

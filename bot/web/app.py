@@ -23,7 +23,7 @@ from bot.errors import (
     UnsupportedMediaType,
     VerificationError,
 )
-from bot.executor import ActionExecutor
+from bot.executor import ActionExecutor, RetryBudget
 from bot.processor import EventProcessor
 from bot.rules import RuleWatcher
 from bot.scheduler import scheduler_ctx
@@ -118,15 +118,22 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     await engine.dispose()
 
 
+def http_policy(settings: Settings) -> RetryPolicy:
+    """The resilience policy of every call to UbiOps, Genesys and Jira."""
+    return RetryPolicy(max_attempts=settings.http_attempts, timeout_s=settings.http_timeout_s)
+
+
 def service_clients(
     settings: Settings, session: aiohttp.ClientSession
 ) -> dict[str, ServiceClient | None]:
     """Build the action clients whose credentials are configured (None: disabled)."""
+    policy = http_policy(settings)
     ubiops = (
         UbiOpsClient(
             session,
             settings.ubiops_api_url,
             settings.ubiops_api_token,
+            policy=policy,
             per_minute=settings.ubiops_per_minute,
         )
         if settings.ubiops_api_token
@@ -139,7 +146,7 @@ def service_clients(
             settings.genesys_login_url,
             settings.genesys_client_id,
             settings.genesys_client_secret,
-            policy=RetryPolicy(),
+            policy=policy,
             per_minute=settings.genesys_per_minute,
         )
         if settings.genesys_client_id and settings.genesys_client_secret
@@ -156,7 +163,10 @@ async def _workers(app: web.Application) -> AsyncIterator[None]:
         app[ENGINE],
         ActionRunner(service_clients(settings, app[HTTP]), files_dir=settings.rules_dir),
         rules_dir=settings.rules_dir,
-        lease_s=max(settings.lease_s, 120.0),
+        lease_s=settings.action_lease_s,
+        budget=RetryBudget(
+            settings.retry_attempts, settings.retry_base_delay_s, settings.retry_max_delay_s
+        ),
         concurrency=settings.workers,
         writes=app[WRITES],
     )

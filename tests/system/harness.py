@@ -50,12 +50,11 @@ class Service:
         self.env, self.cwd, self.log = env, cwd, log
         self.url = f"http://127.0.0.1:{env['DEPLOYBOT_PORT']}"
         self.proc: asyncio.subprocess.Process | None = None
-        self.argv: list[str] = ["-m", "bot", "serve"]  # after the interpreter
 
     async def start(self, session: aiohttp.ClientSession, timeout_s: float = 30) -> None:
         with self.log.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, *self.argv, env=self.env, cwd=self.cwd, stderr=log
+                sys.executable, "-m", "bot", "serve", env=self.env, cwd=self.cwd, stderr=log
             )
 
         async def healthy() -> bool:
@@ -171,40 +170,6 @@ async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
     await site.start()
     port = runner.addresses[0][1]
     return runner, f"http://127.0.0.1:{port}"
-
-
-def quick_retries_argv(
-    *,
-    timeout_s: float,
-    attempts: int,
-    base_delay_s: float,
-    budget_attempts: int,
-    budget_base_delay_s: float,
-    budget_max_delay_s: float,
-) -> list[str]:
-    """Arguments for `Service.argv`: `bot serve` with shorter retry constants.
-
-    The service has no setting for the per-attempt HTTP timeout (`RetryPolicy.timeout_s`,
-    30 s) nor for the executor's retry budget (`RetryBudget`: 8 attempts from 5 s), both
-    built with their defaults in bot/web/app.py. A system test bounded in time replaces
-    only those defaults in the service process before `bot serve` starts; the code
-    under test is unchanged. Drop this once settings exist for them.
-    """
-    code = f"""
-import sys
-from bot.executor import RetryBudget
-from bot.services.http import RetryPolicy
-max_delay_s = RetryPolicy().max_delay_s
-RetryPolicy.__init__.__defaults__ = (
-    {attempts!r}, {base_delay_s!r}, max_delay_s, {timeout_s!r}
-)
-RetryBudget.__init__.__defaults__ = (
-    {budget_attempts!r}, {budget_base_delay_s!r}, {budget_max_delay_s!r}
-)
-from bot.cli import main
-sys.exit(main(["serve"]))
-"""
-    return ["-c", code]
 
 
 def peer_pid(peer_port: int, server_port: int, pids: list[int]) -> int | None:

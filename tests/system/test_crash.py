@@ -22,17 +22,16 @@ import shutil
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.db.engine import create_engine
-from bot.db.models import action_runs, events, utcnow
+from bot.db.models import action_runs, events
 from tests.fakes.ubiops import FakeUbiOps, Fault
 from tests.system.harness import (
     VERSION_PER_ISSUE_RULE,
@@ -154,21 +153,6 @@ async def interrupted_work(engine: AsyncEngine) -> tuple[int, int]:
         return int(runs.scalar_one()), int(held.scalar_one())
 
 
-async def expire_dead_action_leases(engine: AsyncEngine) -> None:
-    """Let the dead process's action leases run out now instead of in 120 s.
-
-    The executor's lease is fixed at max(DEPLOYBOT_LEASE_S, 120 s) (bot/web/app.py), far
-    beyond this test's bound. No process is alive when this runs, so every `running` run
-    belonged to the one just killed: moving its lease end into the past is exactly what
-    waiting 120 s would do. The reclaim path (a stale lease, `lookup_first`) is the real one.
-    """
-    past = utcnow() - timedelta(seconds=1)
-    async with engine.begin() as conn:
-        await conn.execute(
-            update(action_runs).where(action_runs.c.status == "running").values(lease_until=past)
-        )
-
-
 def record_answers(app: web.Application, answers: list[tuple[str, str, int]]) -> None:
     """Append (method, path, status) of every answer the fake gives (outermost middleware)."""
 
@@ -210,6 +194,7 @@ async def test_sigkill_under_full_speed_deliveries_loses_and_repeats_nothing(
         UBIOPS_API_TOKEN=TOKEN,
         UBIOPS_RATE_LIMIT_PER_MINUTE="1000000",
         DEPLOYBOT_LEASE_S=str(LEASE_S),
+        DEPLOYBOT_ACTION_LEASE_S=str(LEASE_S),  # the killed process's runs are resumed then
         DEPLOYBOT_WORKERS="48",
     )
     service = Service(env, tmp_path, tmp_path / "serve.log")
@@ -246,7 +231,6 @@ async def test_sigkill_under_full_speed_deliveries_loses_and_repeats_nothing(
                             "events_interrupted": held,
                         }
                     )
-                    await expire_dead_action_leases(engine)
                 await service.start(session)
                 restarted = loop.time()
                 jira.generating = False  # the senders now only re-send what is unanswered

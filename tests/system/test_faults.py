@@ -7,8 +7,8 @@ rate-limit headers), 500, 503, an answer held past the client's timeout after th
 request was carried out, and a dropped connection. One rule targets a UbiOps
 deployment that always answers 503, so its runs must use up the retry budget and die.
 
-The per-attempt timeout and the retry budget have no settings, so the service runs
-through `quick_retries_argv` (see there). Figures go to test-artifacts/system-faults.json.
+The per-call timeout and the retry budget are shortened through their settings
+(DEPLOYBOT_HTTP_TIMEOUT_S, DEPLOYBOT_RETRY_*). Figures go to test-artifacts/system-faults.json.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from tests.system.harness import (
     Service,
     create_churn_deployment,
     deliver,
-    quick_retries_argv,
     service_env,
 )
 from tests.test_pipeline import EXAMPLE_RULES, TOKEN, wait_for
@@ -216,16 +215,13 @@ async def test_faulty_services_end_every_action_once(
         DEPLOYBOT_WORKERS="16",
         UBIOPS_RATE_LIMIT_PER_MINUTE="100000",
         GENESYS_RATE_LIMIT_PER_MINUTE="100000",
+        DEPLOYBOT_HTTP_TIMEOUT_S=str(TIMEOUT_S),
+        DEPLOYBOT_HTTP_ATTEMPTS=str(HTTP_ATTEMPTS),
+        DEPLOYBOT_RETRY_ATTEMPTS=str(BUDGET_ATTEMPTS),
+        DEPLOYBOT_RETRY_BASE_DELAY_S="0.2",
+        DEPLOYBOT_RETRY_MAX_DELAY_S="1.0",
     )
     service = Service(env, tmp_path, tmp_path / "serve.log")
-    service.argv = quick_retries_argv(
-        timeout_s=TIMEOUT_S,
-        attempts=HTTP_ATTEMPTS,
-        base_delay_s=0.1,
-        budget_attempts=BUDGET_ATTEMPTS,
-        budget_base_delay_s=0.2,
-        budget_max_delay_s=1.0,
-    )
     engine_name = "postgresql" if database_url.startswith("postgresql") else "sqlite"
     engine = create_engine(database_url)
     timeout = aiohttp.ClientTimeout(total=20)
