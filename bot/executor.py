@@ -10,7 +10,6 @@ outcome is unknown looks for its object before creating it a second time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import uuid
@@ -33,7 +32,7 @@ from bot.db.group_commit import GroupCommit
 from bot.db.models import UTCDateTime, action_attempts, action_runs, events, utcnow
 from bot.due import next_attempt_at
 from bot.errors import ActionError, ServiceDisabled, TemplateRenderError
-from bot.processor import claim_statement
+from bot.processor import claim_statement, wait_until_set
 from bot.rules import Step, build_context, render_params
 from bot.services.actions import ActionRunner, Done, Wait, action_params
 
@@ -461,8 +460,7 @@ class ActionExecutor:
                     task.add_done_callback(finished)
                 if claimed and len(inflight) < self._concurrency:
                     continue  # more may be due right now
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wakeup.wait(), timeout=poll_s)
+                await wait_until_set(self.wakeup, poll_s)
         finally:
             pending = list(inflight)
             for task in pending:

@@ -64,6 +64,18 @@ class Claimed:
     attempts: int
 
 
+async def wait_until_set(event: asyncio.Event, timeout_s: float) -> None:
+    """Wait until `event` is set or `timeout_s` passes, whichever is first.
+
+    Not `asyncio.wait_for(event.wait(), ...)`: on Python 3.11 that swallows a
+    cancellation arriving just as the event is set (it returns the result instead), and
+    a worker loop built on it then never stops. `asyncio.timeout` counts cancellations.
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+
+
 def claim_statement(
     table: Any,
     dialect_name: str,
@@ -326,8 +338,7 @@ class EventProcessor:
                 await self._yield_to_ingest()
                 continue
             self.wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wakeup.wait(), timeout=poll_s)
+            await wait_until_set(self.wakeup, poll_s)
 
     async def release(self) -> None:
         """Give back this worker's leases (graceful shutdown) so others take them at once."""

@@ -59,3 +59,17 @@ async def test_a_stopped_writer_says_so() -> None:
     commits._drainer.cancel()
     with pytest.raises(StoreUnavailable, match="writer stopped"):
         await pending
+
+
+async def test_idle_passes_on_its_callers_cancellation_and_the_write_goes_on() -> None:
+    rec = Recorder(delay_s=0.2)
+    commits: GroupCommit[int, int] = GroupCommit(rec.write)
+    submitted = asyncio.create_task(commits.submit(1))
+    await asyncio.sleep(0)
+    waiting = asyncio.create_task(commits.idle())
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert await submitted == 10  # the write itself was not stopped
+    await commits.idle()  # nothing pending: returns at once

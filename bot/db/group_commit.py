@@ -9,7 +9,6 @@ gone, a worker stopped) never cancels the write that other submitters share.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -38,9 +37,15 @@ class GroupCommit(Generic[T, R]):
 
     async def idle(self) -> None:
         """Wait until everything submitted so far has been written."""
-        if self._drainer is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(self._drainer)  # a waiter gone must not stop the write
+        if self._drainer is None:
+            return
+        try:
+            await asyncio.shield(self._drainer)  # a waiter gone must not stop the write
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # our caller is being cancelled: pass that on
+            # else the drainer itself was cancelled (shutdown): nothing is left to wait for
 
     async def _drain(self) -> None:
         batch: list[tuple[T, asyncio.Future[R]]] = []
