@@ -19,6 +19,7 @@ from bot.db.engine import ThreadWrites, alembic_config, create_engine, upgrade, 
 from bot.db.models import events, rule_matches
 from bot.db.store import EventStore
 from bot.delivery import Delivery
+from bot.errors import StoreUnavailable
 from bot.settings import Settings
 from tests.conftest import CLIENT_SECRET, PG_URL_ENV, ClientFactory, postgres_database
 from tests.fakes.tcp_proxy import TcpProxy
@@ -133,6 +134,58 @@ async def test_sqlite_file_gone_gives_503_then_recovers(
     # Jira's retry of the same delivery is now stored, exactly once.
     assert (await client.post("/webhooks/jira", json=PAYLOAD, headers=headers("b"))).status == 202
     assert await stored_count(settings) == 2
+
+
+async def test_writes_failing_while_reads_work_make_readyz_503_until_one_commits(
+    make_client: ClientFactory, tmp_path: Path
+) -> None:
+    # A read-only database still answers SELECT 1: readiness must also follow the writes.
+    db_file = tmp_path / "deploybot.db"
+    settings = Settings(
+        database_url=f"sqlite+aiosqlite:///{db_file}", jira_client_secret=CLIENT_SECRET
+    )
+    client = await make_client(settings)
+    assert (await client.post("/webhooks/jira", json=PAYLOAD, headers=headers("a"))).status == 202
+    engine = create_engine(settings.database_url)
+    refuse = (
+        "CREATE TRIGGER refuse BEFORE INSERT ON events"
+        " BEGIN SELECT RAISE(ABORT, 'attempt to write a readonly database'); END"
+    )
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text(refuse))
+        resp = await client.post("/webhooks/jira", json=PAYLOAD, headers=headers("b"))
+        assert resp.status == 503
+        ready = await client.get("/readyz")
+        assert ready.status == 503
+        reason = (await ready.json())["database"]
+        assert "writes failing" in reason and "readonly" in reason
+        assert "OPS-7" not in reason  # the issue key of PAYLOAD: no statement parameters
+        async with engine.begin() as conn:
+            await conn.execute(text("DROP TRIGGER refuse"))
+        assert (await client.get("/readyz")).status == 503  # no commit yet says otherwise
+        resp = await client.post("/webhooks/jira", json=PAYLOAD, headers=headers("b"))
+        assert resp.status == 202
+        assert (await client.get("/readyz")).status == 200
+    finally:
+        await engine.dispose()
+
+
+async def test_an_old_write_failure_is_forgotten(database_url: str) -> None:
+    engine = create_engine(database_url)
+    await upgrade(engine)
+    store = EventStore(engine)
+    await store.start()
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("ALTER TABLE events RENAME TO events_away"))
+        with pytest.raises(StoreUnavailable):
+            await store.add("", delivery("x"))
+        assert store.write_trouble() is not None
+        assert store.write_trouble(within_s=0.0) is None
+    finally:
+        await store.close()
+        await engine.dispose()
 
 
 async def test_postgres_connection_killed_mid_insert_gives_5xx(make_client: ClientFactory) -> None:

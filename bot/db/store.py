@@ -66,6 +66,14 @@ _SQLITE_INSERT = (
 _SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"
 
 
+def database_error(exc: BaseException) -> str:
+    """A database error's driver message, without SQLAlchemy's statement and parameters
+    (which hold delivery bodies)."""
+    orig = getattr(exc, "orig", None)
+    found = orig if isinstance(orig, BaseException) else exc
+    return f"{type(found).__name__}: {found}"[:300]
+
+
 class EventStore:
     """Stores deliveries; `add` returns only after the row is committed."""
 
@@ -84,10 +92,19 @@ class EventStore:
         self._running = False
         self.commits = 0  # transactions written (deliveries share them)
         self._last_add = -1e9  # monotonic time of the latest delivery
+        self._failing: tuple[float, str] | None = None  # since when, why (no commit since)
 
     def busy(self, within_s: float = 0.05) -> bool:
         """Whether a delivery arrived in the last `within_s` seconds (ingest is active)."""
         return time.monotonic() - self._last_add < within_s
+
+    def write_trouble(self, within_s: float = 10.0) -> str | None:
+        """Why the latest write failed, if it did within `within_s` seconds and none
+        has committed since (readiness). Older failures are forgotten, so that a
+        replica taken out of rotation gets deliveries again and finds out."""
+        if self._failing is None or time.monotonic() - self._failing[0] > within_s:
+            return None
+        return self._failing[1]
 
     async def start(self) -> None:
         self._running = True
@@ -110,7 +127,9 @@ class EventStore:
             ids = await self._writes.run(self._insert_rows, batch)
         except (SQLAlchemyError, sqlite3.Error, OSError) as exc:
             log.warning("event store write failed (%d deliveries): %s", len(batch), exc)
+            self._failing = (time.monotonic(), database_error(exc))
             raise StoreUnavailable("database unavailable") from exc
+        self._failing = None
         self.commits += 1
         if self.on_commit is not None:
             self.on_commit()

@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from bot import metrics
 from bot.db.engine import Writes, create_engine, upgrade, writes_for
-from bot.db.store import EventStore
+from bot.db.store import EventStore, database_error
 from bot.db.tenants import Tenants
 from bot.errors import (
     PayloadError,
@@ -92,7 +92,13 @@ async def readyz(request: web.Request) -> web.Response:
             await conn.execute(text("SELECT 1"))
     except Exception as exc:  # any failure means not ready; say which
         return web.json_response(
-            {**body, "status": "unavailable", "database": str(exc)}, status=503
+            {**body, "status": "unavailable", "database": database_error(exc)}, status=503
+        )
+    trouble = request.app[STORE].write_trouble()
+    if trouble is not None:  # it answers, but deliveries cannot be stored (e.g. read-only)
+        return web.json_response(
+            {**body, "status": "unavailable", "database": f"writes failing: {trouble}"},
+            status=503,
         )
     if not rules.loaded:
         return web.json_response(

@@ -318,12 +318,15 @@ async def test_sqlite_read_only_gives_503_then_recovers_without_restart(
             readyz_while_read_only = await ready(session, service)
             await asyncio.sleep(HELD_S)  # the held answers arrive while it is read-only
             assert refused == [503] * REFUSED_WANTED, jira.answers  # not 500, not 202
+            # SELECT 1 still works on a read-only file; readiness follows the failed writes.
+            assert readyz_while_read_only == 503
 
             _chattr("-i", *locked)
             locked = []
             await jira.retry_refused()
             assert not jira.refused(), jira.answers
             figures = await settle_and_check(engine, jira, service, fake)
+            assert await ready(session, service) == 200
             print(f"readyz while read-only: {readyz_while_read_only}, {figures}")
     finally:
         if locked:
