@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -148,7 +149,7 @@ async def test_real_deliveries_and_actions_log_no_secret(
     configured = Settings(**{**_fields(settings), **every_credential})
     assert len(configured.secrets) == 5
     out = io.StringIO()
-    configure(configured, stream=out, level=logging.DEBUG)
+    handler = configure(configured, stream=out, level=logging.DEBUG)
     client = await make_client(configured)
     sent_tokens: list[str] = []
     event_ids: list[int] = []
@@ -190,6 +191,8 @@ async def test_real_deliveries_and_actions_log_no_secret(
     except ValueError:
         careless.exception("genesys login with %s", GENESYS_SECRET)
 
+    assert "genesys login" not in out.getvalue()  # on the loop: written on its next turn
+    handler.flush()
     text = out.getvalue()
     for secret in (*configured.secrets, *sent_tokens):
         assert secret not in text
@@ -212,3 +215,30 @@ async def test_real_deliveries_and_actions_log_no_secret(
 
 def _fields(settings: Settings) -> dict[str, Any]:
     return {name: getattr(settings, name) for name in settings.__dataclass_fields__}
+
+
+async def test_lines_logged_on_the_loop_are_written_together_on_its_next_turn(
+    restore_logging: None,
+) -> None:
+    out = io.StringIO()
+    handler = configure(Settings(log_format="json"), stream=out)
+    log = logging.getLogger("bot.test")
+    for i in range(3):
+        log.info("line %d", i)
+    assert out.getvalue() == ""
+    await asyncio.sleep(0)
+    assert [json.loads(line)["msg"] for line in out.getvalue().splitlines()] == [
+        "line 0",
+        "line 1",
+        "line 2",
+    ]
+    # Another thread's line is written at once, after what the loop had left.
+    log.info("pending")
+    await asyncio.to_thread(log.info, "from a thread")
+    assert [json.loads(line)["msg"] for line in out.getvalue().splitlines()][3:] == [
+        "pending",
+        "from a thread",
+    ]
+    log.info("at exit")
+    handler.flush()  # what logging.shutdown() calls
+    assert out.getvalue().splitlines()[-1].endswith('"msg":"at exit"}')
