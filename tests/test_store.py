@@ -112,15 +112,21 @@ async def test_migration_moves_rule_misses_into_the_event(tmp_path: Path) -> Non
     assert left == ["a"]
 
 
-async def test_sqlite_file_gone_gives_503_then_recovers(
-    make_client: ClientFactory, tmp_path: Path
-) -> None:
-    db_file = tmp_path / "deploybot.db"
+async def serving_one_delivery(make_client: ClientFactory, db_file: Path) -> tuple[Any, Settings]:
+    """A service on the SQLite file `db_file` that has stored delivery "a"."""
     settings = Settings(
         database_url=f"sqlite+aiosqlite:///{db_file}", jira_client_secret=CLIENT_SECRET
     )
     client = await make_client(settings)
     assert (await client.post("/webhooks/jira", json=PAYLOAD, headers=headers("a"))).status == 202
+    return client, settings
+
+
+async def test_sqlite_file_gone_gives_503_then_recovers(
+    make_client: ClientFactory, tmp_path: Path
+) -> None:
+    db_file = tmp_path / "deploybot.db"
+    client, settings = await serving_one_delivery(make_client, db_file)
     # The database disappears: its file is replaced by a directory nothing can open.
     moved = tmp_path / "moved.db"
     shutil.move(db_file, moved)
@@ -141,11 +147,7 @@ async def test_writes_failing_while_reads_work_make_readyz_503_until_one_commits
 ) -> None:
     # A read-only database still answers SELECT 1: readiness must also follow the writes.
     db_file = tmp_path / "deploybot.db"
-    settings = Settings(
-        database_url=f"sqlite+aiosqlite:///{db_file}", jira_client_secret=CLIENT_SECRET
-    )
-    client = await make_client(settings)
-    assert (await client.post("/webhooks/jira", json=PAYLOAD, headers=headers("a"))).status == 202
+    client, settings = await serving_one_delivery(make_client, db_file)
     engine = create_engine(settings.database_url)
     refuse = (
         "CREATE TRIGGER refuse BEFORE INSERT ON events"

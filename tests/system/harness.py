@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -19,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bot.db.models import action_runs, events
 from tests.conftest import CLIENT_SECRET
 from tests.signing import oauth_token
-from tests.test_pipeline import issue_updated, wait_for
+from tests.test_pipeline import EXAMPLE_RULES, issue_updated, wait_for
 
 
 def free_port() -> int:
@@ -93,21 +94,33 @@ class Service:
 
 
 async def deliver(
-    session: aiohttp.ClientSession, url: str, delivery_id: str, issue_key: str
+    session: aiohttp.ClientSession, url: str, delivery_id: str, issue_key: str, retry: int = 0
 ) -> int | None:
-    """Send one signed issue-updated delivery; return its status, None when not answered."""
+    """Send one signed issue-updated delivery (Jira's `retry`-th redelivery when > 0);
+    return its status, None when not answered."""
     body = json.dumps(issue_updated(issue_key))
     headers = {
         "Authorization": f"Bearer {oauth_token(CLIENT_SECRET)}",
         "Content-Type": "application/json",
         "X-Atlassian-Webhook-Identifier": delivery_id,
     }
+    if retry:
+        headers["X-Atlassian-Webhook-Retry"] = str(retry)
     try:
         async with session.post(url + "/webhooks/jira", data=body, headers=headers) as resp:
             await resp.read()
             return resp.status
     except (aiohttp.ClientError, TimeoutError):
         return None
+
+
+def version_rules(tmp_path: Path) -> Path:
+    """A rules folder with VERSION_PER_ISSUE_RULE and the example artifacts it uploads."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "versions.yaml").write_text(VERSION_PER_ISSUE_RULE)
+    shutil.copytree(EXAMPLE_RULES / "artifacts", rules / "artifacts")
+    return rules
 
 
 async def unsettled(engine: AsyncEngine) -> int:

@@ -18,7 +18,6 @@ import collections
 import json
 import os
 import random
-import shutil
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
@@ -34,15 +33,15 @@ from bot.db.engine import create_engine
 from bot.db.models import action_runs, events
 from tests.fakes.ubiops import FakeUbiOps, Fault
 from tests.system.harness import (
-    VERSION_PER_ISSUE_RULE,
     Service,
     create_churn_deployment,
     deliver,
     serve,
     service_env,
     unsettled,
+    version_rules,
 )
-from tests.test_pipeline import EXAMPLE_RULES, TOKEN, wait_for
+from tests.test_pipeline import TOKEN, wait_for
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -183,10 +182,7 @@ async def test_sigkill_under_full_speed_deliveries_loses_and_repeats_nothing(
     # A real API finishes a request whose client died: the create lands, the answer is lost.
     fake_runner, fake_origin = await serve(fake_app)
     fake_url = fake_origin + fake.prefix
-    rules = tmp_path / "rules"
-    rules.mkdir()
-    (rules / "versions.yaml").write_text(VERSION_PER_ISSUE_RULE)
-    shutil.copytree(EXAMPLE_RULES / "artifacts", rules / "artifacts")
+    rules = version_rules(tmp_path)
     env = service_env(
         database_url,
         rules,

@@ -10,9 +10,7 @@ each, and acts on every stored event once.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import shutil
 import subprocess
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -28,18 +26,18 @@ from yarl import URL
 
 from bot.db.engine import create_engine
 from bot.db.models import action_runs, events
-from tests.conftest import CLIENT_SECRET, PG_URL_ENV, postgres_database
+from tests.conftest import PG_URL_ENV, postgres_database
 from tests.fakes.tcp_proxy import TcpProxy
 from tests.fakes.ubiops import FakeUbiOps, Fault
-from tests.signing import oauth_token
 from tests.system.harness import (
-    VERSION_PER_ISSUE_RULE,
     Service,
     create_churn_deployment,
+    deliver,
     service_env,
     unsettled,
+    version_rules,
 )
-from tests.test_pipeline import EXAMPLE_RULES, TOKEN, issue_updated, wait_for
+from tests.test_pipeline import TOKEN, wait_for
 
 BEFORE = 10  # deliveries acknowledged before the database goes away
 REFUSED_WANTED = 8  # 503s to collect while it is away
@@ -48,26 +46,6 @@ JIRA_RETRIES = 10  # Jira's redeliveries of a refused delivery (bounded here)
 LEASE_S = 5  # DEPLOYBOT_LEASE_S: how long a claimed event stays with its worker
 SETTLE_S = 35.0  # after the database is back, for everything stored to be acted on
 HELD_S = 1.0  # UbiOps answers held this long, so that actions are in flight at the outage
-
-
-async def send(
-    session: aiohttp.ClientSession, url: str, delivery_id: str, retry: int = 0
-) -> int | None:
-    """Deliver issue `delivery_id` as Jira does; its status, None when not answered."""
-    headers = {
-        "Authorization": f"Bearer {oauth_token(CLIENT_SECRET)}",
-        "Content-Type": "application/json",
-        "X-Atlassian-Webhook-Identifier": delivery_id,
-    }
-    if retry:
-        headers["X-Atlassian-Webhook-Retry"] = str(retry)
-    body = json.dumps(issue_updated(delivery_id))
-    try:
-        async with session.post(url + "/webhooks/jira", data=body, headers=headers) as resp:
-            await resp.read()
-            return resp.status
-    except (aiohttp.ClientError, TimeoutError):
-        return None
 
 
 async def ready(session: aiohttp.ClientSession, service: Service) -> int:
@@ -84,7 +62,7 @@ class Jira:
         self.answers: dict[str, list[int | None]] = {}
 
     async def deliver(self, delivery_id: str) -> int | None:
-        status = await send(self.session, self.service.url, delivery_id)
+        status = await deliver(self.session, self.service.url, delivery_id, delivery_id)
         self.answers.setdefault(delivery_id, []).append(status)
         return status
 
@@ -99,7 +77,9 @@ class Jira:
 
         async def one(delivery_id: str) -> None:
             for retry in range(1, JIRA_RETRIES + 1):
-                status = await send(self.session, self.service.url, delivery_id, retry)
+                status = await deliver(
+                    self.session, self.service.url, delivery_id, delivery_id, retry
+                )
                 self.answers[delivery_id].append(status)
                 if status in (200, 202):
                     return
@@ -115,10 +95,7 @@ async def running_service(
     fake = FakeUbiOps(token=TOKEN)
     fake_server: TestServer = await aiohttp_server(fake.app())
     fake_url = str(fake_server.make_url(fake.prefix))
-    rules = tmp_path / "rules"
-    rules.mkdir()
-    (rules / "versions.yaml").write_text(VERSION_PER_ISSUE_RULE)
-    shutil.copytree(EXAMPLE_RULES / "artifacts", rules / "artifacts")
+    rules = version_rules(tmp_path)
     env = service_env(
         database_url,
         rules,
