@@ -168,6 +168,7 @@ class _Handler(logging.StreamHandler[IO[str]]):
         super().__init__(stream or sys.stderr)
         self._follow_stderr = stream is None  # sys.stderr may be swapped later (tests)
         self._pending: list[str] = []
+        self._flush_on: asyncio.AbstractEventLoop | None = None  # loop a flush is due on
 
     def emit(self, record: logging.LogRecord) -> None:
         if self._follow_stderr:
@@ -183,12 +184,14 @@ class _Handler(logging.StreamHandler[IO[str]]):
         except Exception:
             self.handleError(record)
             return
-        if not self._pending:
+        if self._flush_on is not loop:  # (a loop closed before its turn left none due)
+            self._flush_on = loop
             loop.call_soon(self.flush)
         self._pending.append(line + self.terminator)
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]  # StreamHandler always has one
+            self._flush_on = None
             if self._pending:
                 lines, self._pending = "".join(self._pending), []
                 self.stream.write(lines)
