@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 
 from bot.errors import ActionError, SettingsError
 from bot.services.genesys import (
@@ -19,6 +17,7 @@ from bot.services.genesys import (
     TokenManager,
     resolve_urls,
 )
+from tests import test_genesys_client
 from tests.fakes.genesys import FakeGenesys
 
 
@@ -32,21 +31,8 @@ class Clock:
         return self.now_s
 
 
-@pytest.fixture
-def fake() -> FakeGenesys:
-    return FakeGenesys(token_expires_in_s=3600)
-
-
-@pytest.fixture
-async def base(fake: FakeGenesys) -> AsyncIterator[str]:
-    async with TestServer(fake.app, host="127.0.0.1") as server:
-        yield str(server.make_url("")).rstrip("/")
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+# The fake Genesys server and an HTTP session: fixtures shared with the client tests.
+fake, base, http = test_genesys_client.fake, test_genesys_client.base, test_genesys_client.http
 
 
 def manager(
