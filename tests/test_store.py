@@ -70,16 +70,46 @@ async def test_the_process_writer_shares_commits_and_dedupes(database_url: str) 
         await writes.close()
     try:
         async with engine.connect() as conn:
-            rows = (await conn.execute(select(events.c.id, events.c.received_at))).all()
+            rows = (
+                await conn.execute(select(events.c.id, events.c.delivery_id, events.c.received_at))
+            ).all()
     finally:
         await engine.dispose()
-    created = [r.event_id for r in results if r.event_id is not None]
+    created = {r.event_id: i for i, r in zip(ids, results, strict=True) if r.created}
     assert len(created) == 200 and not again.created
-    assert sorted(created) == sorted(r.id for r in rows)
+    assert created == {r.id: r.delivery_id for r in rows}  # each answer names its own row
     assert all(r.received_at.tzinfo is not None for r in rows)  # read back as UTC times
     assert 1 <= store.commits <= 21  # 202 concurrent deliveries, then one more
     if engine.dialect.name == "sqlite":
         assert isinstance(writes, ThreadWrites)
+
+
+async def test_a_batch_mixing_new_and_stored_deliveries_maps_each_answer(
+    database_url: str,
+) -> None:
+    engine = create_engine(database_url)
+    await upgrade(engine)
+    writes = writes_for(engine)
+    store = EventStore(engine, writes=writes)
+    await store.start()
+    try:
+        stored = [await store.add("", delivery(f"m-{i}")) for i in (1, 3)]
+        batch = [f"m-{i}" for i in range(5)]  # m-1 and m-3 are redeliveries
+        results = await asyncio.gather(*(store.add("", delivery(i)) for i in batch))
+    finally:
+        await store.close()
+        await writes.close()
+    try:
+        async with engine.connect() as conn:
+            rows = dict((await conn.execute(select(events.c.id, events.c.delivery_id))).all())
+    finally:
+        await engine.dispose()
+    assert [r.created for r in results] == [True, False, True, False, True]
+    assert {r.event_id: rows[r.event_id] for r in results if r.event_id} == {
+        r.event_id: i for i, r in zip(batch, results, strict=True) if r.created
+    }
+    assert sorted(rows.values()) == batch and all(s.created for s in stored)
+    assert store.commits == 3  # the five shared one transaction
 
 
 async def test_migration_moves_rule_misses_into_the_event(tmp_path: Path) -> None:

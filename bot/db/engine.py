@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
@@ -150,12 +151,18 @@ class Writes:
 
 
 class ThreadWrites(Writes):
-    """A SQLite file's writes, all in one thread with its own (synchronous) connection.
+    """A SQLite file's writes, all in one thread with its own (synchronous) connections.
 
     The process's writers (event store, processor, executor) queue here and never meet
     SQLite's busy handler, which sleeps whole milliseconds; and a transaction holds the
     write lock only while its statements run, never while it waits for the event loop
     between them (an aiosqlite transaction does, once per statement, under load).
+
+    Deliveries (`run_sqlite`) use a plain sqlite3 connection of their own: every C call
+    gives up the GIL and, under load, waits for the event loop to hand it back, so the
+    transaction acknowledging deliveries makes as few calls, and runs as little Python, as
+    it can. The thread runs one transaction at a time, so its two connections never wait
+    for each other.
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
@@ -169,8 +176,9 @@ class ThreadWrites(Writes):
             connect_args={"timeout": 30, "check_same_thread": False},
         )
         event.listen(self.sync_engine, "connect", _sqlite_pragmas)
-        if url.database:
-            _watch_file(self.sync_engine, Path(url.database))
+        self._path = Path(url.database or "").absolute()
+        _watch_file(self.sync_engine, self._path)
+        self._plain: tuple[sqlite3.Connection, tuple[int, int] | None] | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writes")
 
     async def run(
@@ -189,6 +197,11 @@ class ThreadWrites(Writes):
             self._thread, lambda: self._transaction(False, fn, *args, **kwargs)
         )
 
+    async def run_sqlite(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(connection)` in one durable transaction on a plain sqlite3 connection."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, self._plain_transaction, fn)
+
     def _transaction(
         self,
         durable: bool,
@@ -204,9 +217,53 @@ class ThreadWrites(Writes):
                 info["durable"] = durable
             return fn(conn, *args, **kwargs)
 
+    def _plain_connection(self) -> sqlite3.Connection:
+        """The open plain connection, or a new one if there is none or the file changed."""
+        identity = file_identity(self._path)
+        if self._plain is not None and self._plain[1] == identity and identity is not None:
+            return self._plain[0]
+        self._close_plain()
+        # mode=rw: a file moved away is not silently recreated empty.
+        conn = sqlite3.connect(
+            f"{self._path.as_uri()}?mode=rw",
+            uri=True,
+            timeout=30,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            _sqlite_pragmas(conn, None)
+        except sqlite3.Error:
+            conn.close()
+            raise
+        self._plain = (conn, identity)
+        return conn
+
+    def _plain_transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._plain_connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            result = fn(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            self._close_plain()  # rolls back; the next transaction opens afresh
+            raise
+        return result
+
+    def _close_plain(self) -> None:
+        if self._plain is not None:
+            conn, self._plain = self._plain[0], None
+            try:
+                conn.close()
+            except sqlite3.Error as exc:
+                log.warning("closing a SQLite connection failed: %s", exc)
+
     async def close(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._thread, self.sync_engine.dispose)
+        def dispose() -> None:
+            self._close_plain()
+            self.sync_engine.dispose()
+
+        await asyncio.get_running_loop().run_in_executor(self._thread, dispose)
         self._thread.shutdown(wait=True)
 
 
