@@ -35,6 +35,11 @@ _TOKEN_PATTERNS = (
 )
 
 
+# Literals every pattern above needs (`authorization`, a scheme, `eyJ`, `://`).
+_CLUES_ANY_CASE = ("authorization", "bearer", "jwt", "token", "basic")
+_CLUES = ("eyJ", "://")
+
+
 def _scoped(pattern: str) -> str:
     """`pattern` as a group of an alternation (a leading `(?i)` becomes `(?i:...)`)."""
     if pattern.startswith("(?i)"):
@@ -50,14 +55,25 @@ class Redactor:
         literal = sorted({s for s in secrets if s}, key=len, reverse=True)
         self._secrets = re.compile("|".join(map(re.escape, literal))) if literal else None
         self._tokens = [re.compile(p) for p in _TOKEN_PATTERNS]
-        # One search says whether any pattern can apply: most text (identifiers, issue
-        # keys, event names) has nothing to mask and is returned after a single pass.
+        # Most text (identifiers, issue keys, event names) has nothing to mask. No pattern
+        # matches without one of these literals in the text, and looking for literals is
+        # far cheaper than running the patterns (see `anything`).
+        self._clues = (*_CLUES, *literal)
         self._anything = re.compile(
             "|".join([*map(_scoped, _TOKEN_PATTERNS), *map(re.escape, literal)])
         )
 
+    def anything(self, text: str) -> bool:
+        """Whether `text` may hold something to mask (a cheap first look, never a miss)."""
+        if any(clue in text for clue in self._clues):
+            return True
+        if text.isascii():  # str.lower() and the patterns' (?i) agree on ASCII
+            lowered = text.lower()
+            return any(word in lowered for word in _CLUES_ANY_CASE)
+        return self._anything.search(text) is not None
+
     def __call__(self, text: str) -> str:
-        if self._anything.search(text) is None:
+        if not self.anything(text):
             return text
         # Token shapes first: a short secret masked inside a token would hide its shape.
         for pattern in self._tokens:
@@ -92,9 +108,24 @@ class RedactionFilter(logging.Filter):
             message = record.getMessage()
         except Exception:  # a bad format string still gets logged, redacted
             message = f"{record.msg!r} {record.args!r}"
-        record.msg, record.args = self._redact(message), None
-        extras = {k: self._redact.value(v) for k, v in extra_fields(record).items()}
-        vars(record).update(extras)
+        fields = extra_fields(record)
+        # Most records (a delivery stored, an action done) carry identifiers and numbers
+        # with nothing to mask: one search over all their text says so. A match inside
+        # one of the texts is a match in the joined text, so nothing is missed.
+        texts = [message]
+        plain = True
+        for value in fields.values():
+            if isinstance(value, str):
+                texts.append(value)
+            elif not (value is None or isinstance(value, int | float)):
+                plain = False  # bytes, containers, objects: redact value by value
+                break
+        if plain and not self._redact.anything("\n".join(texts)):
+            record.msg, record.args, extras = message, None, fields
+        else:
+            record.msg, record.args = self._redact(message), None
+            extras = {k: self._redact.value(v) for k, v in fields.items()}
+            vars(record).update(extras)
         record._extras = extras  # the formatters' copy (a "_" name is not an extra field)
         if record.exc_info and not record.exc_text:
             record.exc_text = self._formatter.formatException(record.exc_info)
@@ -111,11 +142,21 @@ def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
     found: dict[str, Any] | None = getattr(record, "_extras", None)  # set by the filter
     if found is not None:
         return found
-    return {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD and k[0] != "_"}
+
+
+_last_stamp: tuple[int, str] = (-1, "")  # (whole milliseconds, their ISO text)
 
 
 def _timestamp(record: logging.LogRecord) -> str:
-    return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+    """The record's time in ISO 8601 (UTC, milliseconds); records of one millisecond share it."""
+    global _last_stamp
+    millis = int(record.created * 1000)
+    if _last_stamp[0] != millis:
+        second = datetime.fromtimestamp(millis // 1000, UTC)
+        stamp = second.replace(microsecond=millis % 1000 * 1000).isoformat(timespec="milliseconds")
+        _last_stamp = (millis, stamp)
+    return _last_stamp[1]
 
 
 class JsonFormatter(logging.Formatter):
@@ -208,6 +249,8 @@ def configure(
     settings: Settings, *, stream: IO[str] | None = None, level: int = logging.INFO
 ) -> logging.Handler:
     """Send every log record to `stream` (stderr), formatted and redacted; return the handler."""
+    # Fields neither format prints: gathering them made every record dearer.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = _Handler(stream)
     handler.setFormatter(make_formatter(settings.log_format, stream or sys.stderr))
     handler.addFilter(RedactionFilter(Redactor(settings.secrets)))

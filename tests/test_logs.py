@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bot.db.engine import create_engine
 from bot.db.queries import get_event
@@ -57,10 +59,42 @@ def restore_logging() -> Iterator[None]:
         ("the secret is s3cr3t-v4lue!", "the secret is ***!"),
         ("JWT verification failed: token expired", "JWT verification failed: token expired"),
         ("Bearer token missing", "Bearer token missing"),
+        ("Déploiement BEARER 0123456789abcdefXYZ", "Déploiement BEARER ***"),
+        ("clé s3cr3t-v4lue", "clé ***"),
     ],
 )
 def test_redactor(text: str, expected: str) -> None:
     assert Redactor(["s3cr3t-v4lue", "s3cr3t"])(text) == expected
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(["Bearer ", "TOKEN ", "authorization: ", "eyJ", "://", "s3cr3t", "@", "é"])
+        | st.text(max_size=20),
+        max_size=8,
+    ).map("".join)
+)
+def test_the_redactors_first_look_misses_nothing(text: str) -> None:
+    redactor = Redactor(["s3cr3t"])
+    if redactor(text) != text:
+        assert redactor.anything(text)
+
+
+def test_plain_extras_pass_untouched_and_a_token_among_them_is_masked() -> None:
+    plain = _record("delivery %s", "stored", event_id=7, delivery_id="d-1", tenant="")
+    assert RedactionFilter(Redactor(["s3cr3t"])).filter(plain)
+    fields = vars(plain)
+    assert (plain.getMessage(), fields["delivery_id"], fields["event_id"]) == (
+        "delivery stored",
+        "d-1",
+        7,
+    )
+    token = "eyJhbGciOiJIUzI1NiJ9.eyJpc3MiOiJqaXJhIn0.c2ln"
+    leaky = _record("delivery %s", "stored", event_id=7, delivery_id=token, issue_key="s3cr3t")
+    assert RedactionFilter(Redactor(["s3cr3t"])).filter(leaky)
+    line = JsonFormatter().format(leaky)
+    assert token not in line and "s3cr3t" not in line and '"event_id":7' in line
 
 
 def _record(msg: str, *args: object, **extra: Any) -> logging.LogRecord:

@@ -101,7 +101,8 @@ async def test_a_batch_mixing_new_and_stored_deliveries_maps_each_answer(
         await writes.close()
     try:
         async with engine.connect() as conn:
-            rows = dict((await conn.execute(select(events.c.id, events.c.delivery_id))).all())
+            found = (await conn.execute(select(events.c.id, events.c.delivery_id))).all()
+            rows: dict[int, str] = {r.id: r.delivery_id for r in found}
     finally:
         await engine.dispose()
     assert [r.created for r in results] == [True, False, True, False, True]

@@ -2,8 +2,8 @@
 
 A drain task exists only while there is something to write: the first submitter starts it,
 and it writes everything queued meanwhile, batch after batch, until the queue is empty.
-Submitters await their own item's result shielded, so one that is cancelled (a client
-gone, a worker stopped) never cancels the write that other submitters share.
+Each submitter awaits a future of its own: one that is cancelled (a client gone, a worker
+stopped) cancels only that future, never the write that other submitters share.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class GroupCommit(Generic[T, R]):
         self._queue.append((item, done))
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain(), name="group-commit")
-        return await asyncio.shield(done)
+        return await done
 
     async def idle(self) -> None:
         """Wait until everything submitted so far has been written."""
