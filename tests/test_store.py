@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,14 @@ from sqlalchemy import event as sa_event
 from sqlalchemy import select, text
 from yarl import URL
 
-from bot.db.engine import ThreadWrites, alembic_config, create_engine, upgrade, writes_for
+from bot.db.engine import (
+    ThreadWrites,
+    Writes,
+    alembic_config,
+    create_engine,
+    upgrade,
+    writes_for,
+)
 from bot.db.models import events, rule_matches
 from bot.db.store import EventStore
 from bot.delivery import Delivery
@@ -54,57 +63,57 @@ async def test_concurrent_deliveries_share_commits(database_url: str) -> None:
     assert store.commits == commits
 
 
-async def test_the_process_writer_shares_commits_and_dedupes(database_url: str) -> None:
-    # What `serve` uses: on a SQLite file a write thread with its own connection.
+@contextlib.asynccontextmanager
+async def serve_store(database_url: str) -> AsyncIterator[tuple[EventStore, Writes]]:
+    """The event store as `serve` builds it (on a SQLite file: the write thread)."""
     engine = create_engine(database_url)
     await upgrade(engine)
     writes = writes_for(engine)
     store = EventStore(engine, writes=writes)
     await store.start()
     try:
-        ids = [f"w-{i}" for i in range(200)] + ["w-7", "w-7"]  # Jira's redeliveries
-        results = await asyncio.gather(*(store.add("", delivery(i)) for i in ids))
-        again = await store.add("", delivery("w-0"))
+        yield store, writes
     finally:
         await store.close()
         await writes.close()
+        await engine.dispose()
+
+
+async def stored_rows(database_url: str, *columns: Any) -> list[Any]:
+    engine = create_engine(database_url)
     try:
         async with engine.connect() as conn:
-            rows = (
-                await conn.execute(select(events.c.id, events.c.delivery_id, events.c.received_at))
-            ).all()
+            return list((await conn.execute(select(*columns))).all())
     finally:
         await engine.dispose()
+
+
+async def test_the_process_writer_shares_commits_and_dedupes(database_url: str) -> None:
+    async with serve_store(database_url) as (store, writes):
+        ids = [f"w-{i}" for i in range(200)] + ["w-7", "w-7"]  # Jira's redeliveries
+        results = await asyncio.gather(*(store.add("", delivery(i)) for i in ids))
+        again = await store.add("", delivery("w-0"))
+    rows = await stored_rows(database_url, events.c.id, events.c.delivery_id, events.c.received_at)
     created = {r.event_id: i for i, r in zip(ids, results, strict=True) if r.created}
     assert len(created) == 200 and not again.created
     assert created == {r.id: r.delivery_id for r in rows}  # each answer names its own row
     assert all(r.received_at.tzinfo is not None for r in rows)  # read back as UTC times
     assert 1 <= store.commits <= 21  # 202 concurrent deliveries, then one more
-    if engine.dialect.name == "sqlite":
+    if database_url.startswith("sqlite"):
         assert isinstance(writes, ThreadWrites)
 
 
 async def test_a_batch_mixing_new_and_stored_deliveries_maps_each_answer(
     database_url: str,
 ) -> None:
-    engine = create_engine(database_url)
-    await upgrade(engine)
-    writes = writes_for(engine)
-    store = EventStore(engine, writes=writes)
-    await store.start()
-    try:
+    async with serve_store(database_url) as (store, _):
         stored = [await store.add("", delivery(f"m-{i}")) for i in (1, 3)]
         batch = [f"m-{i}" for i in range(5)]  # m-1 and m-3 are redeliveries
         results = await asyncio.gather(*(store.add("", delivery(i)) for i in batch))
-    finally:
-        await store.close()
-        await writes.close()
-    try:
-        async with engine.connect() as conn:
-            found = (await conn.execute(select(events.c.id, events.c.delivery_id))).all()
-            rows: dict[int, str] = {r.id: r.delivery_id for r in found}
-    finally:
-        await engine.dispose()
+    rows = {
+        r.id: r.delivery_id
+        for r in await stored_rows(database_url, events.c.id, events.c.delivery_id)
+    }
     assert [r.created for r in results] == [True, False, True, False, True]
     assert {r.event_id: rows[r.event_id] for r in results if r.event_id} == {
         r.event_id: i for i, r in zip(batch, results, strict=True) if r.created
