@@ -151,12 +151,14 @@ _last_stamp: tuple[int, str] = (-1, "")  # (whole milliseconds, their ISO text)
 def _timestamp(record: logging.LogRecord) -> str:
     """The record's time in ISO 8601 (UTC, milliseconds); records of one millisecond share it."""
     global _last_stamp
-    millis = int(record.created * 1000)
-    if _last_stamp[0] != millis:
-        second = datetime.fromtimestamp(millis // 1000, UTC)
-        stamp = second.replace(microsecond=millis % 1000 * 1000).isoformat(timespec="milliseconds")
-        _last_stamp = (millis, stamp)
-    return _last_stamp[1]
+    millis = round(record.created * 1_000_000) // 1000  # as datetime rounds, then truncates
+    last = _last_stamp  # one read: another thread may replace it meanwhile
+    if last[0] == millis:
+        return last[1]
+    second = datetime.fromtimestamp(millis // 1000, UTC)
+    stamp = second.replace(microsecond=millis % 1000 * 1000).isoformat(timespec="milliseconds")
+    _last_stamp = (millis, stamp)
+    return stamp
 
 
 class JsonFormatter(logging.Formatter):
