@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -15,6 +16,7 @@ from yarl import URL
 
 from bot.settings import Settings
 from bot.web.app import create_app
+from tests.fakes.tcp_proxy import TcpProxy
 
 PG_URL_ENV = "DEPLOYBOT_TEST_POSTGRES_URL"
 CLIENT_SECRET = "oauth-client-secret-" + "0123456789abcdef" * 3
@@ -89,3 +91,20 @@ async def make_client(
         return client
 
     return start
+
+
+@contextlib.asynccontextmanager
+async def postgres_behind_proxy() -> AsyncIterator[tuple[str, str, TcpProxy]]:
+    """A throw-away PostgreSQL database with a TCP proxy in front that can cut connections:
+    (its URL, its URL through the proxy, the proxy). Skips where PostgreSQL is not set."""
+    base = os.environ.get(PG_URL_ENV)
+    if not base:
+        pytest.skip(f"PostgreSQL tests need {PG_URL_ENV} (set by .ci/run)")
+    async with postgres_database(base) as direct_url:
+        target = URL(direct_url)
+        proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
+        await proxy.start()
+        try:
+            yield direct_url, str(target.with_host("127.0.0.1").with_port(proxy.port)), proxy
+        finally:
+            await proxy.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +14,6 @@ import pytest
 from alembic import command
 from sqlalchemy import event as sa_event
 from sqlalchemy import select, text
-from yarl import URL
 
 from bot.db.engine import (
     ThreadWrites,
@@ -30,8 +28,7 @@ from bot.db.store import EventStore
 from bot.delivery import Delivery
 from bot.errors import StoreUnavailable
 from bot.settings import Settings
-from tests.conftest import CLIENT_SECRET, PG_URL_ENV, ClientFactory, postgres_database
-from tests.fakes.tcp_proxy import TcpProxy
+from tests.conftest import CLIENT_SECRET, ClientFactory, postgres_behind_proxy
 from tests.test_webhooks import PAYLOAD, headers, stored_count
 
 
@@ -231,31 +228,21 @@ async def test_an_old_write_failure_is_forgotten(database_url: str) -> None:
 
 
 async def test_postgres_connection_killed_mid_insert_gives_5xx(make_client: ClientFactory) -> None:
-    base = os.environ.get(PG_URL_ENV)
-    if not base:
-        pytest.skip(f"PostgreSQL tests need {PG_URL_ENV} (set by .ci/run)")
-    async with postgres_database(base) as direct_url:
-        target = URL(direct_url)
-        proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
-        await proxy.start()
-        try:
-            via_proxy = str(target.with_host("127.0.0.1").with_port(proxy.port))
-            settings = Settings(database_url=via_proxy, jira_client_secret=CLIENT_SECRET)
-            client = await make_client(settings)
-            ok = await client.post("/webhooks/jira", json=PAYLOAD, headers=headers("p-1"))
-            assert ok.status == 202
-            # The connection dies while the INSERT's parameters are on the wire (asyncpg
-            # sends a prepared statement's SQL only once, its parameters every time).
-            proxy.cut_on = b"p-2-marker"
-            resp = await client.post("/webhooks/jira", json=PAYLOAD, headers=headers("p-2-marker"))
-            assert resp.status >= 500
-            assert proxy.cuts == 1
-            checked = Settings(database_url=direct_url)
-            assert await stored_count(checked) == 1
-            # The pool recovers by itself; Jira's retry is stored once.
-            proxy.cut_on = None
-            retry = await client.post("/webhooks/jira", json=PAYLOAD, headers=headers("p-2-marker"))
-            assert retry.status == 202
-            assert await stored_count(checked) == 2
-        finally:
-            await proxy.close()
+    async with postgres_behind_proxy() as (direct_url, via_proxy, proxy):
+        settings = Settings(database_url=via_proxy, jira_client_secret=CLIENT_SECRET)
+        client = await make_client(settings)
+        ok = await client.post("/webhooks/jira", json=PAYLOAD, headers=headers("p-1"))
+        assert ok.status == 202
+        # The connection dies while the INSERT's parameters are on the wire (asyncpg
+        # sends a prepared statement's SQL only once, its parameters every time).
+        proxy.cut_on = b"p-2-marker"
+        resp = await client.post("/webhooks/jira", json=PAYLOAD, headers=headers("p-2-marker"))
+        assert resp.status >= 500
+        assert proxy.cuts == 1
+        checked = Settings(database_url=direct_url)
+        assert await stored_count(checked) == 1
+        # The pool recovers by itself; Jira's retry is stored once.
+        proxy.cut_on = None
+        retry = await client.post("/webhooks/jira", json=PAYLOAD, headers=headers("p-2-marker"))
+        assert retry.status == 202
+        assert await stored_count(checked) == 2

@@ -10,7 +10,6 @@ each, and acts on every stored event once.
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -22,12 +21,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
-from yarl import URL
 
 from bot.db.engine import create_engine
 from bot.db.models import action_runs, events
-from tests.conftest import PG_URL_ENV, postgres_database
-from tests.fakes.tcp_proxy import TcpProxy
+from tests.conftest import postgres_behind_proxy
 from tests.fakes.ubiops import FakeUbiOps, Fault
 from tests.system.harness import (
     Service,
@@ -175,14 +172,7 @@ async def test_postgres_stopped_gives_503_then_recovers_without_restart(
     """PostgreSQL "stops": a TCP proxy between the service and it cuts every connection
     and refuses new ones, then listens again. The machine's PostgreSQL server is shared
     and is never stopped."""
-    base = os.environ.get(PG_URL_ENV)
-    if not base:
-        pytest.skip(f"PostgreSQL tests need {PG_URL_ENV} (set by .ci/run)")
-    async with postgres_database(base) as direct_url:
-        target = URL(direct_url)
-        proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
-        await proxy.start()
-        via_proxy = str(target.with_host("127.0.0.1").with_port(proxy.port))
+    async with postgres_behind_proxy() as (direct_url, via_proxy, proxy):
         engine = create_engine(direct_url)
         try:
             async with running_service(tmp_path, aiohttp_server, via_proxy) as (
@@ -230,7 +220,6 @@ async def test_postgres_stopped_gives_503_then_recovers_without_restart(
                 await settle_and_check(engine, jira, service, fake)
         finally:
             await engine.dispose()
-            await proxy.close()
 
 
 def hold_creates(fake: FakeUbiOps, count: int) -> None:
