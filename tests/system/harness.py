@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bot.db.models import action_runs, events
 from tests.conftest import CLIENT_SECRET
@@ -123,14 +123,18 @@ def version_rules(tmp_path: Path) -> Path:
     return rules
 
 
+async def unprocessed_events(conn: AsyncConnection) -> int:
+    """How many stored events are not (yet) processed."""
+    found = await conn.execute(
+        select(func.count()).select_from(events).where(events.c.status != "processed")
+    )
+    return int(found.scalar_one())
+
+
 async def unsettled(engine: AsyncEngine) -> int:
     """Events not yet processed plus action runs not yet finished (succeeded or dead)."""
     async with engine.connect() as conn:
-        pending_events = (
-            await conn.execute(
-                select(func.count()).select_from(events).where(events.c.status != "processed")
-            )
-        ).scalar_one()
+        pending_events = await unprocessed_events(conn)
         pending_runs = (
             await conn.execute(
                 select(func.count())
@@ -138,7 +142,7 @@ async def unsettled(engine: AsyncEngine) -> int:
                 .where(action_runs.c.status.not_in(["succeeded", "dead"]))
             )
         ).scalar_one()
-    return int(pending_events) + int(pending_runs)
+    return pending_events + int(pending_runs)
 
 
 async def create_churn_deployment(

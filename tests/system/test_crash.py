@@ -38,6 +38,7 @@ from tests.system.harness import (
     deliver,
     serve,
     service_env,
+    unprocessed_events,
     unsettled,
     version_rules,
 )
@@ -245,11 +246,7 @@ async def test_sigkill_under_full_speed_deliveries_loses_and_repeats_nothing(
             assert code == 0, service.log.read_text()[-3000:]
         async with engine.connect() as conn:
             stored = (await conn.execute(select(events.c.delivery_id))).scalars().all()
-            not_processed = (
-                await conn.execute(
-                    select(func.count()).select_from(events).where(events.c.status != "processed")
-                )
-            ).scalar_one()
+            not_processed = await unprocessed_events(conn)
             counted = await conn.execute(
                 select(action_runs.c.status, func.count()).group_by(action_runs.c.status)
             )

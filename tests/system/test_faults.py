@@ -36,6 +36,7 @@ from tests.system.harness import (
     create_churn_deployment,
     deliver,
     service_env,
+    unprocessed_events,
 )
 from tests.test_pipeline import EXAMPLE_RULES, TOKEN, wait_for
 
@@ -150,11 +151,7 @@ def inject_genesys_faults(fake: FakeGenesys) -> None:
 async def settled(engine: AsyncEngine) -> bool:
     """Every event processed and every run final (a run after a dead step is skipped)."""
     async with engine.connect() as conn:
-        open_events = (
-            await conn.execute(
-                select(func.count()).select_from(events).where(events.c.status != "processed")
-            )
-        ).scalar_one()
+        open_events = await unprocessed_events(conn)
         open_runs = (
             await conn.execute(
                 select(func.count())

@@ -42,6 +42,7 @@ from tests.system.harness import (
     peer_pid,
     serve,
     service_env,
+    unprocessed_events,
     unsettled,
 )
 from tests.test_pipeline import TOKEN, wait_for
@@ -270,11 +271,7 @@ async def test_three_replicas_store_process_and_schedule_everything_once(
 
         async with engine.connect() as conn:
             stored = (await conn.execute(select(events.c.delivery_id))).scalars().all()
-            not_processed = (
-                await conn.execute(
-                    select(func.count()).select_from(events).where(events.c.status != "processed")
-                )
-            ).scalar_one()
+            not_processed = await unprocessed_events(conn)
             run_rows = (
                 await conn.execute(select(action_runs.c.event_id, action_runs.c.status))
             ).all()
