@@ -164,6 +164,7 @@ def profile(pid: int, duration_s: float, out: Path) -> subprocess.Popen[bytes]:
             "-o",
             str(out),
             *(["--native"] if os.environ.get("BENCH_PROFILE_NATIVE") else []),
+            "--threads",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

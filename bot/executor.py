@@ -112,6 +112,21 @@ _RECORD_OUTCOME = (
 )
 
 
+_EVENT_BODIES = select(events.c.id, events.c.body, events.c.received_at).where(
+    events.c.id.in_(bindparam("b_ids", expanding=True))
+)
+# The runs of some events, by the (event_id, ...) index. Not filtered on status in SQL:
+# SQLite would then walk the status index instead, i.e. every succeeded run ever.
+_EVENT_RUNS = select(
+    action_runs.c.event_id,
+    action_runs.c.rule_name,
+    action_runs.c.step_index,
+    action_runs.c.step_id,
+    action_runs.c.status,
+    action_runs.c.result,
+).where(action_runs.c.event_id.in_(bindparam("b_ids", expanding=True)))
+
+
 class ActionExecutor:
     """Run due action runs through an `ActionRunner` and persist every attempt."""
 
@@ -189,31 +204,13 @@ class ActionExecutor:
 
     def _contexts(self, conn: Connection, rows: list[Any]) -> dict[int, dict[str, Any]]:
         """Template contexts of claimed runs: two queries for the whole batch."""
-        event_ids = {r.event_id for r in rows}
-        bodies = {
-            e.id: e
-            for e in conn.execute(
-                select(events.c.id, events.c.body, events.c.received_at).where(
-                    events.c.id.in_(event_ids)
-                )
-            )
-        }
+        ids = {"b_ids": list({r.event_id for r in rows})}
+        bodies = {e.id: e for e in conn.execute(_EVENT_BODIES, ids)}
         # Steps of a rule run in order, so the earlier results of a due run are final.
         earlier: dict[tuple[int, str], list[Any]] = {}
-        for row in conn.execute(
-            select(
-                action_runs.c.event_id,
-                action_runs.c.rule_name,
-                action_runs.c.step_index,
-                action_runs.c.step_id,
-                action_runs.c.result,
-            ).where(
-                action_runs.c.event_id.in_(event_ids),
-                action_runs.c.status == "succeeded",
-                action_runs.c.step_id.is_not(None),
-            )
-        ):
-            earlier.setdefault((row.event_id, row.rule_name), []).append(row)
+        for row in conn.execute(_EVENT_RUNS, ids):
+            if row.status == "succeeded" and row.step_id is not None:
+                earlier.setdefault((row.event_id, row.rule_name), []).append(row)
         out: dict[int, dict[str, Any]] = {}
         for r in rows:
             event = bodies[r.event_id]
