@@ -127,6 +127,19 @@ _EVENT_RUNS = select(
 ).where(action_runs.c.event_id.in_(bindparam("b_ids", expanding=True)))
 
 
+# Outcomes' statements, built once. The first releases the runs whose lease is still ours.
+_RELEASE_OWNED = (
+    update(action_runs)
+    .where(
+        action_runs.c.id.in_(bindparam("b_ids", expanding=True)),
+        action_runs.c.lease_owner == bindparam("b_owner"),
+    )
+    .values(lease_owner=None, lease_until=None)
+    .returning(action_runs.c.id)
+)
+_INSERT_ATTEMPTS = insert(action_attempts)
+
+
 class ActionExecutor:
     """Run due action runs through an `ActionRunner` and persist every attempt."""
 
@@ -367,24 +380,13 @@ class ActionExecutor:
         takes its write lock at once, and it returns the runs whose lease is still ours.
         """
         now = self._clock()
-        owned = set(
-            (
-                conn.execute(
-                    update(action_runs)
-                    .where(
-                        action_runs.c.id.in_([item.run.id for item in batch]),
-                        action_runs.c.lease_owner == self.owner,
-                    )
-                    .values(lease_owner=None, lease_until=None)
-                    .returning(action_runs.c.id)
-                )
-            ).scalars()
-        )
+        ids = [item.run.id for item in batch]
+        owned = set(conn.execute(_RELEASE_OWNED, {"b_ids": ids, "b_owner": self.owner}).scalars())
         mine = [item for item in batch if item.run.id in owned]
         if mine:
             conn.execute(_RECORD_OUTCOME, [{"b_id": item.run.id, **item.values} for item in mine])
             conn.execute(
-                insert(action_attempts),
+                _INSERT_ATTEMPTS,
                 [
                     {
                         "action_run_id": item.run.id,

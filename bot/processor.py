@@ -43,6 +43,28 @@ BUSY_PAUSE_S = 0.02
 BUSY_BATCH = 10
 
 
+# A batch's statements, built once (building one costs more than running it).
+_FINISH = (
+    update(events)
+    .where(
+        events.c.id.in_(bindparam("b_ids", expanding=True)),
+        events.c.lease_owner == bindparam("b_owner"),
+    )
+    .values(
+        status=bindparam("b_status"),
+        processed_at=bindparam("b_now", type_=UTCDateTime()),
+        lease_owner=None,
+        lease_until=None,
+        error=bindparam("b_error"),
+        ruleset_version=bindparam("b_version"),
+        rule_misses=None,
+    )
+    .returning(events.c.id)
+)
+_CLEAR_MATCHES = delete(rule_matches).where(
+    rule_matches.c.event_id.in_(bindparam("b_ids", expanding=True))
+)
+_INSERT_MATCHES = insert(rule_matches)
 _SET_MISSES = (
     update(events)
     .where(events.c.id == bindparam("b_id"))
@@ -251,24 +273,21 @@ class EventProcessor:
         stored: set[int] = set()
         for failure, ids in by_failure.items():
             marked = conn.execute(
-                update(events)
-                .where(events.c.id.in_(ids), events.c.lease_owner == self.owner)
-                .values(
-                    status="failed" if failure else "processed",
-                    processed_at=now,
-                    lease_owner=None,
-                    lease_until=None,
-                    error=failure,
-                    ruleset_version=ruleset.version,
-                    rule_misses=None,
-                )
-                .returning(events.c.id)
+                _FINISH,
+                {
+                    "b_ids": ids,
+                    "b_owner": self.owner,
+                    "b_status": "failed" if failure else "processed",
+                    "b_now": now,
+                    "b_error": failure,
+                    "b_version": ruleset.version,
+                },
             )
             # An event another worker took over is not ours to finish: its outcome stands.
             stored.update(marked.scalars())
         if not stored:
             return stored, 0
-        conn.execute(delete(rule_matches).where(rule_matches.c.event_id.in_(stored)))
+        conn.execute(_CLEAR_MATCHES, {"b_ids": list(stored)})
         ours = [(event_id, ev) for event_id, ev, _ in outcomes if event_id in stored]
         match_rows = [
             {
@@ -282,7 +301,7 @@ class EventProcessor:
             for rule in ev.matched
         ]
         if match_rows:
-            conn.execute(insert(rule_matches), match_rows)
+            conn.execute(_INSERT_MATCHES, match_rows)
         # Misses are most of a large rule set: one JSON value per event, not a row per rule.
         miss_rows = [
             {

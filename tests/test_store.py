@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 from alembic import command
+from sqlalchemy import bindparam, select, text
 from sqlalchemy import event as sa_event
-from sqlalchemy import select, text
 
 from bot.db.engine import (
     ThreadWrites,
@@ -246,3 +246,20 @@ async def test_postgres_connection_killed_mid_insert_gives_5xx(make_client: Clie
         retry = await client.post("/webhooks/jira", json=PAYLOAD, headers=headers("p-2-marker"))
         assert retry.status == 202
         assert await stored_count(checked) == 2
+
+
+async def test_json_columns_keep_values_orjson_cannot_write(database_url: str) -> None:
+    """JSON columns are written with orjson, and with the standard library where orjson
+    refuses (integers beyond 64 bits, non-string keys): every value still saves, exactly."""
+    value = {"big": 2**70, "text": "déploiement", "nested": [1.5, None, {"ok": True}]}
+    async with serve_store(database_url) as (store, writes):
+        stored = await store.add("", delivery("json-1"))
+        set_misses = (
+            events.update()
+            .where(events.c.id == stored.event_id)
+            .values(rule_misses=bindparam("v", type_=events.c.rule_misses.type))
+        )
+        for misses, expected in ((value, value), ({1: "one"}, {"1": "one"})):
+            await writes.run(lambda conn, v: conn.execute(set_misses, {"v": v}), misses)
+            [(read,)] = await stored_rows(database_url, events.c.rule_misses)
+            assert read == expected

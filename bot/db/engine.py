@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -11,6 +12,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+import orjson
 import sqlalchemy
 from alembic import command
 from alembic.config import Config
@@ -53,6 +55,20 @@ def _patch_aiosqlite() -> None:
         aiosqlite.Connection.stop = _stop_once(aiosqlite.Connection.stop)  # type: ignore[method-assign,assignment]
 
 
+def json_dumps(value: Any) -> str:
+    """JSON columns' text: orjson, or the standard library for what orjson refuses
+    (integers beyond 64 bits, non-string keys), so that no value fails to be saved."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # orjson.JSONEncodeError
+        return json.dumps(value)
+
+
+# Every engine writes JSON columns the same way, and fast. (Read with the standard library:
+# orjson reads integers beyond 64 bits as floats.)
+_JSON = {"json_serializer": json_dumps}
+
+
 def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
     """Create the async engine; SQLite gets WAL, full fsync on commit and foreign keys."""
     if url.startswith("sqlite"):
@@ -60,6 +76,7 @@ def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
         engine = create_async_engine(
             url,
             connect_args={"timeout": 30},
+            **_JSON,
             # One shared connection per process for a file: SQLite has a single writer
             # anyway, and two connections of one process contending for its lock meet
             # SQLite's busy handler, which sleeps whole milliseconds (p99 tails); queueing
@@ -76,7 +93,9 @@ def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
         if database and ":memory:" not in url:
             _watch_file(engine, Path(database))
         return engine
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    return create_async_engine(
+        url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, **_JSON
+    )
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -174,6 +193,7 @@ class ThreadWrites(Writes):
             pool_size=1,
             max_overflow=0,
             connect_args={"timeout": 30, "check_same_thread": False},
+            **_JSON,
         )
         event.listen(self.sync_engine, "connect", _sqlite_pragmas)
         self._path = Path(url.database or "").absolute()
