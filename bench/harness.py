@@ -165,6 +165,7 @@ def profile(pid: int, duration_s: float, out: Path) -> subprocess.Popen[bytes]:
             str(out),
             *(["--native"] if os.environ.get("BENCH_PROFILE_NATIVE") else []),
             "--threads",
+            *(["--gil"] if os.environ.get("BENCH_PROFILE_GIL") else []),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

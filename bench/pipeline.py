@@ -154,6 +154,31 @@ async def backlog(database_url: str) -> tuple[int, int, int]:
     return int(open_events), sum(by_status.values()), succeeded
 
 
+async def print_timeline(database_url: str, started: float) -> None:
+    """Every second: events stored, still open, action runs open and succeeded."""
+    engine = create_engine(database_url)
+    query = select(
+        select(func.count()).select_from(events).scalar_subquery(),
+        select(func.count())
+        .where(events.c.status.in_(("received", "processing")))
+        .scalar_subquery(),
+        select(func.count()).where(action_runs.c.status != "succeeded").scalar_subquery(),
+        select(func.count()).where(action_runs.c.status == "succeeded").scalar_subquery(),
+    )
+    try:
+        while True:
+            await asyncio.sleep(1)
+            async with engine.connect() as conn:
+                stored, open_events, open_runs, done = (await conn.execute(query)).one()
+            print(
+                f"  {time.monotonic() - started:5.1f} s: events {stored} stored,"
+                f" {open_events} open; action runs {open_runs} open, {done} succeeded",
+                flush=True,
+            )
+    finally:
+        await engine.dispose()
+
+
 async def run(args: argparse.Namespace, workdir: Path, database_url: str) -> int:
     fake, ubiops_url = await start_fake_ubiops(workdir)
     try:
@@ -194,6 +219,9 @@ async def _run(args: argparse.Namespace, workdir: Path, database_url: str, ubiop
         _, _, succeeded_before = await backlog(database_url)  # migrated by now
         started = time.monotonic()
         urls = [f"http://127.0.0.1:{port}/webhooks/jira" for port in ports]
+        timeline = (
+            asyncio.create_task(print_timeline(database_url, started)) if args.timeline else None
+        )
         accepted = await send(urls, args.duration, args.connections, args.events)
         sent_s = time.monotonic() - started
         deadline = time.monotonic() + args.drain_timeout
@@ -210,6 +238,8 @@ async def _run(args: argparse.Namespace, workdir: Path, database_url: str, ubiop
                 )
             await asyncio.sleep(0.05)
         drained_s = time.monotonic() - started
+        if timeline is not None:
+            timeline.cancel()
         busy_s = sum(cpu_seconds(p.pid) for p in procs)
         for spy in spies:
             await asyncio.to_thread(spy.wait)
@@ -243,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=64, help="DEPLOYBOT_WORKERS: concurrent action runs"
     )
     parser.add_argument("--events", type=int, help="send at most this many deliveries")
+    parser.add_argument("--timeline", action="store_true", help="print the backlog every second")
     parser.add_argument("--drain-timeout", type=float, default=120.0, help="seconds")
     parser.add_argument(
         "--profile", type=Path, help="folder for py-spy profiles (collapsed stacks) of deploybot"
