@@ -256,7 +256,9 @@ async def _run(args: argparse.Namespace, workdir: Path, database_url: str, ubiop
     sender_s = resource.getrusage(resource.RUSAGE_SELF)
     print(
         f"CPU seconds: deploybot {busy_s:.1f}, sender {sender_s.ru_utime + sender_s.ru_stime:.1f}"
-        f" ({os.cpu_count()} cores x {drained_s:.1f} s = {(os.cpu_count() or 1) * drained_s:.0f})"
+        f" ({os.cpu_count()} cores x {drained_s:.1f} s = {(os.cpu_count() or 1) * drained_s:.0f});"
+        # Steadier than events/s on a shared host: what one event costs deploybot.
+        f" deploybot CPU per event {1000 * busy_s / max(accepted, 1):.2f} ms"
     )
     if creates != accepted or succeeded - succeeded_before != accepted:
         raise SystemExit(f"FAILED: {creates} UbiOps calls, {succeeded} runs for {accepted} events")
