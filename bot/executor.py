@@ -61,6 +61,7 @@ class _Run:
     attempts: int
     resumed: bool  # claimed back from a worker whose lease ran out: outcome unknown
     context: dict[str, Any]  # template context: payload, `event`, earlier steps' results
+    tenant: str  # the event's Jira tenant: whose Jira `jira.*` actions call
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +113,7 @@ _RECORD_OUTCOME = (
 )
 
 
-_EVENT_BODIES = select(events.c.id, events.c.body, events.c.received_at).where(
+_EVENT_BODIES = select(events.c.id, events.c.tenant, events.c.body, events.c.received_at).where(
     events.c.id.in_(bindparam("b_ids", expanding=True))
 )
 # The runs of some events, by the (event_id, ...) index. Not filtered on status in SQL:
@@ -191,11 +192,11 @@ class ActionExecutor:
             )
         times = {"b_now": now, "b_lease_until": now + timedelta(seconds=self._lease_s)}
 
-        def claim(conn: Connection) -> tuple[list[Any], dict[int, dict[str, Any]]]:
+        def claim(conn: Connection) -> tuple[list[Any], dict[int, tuple[str, dict[str, Any]]]]:
             rows = sorted(conn.execute(stmt, times).all(), key=lambda r: r.id)
             return rows, self._contexts(conn, rows) if rows else {}
 
-        rows, contexts = await self._writes.run_relaxed(claim)
+        rows, sources = await self._writes.run_relaxed(claim)
         # Any second or later attempt may follow one whose outcome is unknown (a timeout,
         # a worker killed mid-call): it runs with `lookup_first`, so creates look first.
         return [
@@ -210,13 +211,14 @@ class ActionExecutor:
                 state=r.state,
                 attempts=r.attempts,
                 resumed=r.attempts > 1,
-                context=contexts[r.id],
+                tenant=sources[r.id][0],
+                context=sources[r.id][1],
             )
             for r in rows
         ]
 
-    def _contexts(self, conn: Connection, rows: list[Any]) -> dict[int, dict[str, Any]]:
-        """Template contexts of claimed runs: two queries for the whole batch."""
+    def _contexts(self, conn: Connection, rows: list[Any]) -> dict[int, tuple[str, dict[str, Any]]]:
+        """Claimed runs' event tenants and template contexts: two queries for the batch."""
         ids = {"b_ids": list({r.event_id for r in rows})}
         bodies = {e.id: e for e in conn.execute(_EVENT_BODIES, ids)}
         # Steps of a rule run in order, so the earlier results of a due run are final.
@@ -224,7 +226,7 @@ class ActionExecutor:
         for row in conn.execute(_EVENT_RUNS, ids):
             if row.status == "succeeded" and row.step_id is not None:
                 earlier.setdefault((row.event_id, row.rule_name), []).append(row)
-        out: dict[int, dict[str, Any]] = {}
+        out: dict[int, tuple[str, dict[str, Any]]] = {}
         for r in rows:
             event = bodies[r.event_id]
             steps = {
@@ -232,11 +234,14 @@ class ActionExecutor:
                 for e in earlier.get((r.event_id, r.rule_name), [])
                 if e.step_index < r.step_index
             }
-            out[r.id] = build_context(
-                orjson.loads(event.body),
-                event_id=str(r.event_id),
-                received_at=event.received_at.isoformat(),
-                steps=steps,
+            out[r.id] = (
+                event.tenant,
+                build_context(
+                    orjson.loads(event.body),
+                    event_id=str(r.event_id),
+                    received_at=event.received_at.isoformat(),
+                    steps=steps,
+                ),
             )
         return out
 
@@ -258,7 +263,7 @@ class ActionExecutor:
         try:
             params = render_params(self._step(run), run.context)
             outcome = await self._runner.run(
-                run.action, params, state=run.state, lookup_first=run.resumed
+                run.action, params, state=run.state, lookup_first=run.resumed, tenant=run.tenant
             )
         except TemplateRenderError as exc:
             return await self._failed(run, started, str(exc), None, retryable=False)

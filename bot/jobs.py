@@ -30,7 +30,7 @@ from bot.db.registrations import (
     kv_set,
 )
 from bot.db.store import EventStore
-from bot.db.tenants import Tenants
+from bot.db.tenants import Tenant, Tenants
 from bot.delivery import parse_delivery
 from bot.due import failed_after_ms, prune_before, refresh_due
 from bot.errors import ActionError, PayloadError, RuleError
@@ -98,15 +98,17 @@ class JiraAccess:
     def _client(self, base_url: str, auth: ConnectAuth | OAuthTokens) -> JiraClient:
         return JiraClient(self.session, base_url, auth, policy=self.policy, clock=self.clock)
 
+    def connect_client(self, tenant: Tenant) -> JiraClient:
+        """The client of one Connect tenant: requests signed with its shared secret."""
+        auth = ConnectAuth(self.settings.jira_app_key, tenant.shared_secret)
+        return self._client(tenant.base_url, auth)
+
     async def targets(self) -> list[Target]:
         """Return every Jira to manage: enabled Connect tenants, or the configured OAuth app."""
         s = self.settings
         if s.jira_auth_mode == "connect":
             return [
-                Target(
-                    t.client_key,
-                    self._client(t.base_url, ConnectAuth(s.jira_app_key, t.shared_secret)),
-                )
+                Target(t.client_key, self.connect_client(t))
                 for t in await Tenants(self.engine).all_enabled()
             ]
         if not (s.jira_base_url and s.jira_client_id and s.jira_client_secret):
@@ -141,6 +143,28 @@ class JiraAccess:
             if token and seed == _seed(configured or ""):
                 return token
         return configured
+
+
+class JiraActionClients:
+    """The clients `jira.*` actions use: the Jira of the event's tenant.
+
+    Connect mode only: each installed, enabled tenant is its own site, reached with
+    requests signed by its shared secret. In OAuth mode the app's refresh token rotates on
+    every grant and the scheduler's jobs own it; a second holder in every worker would
+    spend it under their feet, so `jira.*` actions are not offered there.
+    """
+
+    def __init__(self, access: JiraAccess) -> None:
+        self._access = access
+        self._tenants = Tenants(access.engine)  # its lookups are cached
+
+    async def client(self, tenant: str) -> JiraClient | None:
+        if self._access.settings.jira_auth_mode != "connect":
+            return None
+        found = await self._tenants.get(tenant)
+        if found is None or not found.enabled:
+            return None
+        return self._access.connect_client(found)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.db.engine import create_engine, upgrade
 from bot.db.models import action_runs, events
+from bot.db.queries import get_event
 from bot.db.registrations import (
     OAUTH_REFRESH_TOKEN_KEY,
     Registrations,
@@ -25,11 +26,15 @@ from bot.db.registrations import (
 from bot.db.store import EventStore
 from bot.db.tenants import Tenants
 from bot.delivery import parse_delivery
-from bot.jobs import JiraAccess, WebhookMaintenance, poll_all_failed, prune
-from bot.rules import Rule, RuleSet
+from bot.errors import ServiceDisabled
+from bot.executor import ActionExecutor
+from bot.jobs import JiraAccess, JiraActionClients, WebhookMaintenance, poll_all_failed, prune
+from bot.processor import EventProcessor
+from bot.rules import Rule, RuleSet, load_rules
+from bot.services.actions import ActionRunner
 from bot.services.http import RetryPolicy
 from bot.settings import Settings
-from tests.fakes.jira import FakeJira, issue_updated_payload
+from tests.fakes.jira import FakeJira, FakeWebhook, issue_updated_payload
 
 QUICK = RetryPolicy(max_attempts=2, base_delay_s=0.0, max_delay_s=0.0, timeout_s=5.0)
 PUBLIC_URL = "https://deploybot.example.com"
@@ -315,3 +320,63 @@ async def test_a_new_configured_refresh_token_wins_over_one_rotated_from_the_old
     assert await access.refresh_token() == world.fake.refresh_token  # the rotated one
     reconsented = replace(world.settings, jira_refresh_token="new-consent")
     assert await replace(access, settings=reconsented).refresh_token() == "new-consent"
+
+
+JIRA_RULE = """
+rules:
+  - name: list-webhooks
+    on:
+      events: [jira:issue_updated]
+    do:
+      - action: jira.get_dynamic_webhooks_for_app
+        with: {max_results: 50}
+"""
+
+
+async def test_a_jira_action_calls_the_jira_of_its_events_tenant(
+    world: World, tmp_path: Path
+) -> None:
+    fake = world.fake
+    fake.webhooks[7] = FakeWebhook(7, ["jira:issue_updated"], "project = OPS", None, "u", 1e12)
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    (rules_dir / "hooks.yaml").write_text(JIRA_RULE)
+    ruleset = load_rules(rules_dir)
+    store = await start_store(world.engine)
+    body = json.dumps(issue_updated_payload()).encode()
+    headers = {"Content-Type": "application/json"}
+    try:
+        stored = await store.add(tenant_of(world), parse_delivery(headers, body, delivery_id="d-1"))
+    finally:
+        await store.close()
+    assert stored.event_id is not None
+    assert await EventProcessor(world.engine, lambda: ruleset).run_once() == 1
+    runner = ActionRunner({}, per_tenant={"jira": JiraActionClients(world.access())})
+    assert await ActionExecutor(world.engine, runner, rules_dir=rules_dir).run_once() == 1
+
+    shown = await get_event(world.engine, stored.event_id)
+    assert shown is not None
+    [run] = shown["action_runs"]
+    if fake.mode == "connect":
+        # Signed with the tenant's secret (the fake checks the JWT and its qsh).
+        assert run["status"] == "succeeded", run["last_error"]
+        assert [h["id"] for h in run["result"]["values"]] == [7]
+        [call] = fake.api_requests()
+        assert call.auth_error is None and ("maxResults", "50") in call.query
+    else:  # the scheduler owns the rotating OAuth refresh token: no second holder
+        assert run["status"] == "dead"
+        assert "not a Connect installation" in run["last_error"]
+        assert fake.api_requests() == []
+
+
+async def test_a_jira_action_of_an_unknown_or_disabled_tenant_is_refused(connect: World) -> None:
+    def runner() -> ActionRunner:  # a new tenant cache each time
+        return ActionRunner({}, per_tenant={"jira": JiraActionClients(connect.access())})
+
+    action = "jira.get_dynamic_webhooks_for_app"
+    with pytest.raises(ServiceDisabled, match="'someone-else'"):
+        await runner().run(action, {}, tenant="someone-else")
+    await Tenants(connect.engine).disable(connect.fake.client_key)
+    with pytest.raises(ServiceDisabled, match="disabled"):
+        await runner().run(action, {}, tenant=connect.fake.client_key)
+    assert connect.fake.api_requests() == []

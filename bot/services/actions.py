@@ -56,6 +56,15 @@ class ServiceClient(Protocol):
         ...
 
 
+class TenantClients(Protocol):
+    """A service reached as the event's Jira tenant: each Connect site is its own client."""
+
+    async def client(self, tenant: str) -> ServiceClient | None:
+        """The tenant's client, or None when the tenant cannot be reached (unknown,
+        disabled, or not a Connect installation)."""
+        ...
+
+
 ActionFn = Callable[[ServiceClient, Mapping[str, Any], dict[str, Any] | None], Awaitable[Outcome]]
 
 
@@ -106,8 +115,10 @@ class ActionRunner:
         clients: Mapping[str, ServiceClient | None],
         *,
         files_dir: str | Path | None = None,
+        per_tenant: Mapping[str, TenantClients] | None = None,
     ) -> None:
         self._clients = dict(clients)
+        self._per_tenant = dict(per_tenant or {})
         self._files_dir = Path(files_dir) if files_dir is not None else None
 
     async def run(
@@ -117,14 +128,26 @@ class ActionRunner:
         *,
         state: dict[str, Any] | None = None,
         lookup_first: bool = False,
+        tenant: str = "",
     ) -> Outcome:
-        """Run (or resume, with `state`) one action; raise ActionError when it fails."""
+        """Run (or resume, with `state`) one action; raise ActionError when it fails.
+
+        `tenant` is the Jira tenant of the event the action reacts to: a `jira.*` action
+        calls that tenant's Jira.
+        """
         service = action_name.partition(".")[0]
         action = high_level_actions().get(action_name)
         op = None if action is not None else registry().get(action_name)
         if action is None and op is None:
             raise ActionError(f"unknown action {action_name}")
         client = self._clients.get(service)
+        if client is None and service in self._per_tenant:
+            client = await self._per_tenant[service].client(tenant)
+            if client is None:
+                raise ServiceDisabled(
+                    f"{action_name}: no {service} client for tenant {tenant!r} (not"
+                    " installed, disabled, or not a Connect installation)"
+                )
         if client is None:
             raise ServiceDisabled(f"{action_name}: service {service} is not configured")
         if action is not None:

@@ -24,6 +24,7 @@ from bot.errors import (
     VerificationError,
 )
 from bot.executor import ActionExecutor, RetryBudget
+from bot.jobs import JiraAccess, JiraActionClients
 from bot.processor import EventProcessor
 from bot.rules import RuleWatcher
 from bot.scheduler import scheduler_ctx
@@ -161,13 +162,25 @@ def service_clients(
     return {"ubiops": ubiops, "genesys": genesys}
 
 
+def jira_action_clients(app: web.Application) -> JiraActionClients:
+    """`jira.*` actions call the Jira of their event's tenant (Connect installations)."""
+    access = JiraAccess(
+        app[SETTINGS], app[ENGINE], app[HTTP], clock=app[CLOCK], policy=http_policy(app[SETTINGS])
+    )
+    return JiraActionClients(access)
+
+
 async def _workers(app: web.Application) -> AsyncIterator[None]:
     """Rule reloads, event processing and action execution, as background tasks."""
     settings = app[SETTINGS]
     watcher = await asyncio.to_thread(RuleWatcher, settings.rules_dir)
     executor = ActionExecutor(
         app[ENGINE],
-        ActionRunner(service_clients(settings, app[HTTP]), files_dir=settings.rules_dir),
+        ActionRunner(
+            service_clients(settings, app[HTTP]),
+            files_dir=settings.rules_dir,
+            per_tenant={"jira": jira_action_clients(app)},
+        ),
         rules_dir=settings.rules_dir,
         lease_s=settings.action_lease_s,
         budget=RetryBudget(
