@@ -28,7 +28,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.db.engine import Writes, save_until_done
 from bot.db.models import UTCDateTime, action_runs, events, rule_matches, utcnow
-from bot.rules import Evaluation, RuleSet, evaluate
+from bot.db.registrations import WebhookFilters
+from bot.rules import Evaluation, RuleSet, evaluate, matched_webhook_ids
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class Claimed:
     id: int
     body: bytes
     attempts: int
+    tenant: str = ""
 
 
 async def wait_until_set(event: asyncio.Event, timeout_s: float) -> None:
@@ -165,6 +167,7 @@ class EventProcessor:
     ) -> None:
         self._engine = engine
         self._writes = writes or Writes(engine)
+        self._filters = WebhookFilters(engine)  # which rule JQL Jira matched
         self._ingest_busy = ingest_busy
         self._rules = rules
         self._lease_s = lease_s
@@ -201,11 +204,13 @@ class EventProcessor:
                 lease_until=bindparam("b_lease_until", type_=UTCDateTime()),
                 limit=limit,
                 values={"status": "processing"},
-                returning=(events.c.id, events.c.body, events.c.attempts),
+                returning=(events.c.id, events.c.body, events.c.attempts, events.c.tenant),
             )
         times = {"b_now": now, "b_lease_until": now + timedelta(seconds=self._lease_s)}
         rows = await self._writes.run_relaxed(lambda conn: conn.execute(stmt, times).all())
-        return sorted((Claimed(r.id, r.body, r.attempts) for r in rows), key=lambda c: c.id)
+        return sorted(
+            (Claimed(r.id, r.body, r.attempts, r.tenant) for r in rows), key=lambda c: c.id
+        )
 
     async def process(self, claimed: Claimed) -> bool:
         """Evaluate one claimed event and store the outcome; False if the lease was lost."""
@@ -227,8 +232,12 @@ class EventProcessor:
                 slice_end = time.perf_counter() + SLICE_S
             try:
                 payload = orjson.loads(item.body)
-                evaluation = evaluate(ruleset, payload)
+                ids = matched_webhook_ids(payload)
+                jql = await self._filters.matched_jql(item.tenant, ids) if ids else None
+                evaluation = evaluate(ruleset, payload, jql)
                 failure = None
+            except (SQLAlchemyError, OSError):
+                raise  # reading the registrations failed: processing pauses, no event fails
             except Exception as exc:  # a payload the engine cannot read fails this event only
                 log.exception("event %s could not be evaluated", item.id)
                 evaluation, failure = Evaluation(matched=[], missed=[]), f"evaluation failed: {exc}"

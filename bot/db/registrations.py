@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -132,3 +133,46 @@ async def kv_set(engine: AsyncEngine, key: str, value: str) -> None:
     )
     async with engine.begin() as conn:
         await conn.execute(stmt)
+
+
+class WebhookFilters:
+    """The JQL of each registered webhook, by tenant and id, read from the table and kept.
+
+    Read again when older than `max_age_s`, or, at most every `unknown_s`, when a delivery
+    names a webhook id not seen yet (a webhook registered since the last read).
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        max_age_s: float = 60.0,
+        unknown_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._registrations = Registrations(engine)
+        self._max_age_s = max_age_s
+        self._unknown_s = unknown_s
+        self._clock = clock
+        self._jql: dict[tuple[str, int], str] = {}
+        self._read_at: float | None = None
+
+    def _stale(self, tenant: str, ids: Iterable[int]) -> bool:
+        if self._read_at is None:
+            return True
+        age = self._clock() - self._read_at
+        unknown = any((tenant, i) not in self._jql for i in ids)
+        return age > self._max_age_s or (unknown and age > self._unknown_s)
+
+    async def matched_jql(self, tenant: str, ids: list[int]) -> frozenset[str] | None:
+        """The (normalized) JQL of the webhooks Jira matched; None when it names none we
+        know (JQL then cannot be checked)."""
+        if not ids:
+            return None
+        if self._stale(tenant, ids):
+            self._jql = {
+                (r.tenant, r.webhook_id): r.spec.jql for r in await self._registrations.list()
+            }
+            self._read_at = self._clock()
+        found = frozenset(self._jql[(tenant, i)] for i in ids if (tenant, i) in self._jql)
+        return found or None

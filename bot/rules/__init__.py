@@ -2,7 +2,7 @@
 
 from bot.rules.conditions import Condition
 from bot.rules.dryrun import DryRunResult, dry_run, format_dry_run, plan_dry_run
-from bot.rules.engine import evaluate
+from bot.rules.engine import evaluate, matched_webhook_ids
 from bot.rules.jql import check_jql
 from bot.rules.loader import check_rules, load_rules
 from bot.rules.model import Evaluation, Miss, Rule, RuleSet, Step
@@ -25,6 +25,7 @@ __all__ = [
     "evaluate",
     "format_dry_run",
     "load_rules",
+    "matched_webhook_ids",
     "plan_dry_run",
     "render_params",
 ]

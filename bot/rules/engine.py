@@ -7,16 +7,39 @@ from typing import Any
 
 from bot.rules.conditions import first_failure
 from bot.rules.model import Evaluation, Miss, Rule, RuleSet
+from bot.webhook_plan import normalize_jql
 
 
-def evaluate(ruleset: RuleSet, payload: Mapping[str, Any]) -> Evaluation:
-    """Return the rules of the payload's `webhookEvent` that match, and why the others miss."""
+def matched_webhook_ids(payload: Mapping[str, Any]) -> list[int]:
+    """The ids of the app's webhooks whose filter Jira matched for this delivery."""
+    ids = payload.get("matchedWebhookIds")
+    if not isinstance(ids, list):
+        return []
+    return [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+
+
+def evaluate(
+    ruleset: RuleSet, payload: Mapping[str, Any], matched_jql: frozenset[str] | None = None
+) -> Evaluation:
+    """Return the rules of the payload's `webhookEvent` that match, and why the others miss.
+
+    Jira evaluates a rule's `on.jql`, not us: it sends one delivery for all of the app's
+    webhooks whose filter the issue passed, and names them (`matchedWebhookIds`).
+    `matched_jql` holds those webhooks' JQL (whitespace-normalized); a rule with a JQL
+    not among them misses. None: which webhooks matched is unknown (none of the ids is a
+    registration we know of, or the payload names none), and JQL is not checked.
+    """
     event = payload.get("webhookEvent")
     matched: list[Rule] = []
     missed: list[Miss] = []
     # Only the index entry for this event is read: cost follows that event's rules only.
     for rule in ruleset.for_event(event) if isinstance(event, str) else ():
-        reason = "rule is disabled" if not rule.enabled else first_failure(rule.conditions, payload)
+        if not rule.enabled:
+            reason: str | None = "rule is disabled"
+        elif matched_jql is not None and rule.jql and normalize_jql(rule.jql) not in matched_jql:
+            reason = f"jql: Jira did not match `{rule.jql}` for this issue"
+        else:
+            reason = first_failure(rule.conditions, payload)
         if reason is None:
             matched.append(rule)
         else:
