@@ -172,6 +172,16 @@ def profile(pid: int, duration_s: float, out: Path) -> subprocess.Popen[bytes]:
     )
 
 
+def cpu_seconds(pid: int, *, thread: int | None = None) -> float:
+    """CPU time (user + system) a live process, or one of its threads, has used so far."""
+    path = f"/proc/{pid}/task/{thread}/stat" if thread is not None else f"/proc/{pid}/stat"
+    try:
+        fields = Path(path).read_text().rpartition(")")[2].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def log_tail(workdir: Path, lines: int = 20) -> str:
     """Return the end of every server log in `workdir` (for a failed run's report)."""
     out = []

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -93,6 +93,9 @@ class Load:
     p99_us: int
     non2xx: int
     socket_errors: int
+    # The servers' CPU seconds during the run: the event loop's thread, and all threads.
+    loop_cpu_s: float = float("nan")
+    cpu_s: float = float("nan")
 
     @property
     def rps(self) -> float:
@@ -157,10 +160,19 @@ def combined(loads: list[Load]) -> Load:
     )
 
 
-def drive(ports: list[int], args: argparse.Namespace, workdir: Path) -> Load:
-    """Split the connections over the servers, one wrk per server, run at once."""
+def drive(ports: list[int], args: argparse.Namespace, workdir: Path, pids: list[int]) -> Load:
+    """Split the connections over the servers, one wrk per server, run at once; count
+    the servers' CPU time meanwhile (steadier than req/s on a shared host)."""
     share = max(args.connections // len(ports), 1)
-    return combined(asyncio.run(_drive_all(ports, args, workdir, share)))
+
+    def cpu() -> tuple[float, float]:
+        loop = sum(harness.cpu_seconds(pid, thread=pid) for pid in pids)
+        return loop, sum(harness.cpu_seconds(pid) for pid in pids)
+
+    loop_before, all_before = cpu()
+    load = combined(asyncio.run(_drive_all(ports, args, workdir, share)))
+    loop_after, all_after = cpu()
+    return replace(load, loop_cpu_s=loop_after - loop_before, cpu_s=all_after - all_before)
 
 
 async def _drive_all(
@@ -225,6 +237,11 @@ def report(name: str, load: Load) -> None:
         f"p99 {load.p99_us / 1000:6.2f} ms   202s {load.accepted}   "
         f"non-2xx {load.non2xx}   socket errors {load.socket_errors}"
     )
+    per_request_us = 1e6 / max(load.requests, 1)
+    print(
+        f"{'':<28} CPU per request: event loop {load.loop_cpu_s * per_request_us:.0f} us,"
+        f" process {load.cpu_s * per_request_us:.0f} us"
+    )
 
 
 def bench_deploybot(
@@ -243,7 +260,7 @@ def bench_deploybot(
             for i, proc in enumerate(procs)
             if args.profile
         ]
-        load = drive(ports, args, workdir)
+        load = drive(ports, args, workdir, [proc.pid for proc in procs])
         for spy in spies:
             spy.wait()
     report(name, load)
@@ -294,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
                 workdir,
                 f"http://127.0.0.1:{port}/readyz",
                 workdir / "bare.log",
-            ):
-                bare = drive([port], args, workdir)
+            ) as bare_proc:
+                bare = drive([port], args, workdir, [bare_proc.pid])
             report("bare aiohttp", bare)
             results = [
                 bench_deploybot("deploybot (10 rules)", 10, args, workdir, database_url),

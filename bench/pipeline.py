@@ -79,15 +79,6 @@ async def start_fake_ubiops(workdir: Path) -> tuple[subprocess.Popen[bytes], str
     return proc, base_url
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) a live process has used so far (Linux /proc)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def versions_created(base_url: str) -> int:
     """Count the versions the fake holds: one per UbiOps create that succeeded."""
     async with (
@@ -240,7 +231,7 @@ async def _run(args: argparse.Namespace, workdir: Path, database_url: str, ubiop
         drained_s = time.monotonic() - started
         if timeline is not None:
             timeline.cancel()
-        busy_s = sum(cpu_seconds(p.pid) for p in procs)
+        busy_s = sum(harness.cpu_seconds(p.pid) for p in procs)
         for spy in spies:
             await asyncio.to_thread(spy.wait)
         await asyncio.to_thread(stack.close)
