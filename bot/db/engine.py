@@ -218,9 +218,10 @@ class ThreadWrites(Writes):
         )
 
     async def run_sqlite(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn(connection)` in one durable transaction on a plain sqlite3 connection."""
+        """Run `fn(connection)` on a plain sqlite3 connection in autocommit mode: each of
+        its statements is a durable transaction of its own (synchronous=FULL)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, self._plain_transaction, fn)
+        return await loop.run_in_executor(self._thread, self._plain_autocommit, fn)
 
     def _transaction(
         self,
@@ -259,16 +260,13 @@ class ThreadWrites(Writes):
         self._plain = (conn, identity)
         return conn
 
-    def _plain_transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def _plain_autocommit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._plain_connection()
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            result = fn(conn)
-            conn.execute("COMMIT")
+            return fn(conn)
         except BaseException:
-            self._close_plain()  # rolls back; the next transaction opens afresh
+            self._close_plain()  # the next call opens afresh
             raise
-        return result
 
     def _close_plain(self) -> None:
         if self._plain is not None:
