@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql import ColumnElement
 from sqlalchemy.sql.elements import BindParameter
 
+from bot import logs
 from bot.db.engine import Writes, save_until_done
 from bot.db.group_commit import GroupCommit
 from bot.db.models import UTCDateTime, action_attempts, action_runs, events, utcnow
@@ -356,19 +357,17 @@ class ActionExecutor:
         )
         if not written:
             return "lost"  # the lease ran out and another worker owns the run now
-        log.info(
-            "action %s",
-            outcome,
-            extra={
-                "event_id": run.event_id,
-                "rule": run.rule_name,
-                "action": run.action,
-                "action_run_id": run.id,
-                "attempt": run.attempts,
-                "status": status,
-                "status_code": status_code,
-                "error": error,
-            },
+        logs.info(
+            log,
+            f"action {outcome}",
+            event_id=run.event_id,
+            rule=run.rule_name,
+            action=run.action,
+            action_run_id=run.id,
+            attempt=run.attempts,
+            status=status,
+            status_code=status_code,
+            error=error,
         )
         if self.on_attempt is not None:
             self.on_attempt(run.action, status)

@@ -26,6 +26,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bot import logs
 from bot.db.engine import Writes, save_until_done
 from bot.db.models import UTCDateTime, action_runs, events, rule_matches, utcnow
 from bot.db.registrations import WebhookFilters
@@ -254,14 +255,10 @@ class EventProcessor:
             self._on_planned()  # only new action runs are news to the executor
         for event_id, evaluation, _ in outcomes:
             for rule in evaluation.matched if event_id in stored else ():
-                log.info(
-                    "rule matched",
-                    extra={
-                        "event_id": event_id,
-                        "rule": rule.name,
-                        "ruleset": ruleset.version[:12],
-                    },
-                )
+                logs.info(
+                    log, "rule matched", event_id=event_id, rule=rule.name,
+                    ruleset=ruleset.version[:12],
+                )  # fmt: skip
         return len(stored)
 
     def _finish(

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from bot.db.engine import create_engine
 from bot.db.queries import get_event
+from bot import logs
 from bot.logs import JsonFormatter, RedactionFilter, Redactor, TextFormatter, configure
 from bot.settings import Settings
 from tests import test_pipeline
@@ -276,3 +277,68 @@ async def test_lines_logged_on_the_loop_are_written_together_on_its_next_turn(
     log.info("at exit")
     handler.flush()  # what logging.shutdown() calls
     assert out.getvalue().splitlines()[-1].endswith('"msg":"at exit"}')
+
+
+@pytest.fixture
+def only_handler(restore_logging: None) -> tuple[logging.Handler, io.StringIO]:
+    """deploybot's JSON handler as the root logger's only one (no test runner's beside it:
+    pytest adds its own at the start of each phase, so the test body calls `alone`)."""
+    out = io.StringIO()
+    handler = configure(Settings(log_format="json", ubiops_api_token="s3cr3t-ubiops"), stream=out)
+    return handler, out
+
+
+def alone(handler: logging.Handler) -> None:
+    logging.getLogger().handlers[:] = [handler]
+
+
+async def test_hot_path_lines_are_the_lines_of_the_standard_path(
+    only_handler: tuple[logging.Handler, io.StringIO],
+) -> None:
+    handler, out = only_handler
+    alone(handler)
+    log = logging.getLogger("bot.test.hot")
+    assert logs._direct_handler(log) is handler  # the direct path is taken
+    token = "eyJhbGciOiJIUzI1NiJ9.eyJpc3MiOiJqaXJhIn0.c2ln"
+    cases: list[dict[str, Any]] = [
+        {"event_id": 7, "delivery_id": "d-1", "issue_key": None, "tenant": ""},
+        {"status_code": 500, "error": "answer echoed s3cr3t-ubiops back", "attempt": 2},
+        {"delivery_id": token, "ratio": 0.5},
+        {"nested": {"k": ["s3cr3t-ubiops"]}, "raw": b"Bearer 0123456789abcdefXYZ"},
+    ]
+    for fields in cases:
+        logs.info(log, "action failed", **fields)
+        log.info("action failed", extra=fields)
+    handler.flush()
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(lines) == 2 * len(cases)
+    for direct, standard in zip(lines[::2], lines[1::2], strict=True):
+        assert direct.pop("ts")[:16] == standard.pop("ts")[:16]  # same minute: same clock
+        assert direct == standard
+    assert "s3cr3t" not in out.getvalue() and token not in out.getvalue()
+    assert "0123456789abcdefXYZ" not in out.getvalue()
+
+
+async def test_hot_path_lines_reach_every_other_handler_through_logging(
+    only_handler: tuple[logging.Handler, io.StringIO], caplog: pytest.LogCaptureFixture
+) -> None:
+    handler, out = only_handler
+    alone(handler)
+    log = logging.getLogger("bot.test.hot")
+    logging.getLogger().addHandler(caplog.handler)
+    assert logs._direct_handler(log) is None
+    logs.info(log, "delivery stored", event_id=3)
+    handler.flush()
+    assert [(r.getMessage(), getattr(r, "event_id", None)) for r in caplog.records] == [
+        ("delivery stored", 3)
+    ]
+    assert json.loads(out.getvalue())["event_id"] == 3  # and deploybot's handler too
+    logging.getLogger().removeHandler(caplog.handler)
+    for blocked in (logging.WARNING, logging.NOTSET):
+        log.setLevel(blocked)  # NOTSET: the root's level decides again
+        logs.info(log, "not at warning")
+    handler.flush()
+    assert [json.loads(line)["msg"] for line in out.getvalue().splitlines()] == [
+        "delivery stored",
+        "not at warning",
+    ]

@@ -9,7 +9,7 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
-from bot import verify
+from bot import logs, verify
 from bot.delivery import parse_delivery
 from bot.errors import PayloadError, VerificationError
 from bot.web.keys import CLOCK, HTTP, INSTALL_KEYS, SETTINGS, STORE, TENANTS
@@ -51,16 +51,14 @@ async def receive_delivery(request: web.Request) -> web.Response:
     tenant = await _authenticate(request)
     delivery = parse_delivery(request.headers, await request.read())
     stored = await request.app[STORE].add(tenant, delivery)
-    log.info(
-        "delivery %s",
-        "stored" if stored.created else "duplicate",
-        extra={
-            "delivery_id": delivery.delivery_id,
-            "event_id": stored.event_id,
-            "webhook_event": delivery.webhook_event,
-            "issue_key": delivery.issue_key,
-            "tenant": tenant,
-        },
+    logs.info(
+        log,
+        "delivery stored" if stored.created else "delivery duplicate",
+        delivery_id=delivery.delivery_id,
+        event_id=stored.event_id,
+        webhook_event=delivery.webhook_event,
+        issue_key=delivery.issue_key,
+        tenant=tenant,
     )
     if stored.event_id is not None:  # created
         return web.Response(
