@@ -73,3 +73,18 @@ async def test_idle_passes_on_its_callers_cancellation_and_the_write_goes_on() -
         await waiting
     assert await submitted == 10  # the write itself was not stopped
     await commits.idle()  # nothing pending: returns at once
+
+
+async def test_writing_while_items_wait_or_are_being_written() -> None:
+    rec = Recorder(delay_s=0.02)
+    commits: GroupCommit[int, int] = GroupCommit(rec.write)
+    assert not commits.writing()
+    task = asyncio.create_task(commits.submit(1))
+    await asyncio.sleep(0)
+    assert commits.writing()  # being written
+    later = asyncio.create_task(commits.submit(2))
+    await asyncio.sleep(0)
+    assert commits.writing()  # one written, one waiting
+    assert await asyncio.gather(task, later) == [10, 20]
+    await commits.idle()
+    assert not commits.writing()

@@ -316,3 +316,27 @@ async def test_example_rules_load() -> None:
     watcher = RuleWatcher(EXAMPLE_RULES)
     assert watcher.loaded, watcher.errors
     assert watcher.current.rules
+
+
+async def test_while_deliveries_wait_for_their_commit_batches_are_small(
+    database_url: str, rules_dir: Path
+) -> None:
+    from bot.processor import BUSY_BATCH
+
+    engine = create_engine(database_url)
+    await upgrade(engine)
+    store = EventStore(engine)
+    await store.start()
+    for i in range(3 * BUSY_BATCH):
+        body = json.dumps(issue_updated(f"OPS-{i}")).encode()
+        await store.add("", Delivery(f"d-{i}", 0, "jira:issue_updated", f"OPS-{i}", body))
+    await store.close()
+    ruleset = load_rules(rules_dir)
+    busy = True
+    processor = EventProcessor(engine, lambda: ruleset, ingest_busy=lambda: busy)
+    try:
+        assert len(await processor.claim()) == BUSY_BATCH
+        busy = False
+        assert len(await processor.claim()) == 2 * BUSY_BATCH  # the rest, in one batch
+    finally:
+        await engine.dispose()

@@ -35,6 +35,10 @@ class GroupCommit(Generic[T, R]):
             self._drainer = asyncio.create_task(self._drain(), name="group-commit")
         return await done
 
+    def writing(self) -> bool:
+        """Whether items are waiting to be written or being written now."""
+        return bool(self._queue) or (self._drainer is not None and not self._drainer.done())
+
     async def idle(self) -> None:
         """Wait until everything submitted so far has been written."""
         if self._drainer is None:

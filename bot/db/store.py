@@ -147,12 +147,16 @@ class EventStore:
         self._commits: GroupCommit[_Pending, Stored] = GroupCommit(self._write, max_batch=max_batch)
         self._running = False
         self.commits = 0  # transactions written (deliveries share them)
-        self._last_add = -1e9  # monotonic time of the latest delivery
         self._failing: tuple[float, str] | None = None  # since when, why (no commit since)
 
-    def busy(self, within_s: float = 0.05) -> bool:
-        """Whether a delivery arrived in the last `within_s` seconds (ingest is active)."""
-        return time.monotonic() - self._last_add < within_s
+    def busy(self) -> bool:
+        """Whether deliveries are waiting for their commit now (the write path is in use).
+
+        Not "a delivery came lately": at a few deliveries a second the write path is
+        mostly idle, and the workers that step aside for ingest would then step aside
+        all the time.
+        """
+        return self._commits.writing()
 
     def write_trouble(self, within_s: float = 10.0) -> str | None:
         """Why the latest write failed, if it did within `within_s` seconds and none
@@ -174,7 +178,6 @@ class EventStore:
         """Store a delivery (a redelivery of a stored one is not stored again)."""
         if not self._running:
             raise StoreUnavailable("event store is not running")
-        self._last_add = time.monotonic()
         return await self._commits.submit(_Pending(tenant, delivery, source))
 
     async def _write(self, batch: list[_Pending]) -> list[Stored]:
