@@ -85,6 +85,6 @@ async def test_writing_while_items_wait_or_are_being_written() -> None:
     later = asyncio.create_task(commits.submit(2))
     await asyncio.sleep(0)
     assert commits.writing()  # one written, one waiting
-    assert await asyncio.gather(task, later) == [10, 20]
+    assert list(await asyncio.gather(task, later)) == [10, 20]
     await commits.idle()
     assert not commits.writing()
