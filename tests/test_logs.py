@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bot import logs
 from bot.db.engine import create_engine
 from bot.db.queries import get_event
-from bot import logs
 from bot.logs import JsonFormatter, RedactionFilter, Redactor, TextFormatter, configure
 from bot.settings import Settings
 from tests import test_pipeline
