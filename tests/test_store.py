@@ -119,6 +119,25 @@ async def test_a_batch_mixing_new_and_stored_deliveries_maps_each_answer(
     assert store.commits == 3  # the five shared one transaction
 
 
+async def test_a_batch_larger_than_one_insert_statement_maps_each_answer(
+    database_url: str,
+) -> None:
+    async with serve_store(database_url) as (store, _):
+        await store.add("", delivery("big-3"))  # stored before: a redelivery in part one
+        # The first starts a commit alone, the other 699 queue for the next: on SQLite two
+        # INSERTs of 500 rows at most, one with a redelivery among them and one without.
+        ids = [f"big-{i}" for i in range(700)]
+        results = await asyncio.gather(*(store.add("", delivery(i)) for i in ids))
+    rows = {
+        r.id: r.delivery_id
+        for r in await stored_rows(database_url, events.c.id, events.c.delivery_id)
+    }
+    created = {r.event_id: i for i, r in zip(ids, results, strict=True) if r.created}
+    assert len(created) == 699 and len(rows) == 700
+    assert all(rows[event_id] == i for event_id, i in created.items())  # its own row each
+    assert [i for i, r in zip(ids, results, strict=True) if not r.created] == ["big-3"]
+
+
 async def test_migration_moves_rule_misses_into_the_event(tmp_path: Path) -> None:
     engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'old.db'}")
     try:
