@@ -306,7 +306,10 @@ def info(logger: logging.Logger, message: str, **fields: Any) -> None:
     redaction = handler.filters[0]
     assert isinstance(redaction, RedactionFilter)
     message, fields = redaction.redact(message, fields)
-    handler.write_line(_dumps(json_line(time.time(), "INFO", logger.name, message, fields)))
+    try:
+        handler.write_line(_dumps(json_line(time.time(), "INFO", logger.name, message, fields)))
+    except Exception:  # as logging does: a broken stream is reported, not raised
+        handler.handleError(logging.makeLogRecord({"name": logger.name, "msg": message}))
 
 
 def make_formatter(log_format: str, stream: IO[str]) -> logging.Formatter:

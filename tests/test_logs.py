@@ -342,3 +342,20 @@ async def test_hot_path_lines_reach_every_other_handler_through_logging(
         "delivery stored",
         "not at warning",
     ]
+
+
+class _Broken(io.StringIO):
+    def write(self, text: str) -> int:
+        raise OSError("stream closed")
+
+
+def test_a_broken_stream_does_not_fail_the_caller(
+    restore_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    handler = configure(Settings(log_format="json"), stream=_Broken())
+    alone(handler)
+    log = logging.getLogger("bot.test.hot")
+    assert logs._direct_handler(log) is handler
+    logs.info(log, "delivery stored", event_id=1)  # no event loop here: written at once
+    log.info("the standard path", extra={"event_id": 2})
+    assert capsys.readouterr().err.count("OSError: stream closed") == 2  # reported, not raised
