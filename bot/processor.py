@@ -35,8 +35,8 @@ from bot.rules import Evaluation, RuleSet, evaluate, matched_webhook_ids
 log = logging.getLogger(__name__)
 
 MAX_EVENT_ATTEMPTS = 5  # an event that crashes its worker this often is marked failed
-# Ingest first; the backlog drains once a burst is over. While deliveries are waiting
-# for their commit (`ingest_busy`):
+# Ingest first; the backlog drains once a burst is over. While deliveries load the write
+# path (`ingest_busy`: they queue behind each other's commits, see EventStore.busy):
 # - evaluation, CPU on the event loop that also acknowledges deliveries, runs in slices
 #   of at most SLICE_S with SLICE_PAUSE_S between them, so that acknowledgements never
 #   queue behind a batch of evaluations;

@@ -75,16 +75,14 @@ async def test_idle_passes_on_its_callers_cancellation_and_the_write_goes_on() -
     await commits.idle()  # nothing pending: returns at once
 
 
-async def test_writing_while_items_wait_or_are_being_written() -> None:
+async def test_waiting_counts_the_items_behind_the_transaction_being_written() -> None:
     rec = Recorder(delay_s=0.02)
     commits: GroupCommit[int, int] = GroupCommit(rec.write)
-    assert not commits.writing()
-    task = asyncio.create_task(commits.submit(1))
+    first = asyncio.create_task(commits.submit(1))
+    await asyncio.sleep(0.005)  # the drain task has taken 1 and is writing it
+    assert commits.waiting() == 0
+    later = [asyncio.create_task(commits.submit(i)) for i in (2, 3)]
     await asyncio.sleep(0)
-    assert commits.writing()  # being written
-    later = asyncio.create_task(commits.submit(2))
-    await asyncio.sleep(0)
-    assert commits.writing()  # one written, one waiting
-    assert list(await asyncio.gather(task, later)) == [10, 20]
-    await commits.idle()
-    assert not commits.writing()
+    assert commits.waiting() == 2
+    assert list(await asyncio.gather(first, *later)) == [10, 20, 30]
+    assert commits.waiting() == 0 and rec.batches == [[1], [2, 3]]

@@ -24,7 +24,7 @@ from bot.db.engine import (
     writes_for,
 )
 from bot.db.models import events, rule_matches
-from bot.db.store import EventStore
+from bot.db.store import LOADED_BATCH, LOADED_WITHIN_S, EventStore
 from bot.delivery import Delivery
 from bot.errors import StoreUnavailable
 from bot.settings import Settings
@@ -226,6 +226,26 @@ async def test_writes_failing_while_reads_work_make_readyz_503_until_one_commits
         assert resp.status == 202
         assert (await client.get("/readyz")).status == 200
     finally:
+        await engine.dispose()
+
+
+async def test_busy_while_commits_take_many_deliveries_at_once(database_url: str) -> None:
+    engine = create_engine(database_url)
+    await upgrade(engine)
+    now = [1000.0]
+    store = EventStore(engine, clock=lambda: now[0])
+    await store.start()
+    try:
+        for i in range(LOADED_BATCH):  # one at a time: each has a commit of its own
+            await store.add("", delivery(f"one-{i}"))
+        assert not store.busy()
+        # The first starts a commit alone, the others queue behind it and share the next.
+        await asyncio.gather(*(store.add("", delivery(f"many-{i}")) for i in range(20)))
+        assert store.busy()
+        now[0] += 2 * LOADED_WITHIN_S  # and no commit since
+        assert not store.busy()
+    finally:
+        await store.close()
         await engine.dispose()
 
 

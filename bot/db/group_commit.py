@@ -35,9 +35,9 @@ class GroupCommit(Generic[T, R]):
             self._drainer = asyncio.create_task(self._drain(), name="group-commit")
         return await done
 
-    def writing(self) -> bool:
-        """Whether items are waiting to be written or being written now."""
-        return bool(self._queue) or (self._drainer is not None and not self._drainer.done())
+    def waiting(self) -> int:
+        """How many items wait for a transaction (besides the one being written)."""
+        return len(self._queue)
 
     async def idle(self) -> None:
         """Wait until everything submitted so far has been written."""

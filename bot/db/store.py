@@ -40,6 +40,14 @@ class Stored:
 
 Key = tuple[str, str]  # (tenant, delivery_id): what makes a delivery unique
 
+# The write path is loaded (`EventStore.busy`) when commits take this many deliveries at
+# once, lately or waiting now: at full ingest a batch holds ~16, at a steady 300/s 1-2.
+# (With 4, a processor transaction that held a few deliveries back counted as load, and
+# the processor fell behind a steady 300/s: bench/pipeline.py with a paced sender, 530
+# events open after 12 s; with 8, none.)
+LOADED_BATCH = 8
+LOADED_WITHIN_S = 0.05
+
 
 @dataclass(frozen=True, slots=True)
 class _Pending:
@@ -160,29 +168,37 @@ class EventStore:
         writes: Writes | None = None,
         max_batch: int = 1000,
         on_commit: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._writes = writes or Writes(engine)
+        self._clock = clock
         self.on_commit = on_commit
         self._insert = _insert_statement(engine.dialect.name)
         self._commits: GroupCommit[_Pending, Stored] = GroupCommit(self._write, max_batch=max_batch)
         self._running = False
         self.commits = 0  # transactions written (deliveries share them)
         self._failing: tuple[float, str] | None = None  # since when, why (no commit since)
+        self._last_batch = (-1e9, 0)  # monotonic time and size of the latest batch written
 
     def busy(self) -> bool:
-        """Whether deliveries are waiting for their commit now (the write path is in use).
+        """Whether deliveries come faster than the write path takes them one at a time.
 
-        Not "a delivery came lately": at a few deliveries a second the write path is
-        mostly idle, and the workers that step aside for ingest would then step aside
-        all the time.
+        Then they queue behind each other's commits, and a commit takes several: the
+        latest commit, or those waiting now, number at least LOADED_BATCH. (Not "a
+        delivery came lately": at a few hundred a second each still has a commit of its
+        own, and the workers that step aside for ingest must not step aside then, or
+        they fall behind a load the service can carry.)
         """
-        return self._commits.writing()
+        at, size = self._last_batch
+        if size >= LOADED_BATCH and self._clock() - at < LOADED_WITHIN_S:
+            return True
+        return self._commits.waiting() >= LOADED_BATCH
 
     def write_trouble(self, within_s: float = 10.0) -> str | None:
         """Why the latest write failed, if it did within `within_s` seconds and none
         has committed since (readiness). Older failures are forgotten, so that a
         replica taken out of rotation gets deliveries again and finds out."""
-        if self._failing is None or time.monotonic() - self._failing[0] > within_s:
+        if self._failing is None or self._clock() - self._failing[0] > within_s:
             return None
         return self._failing[1]
 
@@ -216,9 +232,10 @@ class EventStore:
                 created = await self._writes.run(self._insert_rows, rows)
         except (SQLAlchemyError, sqlite3.Error, OSError) as exc:
             log.warning("event store write failed (%d deliveries): %s", len(batch), exc)
-            self._failing = (time.monotonic(), database_error(exc))
+            self._failing = (self._clock(), database_error(exc))
             raise StoreUnavailable("database unavailable") from exc
         self._failing = None
+        self._last_batch = (self._clock(), len(batch))
         self.commits += 1
         if self.on_commit is not None:
             self.on_commit()
