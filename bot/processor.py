@@ -45,10 +45,14 @@ MAX_EVENT_ATTEMPTS = 5  # an event that crashes its worker this often is marked 
 #   them. bench/ingest.py, 3 rounds alternated: batches 20 ms apart held deliveries to
 #   2,200-2,600 req/s (10 rules) with p99 up to 50 ms (1,000 rules); 200 ms apart,
 #   3,050-4,150 req/s, p99 15-39 ms.
+# - a batch holds at most BATCH_EVALUATIONS / (most rules of one Jira event) events: with
+#   1,000 rules (125 per event), 16 events, whose finish stores 2,000 reasons; batches of
+#   100 took the deliveries' p99 to 45-68 ms (bench/ingest.py, alternated: 30-38 ms).
 SLICE_S = 0.002
 SLICE_PAUSE_S = 0.02
 BUSY_BATCH = 10
 BATCH_PAUSE_S = 0.2
+BATCH_EVALUATIONS = 2000
 
 
 # A batch's statements, built once (building one costs more than running it).
@@ -193,9 +197,12 @@ class EventProcessor:
     async def claim(self) -> list[Claimed]:
         """Lease up to `batch` events that are received, or whose lease has run out."""
         now = self._clock()
-        # While deliveries arrive, small batches: a delivery's commit may queue behind
-        # this batch's transaction (one writer), so it must be short.
+        # A delivery's commit may queue behind this batch's transactions (one writer), so
+        # they must be short: small batches under load, and never more than about
+        # BATCH_EVALUATIONS rule evaluations (each missed rule is a reason to store).
         limit = min(self._batch, BUSY_BATCH) if self._ingest_busy() else self._batch
+        widest = max(map(len, self._rules().by_event.values()), default=1)
+        limit = max(1, min(limit, BATCH_EVALUATIONS // widest))
         stmt = self._claims.get(limit)
         if stmt is None:  # built once per size: building it costs more than running it
             at = bindparam("b_now", type_=UTCDateTime())

@@ -318,25 +318,55 @@ async def test_example_rules_load() -> None:
     assert watcher.current.rules
 
 
-async def test_while_deliveries_wait_for_their_commit_batches_are_small(
-    database_url: str, rules_dir: Path
-) -> None:
-    from bot.processor import BUSY_BATCH
-
+async def _store_deliveries(database_url: str, count: int) -> None:
     engine = create_engine(database_url)
     await upgrade(engine)
     store = EventStore(engine)
     await store.start()
-    for i in range(3 * BUSY_BATCH):
+    for i in range(count):
         body = json.dumps(issue_updated(f"OPS-{i}")).encode()
         await store.add("", Delivery(f"d-{i}", 0, "jira:issue_updated", f"OPS-{i}", body))
     await store.close()
+    await engine.dispose()
+
+
+async def test_while_deliveries_load_the_write_path_batches_are_small(
+    database_url: str, rules_dir: Path
+) -> None:
+    from bot.processor import BUSY_BATCH
+
+    await _store_deliveries(database_url, 3 * BUSY_BATCH)
     ruleset = load_rules(rules_dir)
     busy = True
+    engine = create_engine(database_url)
     processor = EventProcessor(engine, lambda: ruleset, ingest_busy=lambda: busy)
     try:
         assert len(await processor.claim()) == BUSY_BATCH
         busy = False
         assert len(await processor.claim()) == 2 * BUSY_BATCH  # the rest, in one batch
+    finally:
+        await engine.dispose()
+
+
+async def test_a_batch_holds_a_bounded_number_of_rule_evaluations(
+    database_url: str, tmp_path: Path
+) -> None:
+    from bot.processor import BATCH_EVALUATIONS
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    rules = [
+        f"  - name: r{i}\n    on: {{events: [jira:issue_updated]}}\n"
+        f"    when: [{{field: issue.key, equals: NONE-{i}}}]\n"
+        f"    do: [{{action: ubiops.deployments_list, with: {{project_name: p}}}}]"
+        for i in range(400)  # every one of them is evaluated for every event
+    ]
+    (folder / "many.yaml").write_text("rules:\n" + "\n".join(rules) + "\n")
+    ruleset = load_rules(folder)
+    await _store_deliveries(database_url, 12)
+    engine = create_engine(database_url)
+    try:
+        claimed = await EventProcessor(engine, lambda: ruleset).claim()
+        assert len(claimed) == BATCH_EVALUATIONS // 400  # 5 events: 2,000 evaluations
     finally:
         await engine.dispose()
