@@ -89,13 +89,21 @@ async def versions_created(base_url: str) -> int:
         return len(await resp.json())
 
 
-async def send(urls: list[str], duration_s: float, connections: int, most: int | None) -> int:
-    """POST deliveries (each its own id and issue key) for `duration_s`; return the 202s."""
+async def send(
+    urls: list[str],
+    duration_s: float,
+    connections: int,
+    most: int | None,
+    rate: float | None = None,
+) -> int:
+    """POST deliveries (each its own id and issue key) for `duration_s`, as fast as the
+    connections go or `rate` a second; return the 202s."""
     token = harness.oauth_token()
     template = harness.issue_updated()
     numbers = itertools.count()
     accepted = 0
-    deadline = time.monotonic() + duration_s
+    started = time.monotonic()
+    deadline = started + duration_s
 
     async def connection(session: aiohttp.ClientSession, url: str) -> None:
         nonlocal accepted
@@ -103,6 +111,8 @@ async def send(urls: list[str], duration_s: float, connections: int, most: int |
             n = next(numbers)
             if most is not None and n >= most:
                 return
+            if rate:  # delivery n is due n / rate seconds after the start
+                await asyncio.sleep(max(0.0, started + n / rate - time.monotonic()))
             template["issue"]["key"] = f"OPS-{n}"  # no await before dumps: no interleaving
             body = orjson.dumps(template)
             headers = {
@@ -213,7 +223,7 @@ async def _run(args: argparse.Namespace, workdir: Path, database_url: str, ubiop
         timeline = (
             asyncio.create_task(print_timeline(database_url, started)) if args.timeline else None
         )
-        accepted = await send(urls, args.duration, args.connections, args.events)
+        accepted = await send(urls, args.duration, args.connections, args.events, args.rate)
         sent_s = time.monotonic() - started
         deadline = time.monotonic() + args.drain_timeout
         while True:
@@ -266,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=64, help="DEPLOYBOT_WORKERS: concurrent action runs"
     )
     parser.add_argument("--events", type=int, help="send at most this many deliveries")
+    parser.add_argument(
+        "--rate", type=float, help="deliveries per second (a steady load); default: full speed"
+    )
     parser.add_argument("--timeline", action="store_true", help="print the backlog every second")
     parser.add_argument("--drain-timeout", type=float, default=120.0, help="seconds")
     parser.add_argument(

@@ -43,8 +43,8 @@ Key = tuple[str, str]  # (tenant, delivery_id): what makes a delivery unique
 # The write path is loaded (`EventStore.busy`) when commits take this many deliveries at
 # once, lately or waiting now: at full ingest a batch holds ~16, at a steady 300/s 1-2.
 # (With 4, a processor transaction that held a few deliveries back counted as load, and
-# the processor fell behind a steady 300/s: bench/pipeline.py with a paced sender, 530
-# events open after 12 s; with 8, none.)
+# the processor fell behind a steady 300/s: `bench/pipeline.py --rate 300 --duration 12
+# --timeline`, 530 events open at the end; with 8, under 100.)
 LOADED_BATCH = 8
 LOADED_WITHIN_S = 0.05
 
