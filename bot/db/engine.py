@@ -228,11 +228,21 @@ class ThreadWrites(Writes):
             self._thread, lambda: self._transaction(False, fn, *args, **kwargs)
         )
 
-    async def run_sqlite(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn(connection)` on a plain sqlite3 connection in autocommit mode: each of
-        its statements is a durable transaction of its own (synchronous=FULL)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, self._plain_autocommit, fn)
+    def start(self, job: Callable[[], None]) -> None:
+        """Run `job` on the write thread after what is queued there (RuntimeError once
+        closed). It must catch its own errors: nothing waits for it."""
+        self._thread.submit(job)
+
+    def run_sqlite(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """On the write thread (a `start` job): `fn(connection)` on a plain sqlite3
+        connection in autocommit mode, where each statement is a durable transaction of its
+        own (synchronous=FULL)."""
+        conn = self._plain_connection()
+        try:
+            return fn(conn)
+        except BaseException:
+            self._close_plain()  # the next call opens afresh
+            raise
 
     def _transaction(
         self,
@@ -270,14 +280,6 @@ class ThreadWrites(Writes):
             raise
         self._plain = (conn, identity)
         return conn
-
-    def _plain_autocommit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        conn = self._plain_connection()
-        try:
-            return fn(conn)
-        except BaseException:
-            self._close_plain()  # the next call opens afresh
-            raise
 
     def _close_plain(self) -> None:
         if self._plain is not None:

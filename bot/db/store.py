@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.expression import Executable
 
 from bot.db.engine import ThreadWrites, Writes
-from bot.db.group_commit import GroupCommit
+from bot.db.group_commit import GroupCommit, ThreadGroupCommit
 from bot.db.models import UTCDateTime, events, utcnow
 from bot.delivery import Delivery
 from bot.errors import StoreUnavailable
@@ -150,6 +150,15 @@ class _SqliteInsert:
         return created
 
 
+def _rows(batch: list[_Pending]) -> dict[Key, _Pending]:
+    """A batch's deliveries by key: within one batch the first of several identical
+    deliveries is the new one, the rest are redeliveries (not stored again)."""
+    rows: dict[Key, _Pending] = {}
+    for item in batch:
+        rows.setdefault((item.tenant, item.delivery.delivery_id), item)
+    return rows
+
+
 def database_error(exc: BaseException) -> str:
     """A database error's driver message, without SQLAlchemy's statement and parameters
     (which hold delivery bodies)."""
@@ -174,7 +183,19 @@ class EventStore:
         self._clock = clock
         self.on_commit = on_commit
         self._insert = _insert_statement(engine.dialect.name)
-        self._commits: GroupCommit[_Pending, Stored] = GroupCommit(self._write, max_batch=max_batch)
+        self._commits: (
+            GroupCommit[_Pending, Stored] | ThreadGroupCommit[_Pending, dict[Key, int], Stored]
+        )
+        if isinstance(self._writes, ThreadWrites):
+            self._commits = ThreadGroupCommit(
+                self._writes.start,
+                self._write_here,
+                self._stored,
+                self._failed,
+                max_batch=max_batch,
+            )
+        else:
+            self._commits = GroupCommit(self._write, max_batch=max_batch)
         self._running = False
         self.commits = 0  # transactions written (deliveries share them)
         self._failing: tuple[float, str] | None = None  # since when, why (no commit since)
@@ -217,23 +238,33 @@ class EventStore:
         return await self._commits.submit(_Pending(tenant, delivery, source))
 
     async def _write(self, batch: list[_Pending]) -> list[Stored]:
-        """Insert a batch in one transaction; duplicates (redeliveries) are not stored.
-
-        Within one batch the first of several identical deliveries is the new one.
-        """
-        rows: dict[Key, _Pending] = {}
-        for item in batch:
-            rows.setdefault((item.tenant, item.delivery.delivery_id), item)
+        """Insert a batch in one transaction (on the engine); see `_rows`."""
         try:
-            if isinstance(self._writes, ThreadWrites):
-                insert = _SqliteInsert.of(rows, utcnow())
-                created = await self._writes.run_sqlite(insert)
-            else:
-                created = await self._writes.run(self._insert_rows, rows)
-        except (SQLAlchemyError, sqlite3.Error, OSError) as exc:
-            log.warning("event store write failed (%d deliveries): %s", len(batch), exc)
-            self._failing = (self._clock(), database_error(exc))
-            raise StoreUnavailable("database unavailable") from exc
+            created = await self._writes.run(self._insert_rows, _rows(batch))
+        except Exception as exc:
+            failure = self._failed(batch, exc)
+            if failure is exc:
+                raise
+            raise failure from exc
+        return self._stored(batch, created)
+
+    def _write_here(self, batch: list[_Pending]) -> dict[Key, int]:
+        """On the SQLite write thread: insert a batch, committed; the new rows' ids."""
+        assert isinstance(self._writes, ThreadWrites)
+        return self._writes.run_sqlite(_SqliteInsert.of(_rows(batch), utcnow()))
+
+    def _failed(self, batch: list[_Pending], exc: Exception) -> Exception:
+        """What a failed batch's deliveries get: StoreUnavailable for a database error."""
+        if not isinstance(exc, SQLAlchemyError | sqlite3.Error | OSError):
+            return exc
+        log.warning("event store write failed (%d deliveries): %s", len(batch), exc)
+        self._failing = (self._clock(), database_error(exc))
+        unavailable = StoreUnavailable("database unavailable")
+        unavailable.__cause__ = exc  # as `raise ... from exc` would (the write thread's case)
+        return unavailable
+
+    def _stored(self, batch: list[_Pending], created: dict[Key, int]) -> list[Stored]:
+        """A committed batch's outcomes, in its order (the rest were redeliveries)."""
         self._failing = None
         self._last_batch = (self._clock(), len(batch))
         self.commits += 1
