@@ -8,8 +8,9 @@ runs, and one MIN over webhook expiries.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -29,15 +30,13 @@ from bot.db.models import (
     utcnow,
     webhook_registrations,
 )
+from bot.web.errors import Handler, add_routes
 from bot.web.keys import ENGINE, EXECUTOR, RULES
 
-DELIVERY_PATH = "/webhooks/jira"
 ACK_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SCRAPE_TIMEOUT_S = 5.0
 EVENT_QUEUED = ("received", "processing")
 ACTION_QUEUED = ("pending", "retrying", "running")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def delivery_outcome(status: int) -> str:
@@ -195,6 +194,28 @@ class Metrics:
         counter.inc()
         self.ack_seconds.observe(elapsed_s)
 
+    def timed(self, handler: Handler) -> Handler:
+        """The delivery route's `handler`, each answer counted by outcome and timed."""
+
+        @functools.wraps(handler)
+        async def observed(request: web.Request) -> web.StreamResponse:
+            started = time.perf_counter()
+            status = 500
+            try:
+                response = await handler(request)
+                status = response.status
+                return response
+            except web.HTTPException as exc:
+                status = exc.status
+                raise
+            except asyncio.CancelledError:
+                status = 499  # the client went away before the answer (nginx's convention)
+                raise
+            finally:
+                self.observe_delivery(status, time.perf_counter() - started)
+
+        return observed
+
     def observe_attempt(self, action: str, status: str) -> None:
         """Count one recorded action attempt by the run status it left behind."""
         service, _, operation = action.partition(".")
@@ -209,27 +230,6 @@ class Metrics:
 
 
 METRICS = web.AppKey("metrics", Metrics)
-
-
-@web.middleware
-async def delivery_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Count each delivery by outcome and time its acknowledgement."""
-    if request.path != DELIVERY_PATH:
-        return await handler(request)
-    started = time.perf_counter()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    except asyncio.CancelledError:
-        status = 499  # the client went away before the answer (nginx's convention)
-        raise
-    finally:
-        request.app[METRICS].observe_delivery(status, time.perf_counter() - started)
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
@@ -248,8 +248,8 @@ async def _observe_executor(app: web.Application) -> AsyncIterator[None]:
 
 
 def install(app: web.Application) -> None:
-    """Add metrics to an app: a registry, the delivery middleware, `/metrics`, the executor."""
+    """Add metrics to an app: a registry (`timed` wraps the delivery route), `/metrics`,
+    the executor's attempts."""
     app[METRICS] = Metrics()
-    app.middlewares.insert(0, delivery_metrics)  # outermost: sees every error's status
     app.cleanup_ctx.append(_observe_executor)  # after the workers' context made the executor
-    app.router.add_get("/metrics", metrics_endpoint)
+    add_routes(app, [("GET", "/metrics", metrics_endpoint)])

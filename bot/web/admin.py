@@ -19,6 +19,7 @@ from bot.db.models import EVENT_STATUSES
 from bot.db.queries import EventFilter, get_event, retry_action_run, search_events
 from bot.replay import Selection, reset_events, select_events
 from bot.web import status
+from bot.web.errors import add_routes
 from bot.web.keys import ENGINE, EXECUTOR, PROCESSOR, RULES, SETTINGS
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -225,7 +226,5 @@ def setup(app: web.Application) -> None:
     token = app[SETTINGS].admin_token
     if not token:
         return
-    for method, path, handler in ROUTES:
-        app.router.add_route(method, path, guarded(handler, token))
-    for method, path, handler in OPEN_ROUTES:
-        app.router.add_route(method, path, handler)
+    add_routes(app, [(method, path, guarded(handler, token)) for method, path, handler in ROUTES])
+    add_routes(app, OPEN_ROUTES)

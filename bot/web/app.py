@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
@@ -16,15 +16,8 @@ from bot import metrics
 from bot.db.engine import Writes, create_engine, upgrade, writes_for
 from bot.db.store import EventStore, database_error
 from bot.db.tenants import Tenants
-from bot.errors import (
-    PayloadError,
-    PayloadTooLarge,
-    StoreUnavailable,
-    UnsupportedMediaType,
-    VerificationError,
-)
 from bot.executor import ActionExecutor, RetryBudget
-from bot.jobs import JiraAccess, JiraActionClients
+from bot.jobs import DELIVERY_PATH, JiraAccess, JiraActionClients
 from bot.processor import EventProcessor
 from bot.rules import RuleWatcher
 from bot.scheduler import scheduler_ctx
@@ -34,6 +27,7 @@ from bot.services.http import RetryPolicy
 from bot.services.ubiops import UbiOpsClient
 from bot.settings import Settings
 from bot.web import admin, jira
+from bot.web.errors import add_routes, json_errors
 from bot.web.keys import (
     CLOCK,
     ENGINE,
@@ -53,31 +47,6 @@ log = logging.getLogger(__name__)
 WRITES = web.AppKey("writes", Writes)
 
 RULES_POLL_S = 2.0
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-_STATUS: list[tuple[type[Exception], int]] = [
-    (VerificationError, 401),
-    (PayloadTooLarge, 413),
-    (UnsupportedMediaType, 415),
-    (PayloadError, 400),
-    (StoreUnavailable, 503),
-]
-
-
-@web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Map deploybot's errors to statuses with a short JSON reason; nothing else leaks."""
-    try:
-        return await handler(request)
-    except web.HTTPRequestEntityTooLarge:
-        return web.json_response({"error": "request body too large"}, status=413)
-    except tuple(exc for exc, _ in _STATUS) as exc:
-        status = next(code for kind, code in _STATUS if isinstance(exc, kind))
-        headers = {"WWW-Authenticate": "JWT"} if status == 401 else None
-        if status == 503:
-            headers = {"Retry-After": "5"}
-        return web.json_response({"error": str(exc)}, status=status, headers=headers)
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -221,19 +190,26 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> web.Application:
     """Build the application; resources open and close with its cleanup contexts."""
-    app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_body_bytes)
+    app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[CLOCK] = clock
     app[INSTALL_KEYS] = {}
     app.cleanup_ctx.extend([_http_session, _database, _workers])
     app.cleanup_ctx.append(scheduler_ctx)  # after the workers: it wakes their executor
     metrics.install(app)  # after the workers: it hooks into the executor they create
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_post("/webhooks/jira", jira.receive_delivery)
+    # The delivery route's metrics see the status its errors were answered with.
+    app.router.add_post(
+        DELIVERY_PATH, app[metrics.METRICS].timed(json_errors(jira.receive_delivery))
+    )
+    add_routes(app, [("GET", "/healthz", healthz), ("GET", "/readyz", readyz)])
     if settings.jira_auth_mode == "connect":
-        app.router.add_get("/atlassian-connect.json", jira.descriptor)
-        app.router.add_post("/lifecycle/installed", jira.installed)
-        app.router.add_post("/lifecycle/uninstalled", jira.uninstalled)
+        add_routes(
+            app,
+            [
+                ("GET", "/atlassian-connect.json", jira.descriptor),
+                ("POST", "/lifecycle/installed", jira.installed),
+                ("POST", "/lifecycle/uninstalled", jira.uninstalled),
+            ],
+        )
     admin.setup(app)
     return app
