@@ -48,11 +48,16 @@ MAX_EVENT_ATTEMPTS = 5  # an event that crashes its worker this often is marked 
 # - a batch holds at most BATCH_EVALUATIONS / (most rules of one Jira event) events: with
 #   1,000 rules (125 per event), 16 events, whose finish stores 2,000 reasons; batches of
 #   100 took the deliveries' p99 to 45-68 ms (bench/ingest.py, alternated: 30-38 ms).
+#   While deliveries load the write path, BUSY_EVALUATIONS: with 1,000 rules, 2 events a
+#   batch. With 2,000 there, 1,000 rules cost ingest 4-13% against 10 rules (req/s, p99
+#   9.6-11 ms); with 250, none (-4 to +4%, p99 8.1-8.2 ms; bench/ingest.py, 2 runs each,
+#   alternated). The backlog of a wide rule set then waits for the burst to end.
 SLICE_S = 0.002
 SLICE_PAUSE_S = 0.02
 BUSY_BATCH = 10
 BATCH_PAUSE_S = 0.2
 BATCH_EVALUATIONS = 2000
+BUSY_EVALUATIONS = 250
 
 
 # A batch's statements, built once (building one costs more than running it).
@@ -200,9 +205,11 @@ class EventProcessor:
         # A delivery's commit may queue behind this batch's transactions (one writer), so
         # they must be short: small batches under load, and never more than about
         # BATCH_EVALUATIONS rule evaluations (each missed rule is a reason to store).
-        limit = min(self._batch, BUSY_BATCH) if self._ingest_busy() else self._batch
+        busy = self._ingest_busy()
+        limit = min(self._batch, BUSY_BATCH) if busy else self._batch
+        evaluations = BUSY_EVALUATIONS if busy else BATCH_EVALUATIONS
         widest = max(map(len, self._rules().by_event.values()), default=1)
-        limit = max(1, min(limit, BATCH_EVALUATIONS // widest))
+        limit = max(1, min(limit, evaluations // widest))
         stmt = self._claims.get(limit)
         if stmt is None:  # built once per size: building it costs more than running it
             at = bindparam("b_now", type_=UTCDateTime())
