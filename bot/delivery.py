@@ -36,6 +36,10 @@ def is_json_content_type(content_type: str | None) -> bool:
     )
 
 
+def _plain_text(value: object) -> bool:
+    return isinstance(value, str) and len(value) <= MAX_ID_CHARS and value.isprintable()
+
+
 def parse_payload(body: bytes) -> dict[str, Any]:
     """Decode a delivery body: a JSON object with a string `webhookEvent`."""
     try:
@@ -45,8 +49,12 @@ def parse_payload(body: bytes) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise PayloadError("body must be a JSON object")
     event = payload.get("webhookEvent")
+    # Printable, as the identifier: stored as text, and PostgreSQL refuses a NUL in text
+    # (that refusal would fail every delivery committed in the same batch).
     if not isinstance(event, str) or not event or len(event) > MAX_ID_CHARS:
         raise PayloadError("body has no webhookEvent")
+    if not event.isprintable():
+        raise PayloadError("webhookEvent is not a valid event name")
     return payload
 
 
@@ -71,6 +79,7 @@ def parse_delivery(
         delivery_id=ident,
         retry_count=retry_count,
         webhook_event=payload["webhookEvent"],
-        issue_key=key if isinstance(key, str) and len(key) <= MAX_ID_CHARS else None,
+        # The key is an index column only (the body keeps the whole issue): none if odd.
+        issue_key=key if _plain_text(key) else None,
         body=body,
     )
