@@ -56,8 +56,9 @@ async def test_concurrent_deliveries_share_commits(database_url: str) -> None:
     assert all(r.created for r in results)
     assert len({r.event_id for r in results}) == 200
     # 200 concurrent deliveries were written in far fewer transactions than rows.
-    assert commits < 20
-    assert store.commits == commits
+    assert store.commits < 20
+    if engine.dialect.name == "sqlite":  # (PostgreSQL's insert runs on asyncpg itself,
+        assert commits == store.commits  # where SQLAlchemy sees no commit)
 
 
 @contextlib.asynccontextmanager
@@ -278,7 +279,7 @@ async def test_postgres_connection_killed_mid_insert_gives_5xx(make_client: Clie
         # sends a prepared statement's SQL only once, its parameters every time).
         proxy.cut_on = b"p-2-marker"
         resp = await client.post("/webhooks/jira", json=PAYLOAD, headers=headers("p-2-marker"))
-        assert resp.status >= 500
+        assert resp.status == 503 and "unavailable" in (await resp.json())["error"]
         assert proxy.cuts == 1
         checked = Settings(database_url=direct_url)
         assert await stored_count(checked) == 1

@@ -163,6 +163,28 @@ class Writes:
         async with self.engine.begin() as conn:
             return await conn.run_sync(fn, *args, **kwargs)
 
+    async def run_driver(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """`await fn(driver)` on a pooled connection's own asyncpg connection, outside
+        SQLAlchemy (PostgreSQL only): each statement there is a transaction of its own.
+
+        The driver's errors come out as SQLAlchemy's DBAPIError, as they do through
+        `run`; a connection that failed (not the server refusing a statement) is
+        invalidated, so the pool does not hand it out again.
+        """
+        import asyncpg  # the postgres extra's driver: this method serves PostgreSQL alone
+
+        async with self.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            try:
+                return await fn(raw.driver_connection)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as failure:
+                broken = not isinstance(failure, asyncpg.PostgresError)
+                if broken:
+                    await conn.invalidate()
+                raise exc.DBAPIError(
+                    None, None, failure, connection_invalidated=broken
+                ) from failure
+
     async def run_relaxed(
         self, fn: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T:
