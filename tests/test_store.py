@@ -290,6 +290,57 @@ async def test_postgres_connection_killed_mid_insert_gives_5xx(make_client: Clie
         assert await stored_count(checked) == 2
 
 
+async def test_the_driver_connection_is_held_pinged_after_idle_and_dropped_when_broken(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("Writes.run_driver serves PostgreSQL (asyncpg) alone")
+    from sqlalchemy.exc import DBAPIError
+
+    from bot.db import engine as engine_mod
+
+    engine = create_engine(database_url)
+    writes = Writes(engine)
+    checkouts = 0
+
+    def count(*_args: Any) -> None:
+        nonlocal checkouts
+        checkouts += 1
+
+    sa_event.listen(engine.sync_engine.pool, "checkout", count)
+
+    async def pid(driver: Any) -> int:
+        return int(await driver.fetchval("SELECT pg_backend_pid()"))
+
+    async def divide(driver: Any) -> int:
+        return int(await driver.fetchval("SELECT 1 / 0"))
+
+    try:
+        first = await writes.run_driver(pid)
+        assert await writes.run_driver(pid) == first and checkouts == 1  # held: no ping
+        with pytest.raises(DBAPIError) as refused:  # the server refusing: kept
+            await writes.run_driver(divide)
+        assert type(refused.value.orig).__name__ == "DivisionByZeroError"
+        assert await writes.run_driver(pid) == first and checkouts == 1
+        monkeypatch.setattr(engine_mod, "DRIVER_IDLE_S", 0.0)  # idle: back to the pool
+        await writes.run_driver(pid)
+        assert checkouts == 2
+        monkeypatch.setattr(engine_mod, "DRIVER_IDLE_S", 30.0)
+
+        async def kill(driver: Any) -> None:  # the backend dies under the statement
+            await driver.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
+        with pytest.raises(DBAPIError) as broken:
+            await writes.run_driver(kill)
+        assert broken.value.connection_invalidated
+        assert await writes.run_driver(pid) != first  # a new connection, and it works
+        await writes.close()
+        assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        await writes.close()
+        await engine.dispose()
+
+
 async def test_json_columns_keep_values_orjson_cannot_write(database_url: str) -> None:
     """JSON columns are written with orjson, and with the standard library where orjson
     refuses (integers beyond 64 bits, non-string keys): every value still saves, exactly."""

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
@@ -18,7 +19,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import event, exc, make_url, text
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 
 P = ParamSpec("P")
@@ -67,6 +68,7 @@ def json_dumps(value: Any) -> str:
 # Every engine writes JSON columns the same way, and fast. (Read with the standard library:
 # orjson reads integers beyond 64 bits as floats.)
 _JSON = {"json_serializer": json_dumps}
+DRIVER_IDLE_S = 30.0  # Writes.run_driver: a connection unused this long is pinged again
 
 
 def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
@@ -156,6 +158,9 @@ class Writes:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        self._driver: tuple[AsyncConnection, Any] | None = None  # held for run_driver
+        self._driver_used = 0.0  # monotonic time of its last statement
+        self._driver_lock = asyncio.Lock()
 
     async def run(
         self, fn: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs
@@ -164,26 +169,51 @@ class Writes:
             return await conn.run_sync(fn, *args, **kwargs)
 
     async def run_driver(self, fn: Callable[[Any], Awaitable[T]]) -> T:
-        """`await fn(driver)` on a pooled connection's own asyncpg connection, outside
-        SQLAlchemy (PostgreSQL only): each statement there is a transaction of its own.
+        """`await fn(driver)` on an asyncpg connection of the pool's, outside SQLAlchemy
+        (PostgreSQL only): each statement there is a transaction of its own. One call at
+        a time (the event store's group commit).
 
-        The driver's errors come out as SQLAlchemy's DBAPIError, as they do through
-        `run`; a connection that failed (not the server refusing a statement) is
-        invalidated, so the pool does not hand it out again.
+        The connection stays checked out between calls: a checkout pings it, which
+        SQLAlchemy makes three round trips (BEGIN, `;`, ROLLBACK), once per batch of
+        deliveries otherwise. Unused for DRIVER_IDLE_S, it goes back to the pool and the
+        next call's checkout pings it again. The driver's errors come out as SQLAlchemy's
+        DBAPIError, as they do through `run`; a connection that failed (not the server
+        refusing a statement), or a call cancelled midway, is invalidated.
         """
         import asyncpg  # the postgres extra's driver: this method serves PostgreSQL alone
 
-        async with self.engine.connect() as conn:
-            raw = await conn.get_raw_connection()
+        async with self._driver_lock:
+            if self._driver is not None and time.monotonic() - self._driver_used > DRIVER_IDLE_S:
+                await self._release_driver()
+            if self._driver is None:
+                conn = await self.engine.connect()
+                self._driver = (conn, (await conn.get_raw_connection()).driver_connection)
+            driver = self._driver[1]
             try:
-                return await fn(raw.driver_connection)
+                result = await fn(driver)
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as failure:
-                broken = not isinstance(failure, asyncpg.PostgresError)
+                broken = driver.is_closed() or not isinstance(failure, asyncpg.PostgresError)
+                broken = broken or isinstance(failure, asyncpg.PostgresConnectionError)
                 if broken:
-                    await conn.invalidate()
+                    await self._release_driver(invalidate=True)
                 raise exc.DBAPIError(
                     None, None, failure, connection_invalidated=broken
                 ) from failure
+            except BaseException:
+                await self._release_driver(invalidate=True)
+                raise
+            self._driver_used = time.monotonic()
+            return result
+
+    async def _release_driver(self, *, invalidate: bool = False) -> None:
+        if self._driver is None:
+            return
+        conn, self._driver = self._driver[0], None
+        try:
+            if invalidate:
+                await conn.invalidate()
+        finally:
+            await conn.close()
 
     async def run_relaxed(
         self, fn: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs
@@ -198,8 +228,14 @@ class Writes:
         """
         return await self.run(fn, *args, **kwargs)
 
+    async def release_driver(self) -> None:
+        """Give `run_driver`'s connection back to the pool (its user stops: the store)."""
+        async with self._driver_lock:
+            await self._release_driver()
+
     async def close(self) -> None:
         """Release what this writer holds (the engine is the caller's)."""
+        await self.release_driver()
 
 
 class ThreadWrites(Writes):

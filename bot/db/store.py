@@ -248,6 +248,7 @@ class EventStore:
         """Stop taking deliveries once what was submitted has been written."""
         self._running = False
         await self._commits.idle()
+        await self._writes.release_driver()
 
     async def add(self, tenant: str, delivery: Delivery, *, source: str = "live") -> Stored:
         """Store a delivery (a redelivery of a stored one is not stored again)."""
