@@ -25,6 +25,20 @@ R = TypeVar("R")
 W = TypeVar("W")
 
 
+def _succeed(batch: list[tuple[T, asyncio.Future[R]]], results: list[R]) -> None:
+    """Answer a committed batch's submitters, each with its result (unless gone)."""
+    for (_, done), result in zip(batch, results, strict=True):
+        if not done.done():
+            done.set_result(result)
+
+
+def _fail(batch: list[tuple[T, asyncio.Future[R]]], exc: BaseException) -> None:
+    """Answer a batch's submitters with `exc` (unless gone)."""
+    for _, done in batch:
+        if not done.done():
+            done.set_exception(exc)
+
+
 class GroupCommit(Generic[T, R]):
     """Submit items; `write(batch)` stores a whole batch in one transaction."""
 
@@ -67,19 +81,13 @@ class GroupCommit(Generic[T, R]):
                 try:
                     results = await self._write([item for item, _ in batch])
                 except Exception as exc:  # every item of a failed transaction fails with it
-                    for _, done in batch:
-                        if not done.done():
-                            done.set_exception(exc)
+                    _fail(batch, exc)
                     continue
-                for (_, done), result in zip(batch, results, strict=True):
-                    if not done.done():
-                        done.set_result(result)
+                _succeed(batch, results)
                 batch = []
         except asyncio.CancelledError:
             # Stopped mid-write (shutdown): nothing will write these; say so to their callers.
-            for _, done in batch + self._queue:
-                if not done.done():
-                    done.set_exception(StoreUnavailable("writer stopped"))
+            _fail(batch + self._queue, StoreUnavailable("writer stopped"))
             self._queue = []
             raise
 
@@ -130,7 +138,8 @@ class ThreadGroupCommit(Generic[T, W, R]):
             except RuntimeError:  # the thread is shut down: nothing will write these
                 with self._lock:
                     stranded, self._queue, self._draining = self._queue, [], False
-                self._answer(stranded, StoreUnavailable("writer stopped"))
+                _fail(stranded, StoreUnavailable("writer stopped"))
+                self._answered(len(stranded))
         return await done
 
     def waiting(self) -> int:
@@ -180,17 +189,9 @@ class ThreadGroupCommit(Generic[T, W, R]):
                 raise self._failed(items, written)
             results = self._finish(items, written)
         except Exception as exc:
-            self._answer(batch, exc)
-            return
-        for (_, done), result in zip(batch, results, strict=True):
-            if not done.done():
-                done.set_result(result)
-        self._answered(len(batch))
-
-    def _answer(self, batch: list[tuple[T, asyncio.Future[R]]], exc: BaseException) -> None:
-        for _, done in batch:
-            if not done.done():
-                done.set_exception(exc)
+            _fail(batch, exc)
+        else:
+            _succeed(batch, results)
         self._answered(len(batch))
 
     def _answered(self, count: int) -> None:
