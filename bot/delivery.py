@@ -37,6 +37,7 @@ def is_json_content_type(content_type: str | None) -> bool:
 
 
 def _plain_text(value: object) -> bool:
+    """Text fit for an identifier column: a printable string of at most MAX_ID_CHARS."""
     return isinstance(value, str) and len(value) <= MAX_ID_CHARS and value.isprintable()
 
 
@@ -68,7 +69,7 @@ def parse_delivery(
     ident = ident.strip(" \t")  # HTTP whitespace only: "id\x85" is not "id"
     if not ident:
         raise PayloadError(f"missing {DELIVERY_ID_HEADER} header")
-    if len(ident) > MAX_ID_CHARS or not ident.isprintable():
+    if not _plain_text(ident):
         raise PayloadError(f"{DELIVERY_ID_HEADER} is not a valid identifier")
     retry_raw = headers.get(RETRY_HEADER, "0").strip() or "0"
     retry_count = int(retry_raw) if retry_raw.isdigit() and len(retry_raw) < 6 else 0

@@ -9,7 +9,6 @@ redirect back to the page instead of JSON.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,10 +18,8 @@ from bot.db.models import EVENT_STATUSES
 from bot.db.queries import EventFilter, get_event, retry_action_run, search_events
 from bot.replay import Selection, reset_events, select_events
 from bot.web import status
-from bot.web.errors import add_routes
+from bot.web.errors import Handler, add_routes
 from bot.web.keys import ENGINE, EXECUTOR, PROCESSOR, RULES, SETTINGS
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 VIA = web.RequestKey("admin_via", str)  # "bearer" or "cookie"
 PAGE_DEFAULT, PAGE_MAX = 50, 500
