@@ -26,8 +26,8 @@ from sqlalchemy import func, insert, select
 
 from bot.db.engine import create_engine, upgrade, writes_for
 from bot.db.models import action_runs, events, utcnow
-from bot.executor import ActionExecutor
-from bot.processor import idempotency_key
+from bot.pipeline.executor import ActionExecutor
+from bot.pipeline.processor import idempotency_key
 from bot.services.actions import ActionRunner
 from bot.services.ubiops import UbiOpsClient
 

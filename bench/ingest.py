@@ -210,7 +210,7 @@ def bare_server(port: int) -> None:
     """Serve the baseline: read the body, answer 202 (run_app and its loop, like serve)."""
     from aiohttp import web
 
-    from bot.cli import event_loop
+    from bot.cli.main import event_loop
 
     async def handler(request: web.Request) -> web.Response:
         await request.read()

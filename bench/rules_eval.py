@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bot.rules import evaluate, load_rules
-from bot.rules.loader import JIRA_EVENTS
+from bot.rules.engine import evaluate
+from bot.rules.loader import JIRA_EVENTS, load_rules
 from bot.services.catalog import Operation, Param
 
 SIZES = (10, 100, 1000)

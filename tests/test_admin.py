@@ -12,12 +12,12 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from bot.core.webhook_plan import RegisteredWebhook, WebhookSpec
 from bot.db.engine import create_engine
 from bot.db.queries import get_event
 from bot.db.registrations import Registrations
 from bot.services.ubiops import UbiOpsClient
 from bot.settings import Settings
-from bot.webhook_plan import RegisteredWebhook, WebhookSpec
 from tests.conftest import ClientFactory
 from tests.fakes.ubiops import FakeUbiOps, Fault
 from tests.test_pipeline import RULES, TOKEN, issue_updated, wait_for

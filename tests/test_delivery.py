@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bot.delivery import parse_delivery
+from bot.core.delivery import parse_delivery
 from bot.errors import PayloadError
 
 HEADERS = {"Content-Type": "application/json"}

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bot.due import (
+from bot.core.due import (
     FAILED_RETENTION,
     MIN_EVENT_RETENTION,
     REFRESH_MARGIN,

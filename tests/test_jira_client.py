@@ -10,7 +10,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bot.due import refresh_due
+from bot.core.due import refresh_due
+from bot.core.verify import sign_connect
+from bot.core.webhook_plan import Need, WebhookSpec, plan_sync
 from bot.errors import ActionError
 from bot.services.catalog import PlannedRequest, plan_request, registry
 from bot.services.http import RetryPolicy
@@ -22,8 +24,6 @@ from bot.services.jira import (
     next_request,
     parse_jira_time,
 )
-from bot.verify import sign_connect
-from bot.webhook_plan import Need, WebhookSpec, plan_sync
 from tests.fakes.jira import ACCESS_TOKEN_TTL_S, LIFETIME_S, FakeJira
 
 QUICK = RetryPolicy(max_attempts=2, base_delay_s=0.0, max_delay_s=0.0, timeout_s=5.0)

@@ -8,9 +8,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from bot.core.verify import relative_path, verify_connect, verify_oauth
 from bot.errors import VerificationError
 from bot.rules.jql import check_jql
-from bot.verify import relative_path, verify_connect, verify_oauth
 from tests.fakes.jira import FakeJira, issue_updated_payload, jql_error
 
 ACCEPTED = [
@@ -54,7 +54,7 @@ def test_rule_checker_agrees_with_the_fake(jql: str) -> None:
 
 
 class Receiver:
-    """A stand-in for deploybot's endpoint that verifies with bot.verify and records."""
+    """A stand-in for deploybot's endpoint that verifies with bot.core.verify and records."""
 
     def __init__(self, fake: FakeJira, app_base_path: str) -> None:
         self.fake = fake

@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bot.core.delivery import parse_delivery
 from bot.db.engine import create_engine, upgrade
 from bot.db.models import action_runs, events
 from bot.db.queries import get_event
@@ -25,12 +26,18 @@ from bot.db.registrations import (
 )
 from bot.db.store import EventStore
 from bot.db.tenants import Tenants
-from bot.delivery import parse_delivery
 from bot.errors import ServiceDisabled
-from bot.executor import ActionExecutor
-from bot.jobs import JiraAccess, JiraActionClients, WebhookMaintenance, poll_all_failed, prune
-from bot.processor import EventProcessor
-from bot.rules import Rule, RuleSet, load_rules
+from bot.jira_app.jobs import (
+    JiraAccess,
+    JiraActionClients,
+    WebhookMaintenance,
+    poll_all_failed,
+    prune,
+)
+from bot.pipeline.executor import ActionExecutor
+from bot.pipeline.processor import EventProcessor
+from bot.rules.loader import load_rules
+from bot.rules.model import Rule, RuleSet
 from bot.services.actions import ActionRunner
 from bot.services.http import RetryPolicy
 from bot.settings import Settings

@@ -14,14 +14,15 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from bot.core.delivery import Delivery
+from bot.core.webhook_plan import RegisteredWebhook, WebhookSpec
 from bot.db.engine import create_engine, upgrade
 from bot.db.models import events, rule_matches
 from bot.db.registrations import Registrations, WebhookFilters
 from bot.db.store import EventStore
-from bot.delivery import Delivery
-from bot.processor import EventProcessor
-from bot.rules import evaluate, load_rules, matched_webhook_ids
-from bot.webhook_plan import RegisteredWebhook, WebhookSpec
+from bot.pipeline.processor import EventProcessor
+from bot.rules.engine import evaluate, matched_webhook_ids
+from bot.rules.loader import load_rules
 from tests.fakes.jira import issue_updated_payload
 from tests.test_rules_helpers import REGISTRY, write_rules
 

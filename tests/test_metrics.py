@@ -13,8 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bot.db.engine import create_engine
 from bot.db.models import utcnow, webhook_registrations
-from bot.metrics import Metrics, Snapshot, delivery_outcome, snapshot_families
 from bot.settings import Settings
+from bot.web.metrics import Metrics, Snapshot, delivery_outcome, snapshot_families
 from tests import test_pipeline
 from tests.conftest import ClientFactory
 from tests.fakes.ubiops import FakeUbiOps

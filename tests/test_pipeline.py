@@ -15,14 +15,15 @@ import pytest
 from aiohttp.test_utils import TestServer
 from sqlalchemy import func, select
 
+from bot.core.delivery import Delivery
 from bot.db.engine import create_engine, upgrade
 from bot.db.models import action_runs, events, rule_matches, utcnow
 from bot.db.queries import get_event
 from bot.db.store import EventStore
-from bot.delivery import Delivery
-from bot.executor import ActionExecutor, RetryBudget
-from bot.processor import EventProcessor
-from bot.rules import RuleWatcher, load_rules
+from bot.pipeline.executor import ActionExecutor, RetryBudget
+from bot.pipeline.processor import EventProcessor
+from bot.rules.loader import load_rules
+from bot.rules.watcher import RuleWatcher
 from bot.services.actions import ActionRunner
 from bot.services.http import RetryPolicy
 from bot.services.ubiops import UbiOpsClient
@@ -257,7 +258,7 @@ async def test_crash_between_claim_and_completion_plans_once(
 
 
 async def crashed_claim_replay(processor: EventProcessor, event_id: int) -> bool:
-    from bot.processor import Claimed
+    from bot.pipeline.processor import Claimed
 
     async with processor._engine.connect() as conn:
         body = (
@@ -283,7 +284,7 @@ async def test_crash_after_sending_a_create_gives_one_object(
             dying = ActionExecutor(engine, runner, rules_dir=rules_dir, lease_s=60)
             [run] = await dying.claim(1)
             # The worker sends the create, then is killed before recording the outcome.
-            from bot.rules import render_params
+            from bot.rules.templates import render_params
 
             params = render_params(dying._step(run), run.context)
             await runner.run(run.action, params)
@@ -333,7 +334,7 @@ async def _store_deliveries(database_url: str, count: int) -> None:
 async def test_while_deliveries_load_the_write_path_batches_are_small(
     database_url: str, rules_dir: Path
 ) -> None:
-    from bot.processor import BUSY_BATCH
+    from bot.pipeline.processor import BUSY_BATCH
 
     await _store_deliveries(database_url, 3 * BUSY_BATCH)
     ruleset = load_rules(rules_dir)
@@ -351,7 +352,7 @@ async def test_while_deliveries_load_the_write_path_batches_are_small(
 async def test_a_batch_holds_a_bounded_number_of_rule_evaluations(
     database_url: str, tmp_path: Path
 ) -> None:
-    from bot.processor import BATCH_EVALUATIONS
+    from bot.pipeline.processor import BATCH_EVALUATIONS
 
     folder = tmp_path / "many"
     folder.mkdir()

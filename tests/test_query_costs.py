@@ -17,9 +17,9 @@ from sqlalchemy import insert
 
 from bot.db.engine import ThreadWrites, create_engine, upgrade
 from bot.db.models import action_runs, events, utcnow
-from bot.executor import ActionExecutor
-from bot.processor import EventProcessor
-from bot.rules import load_rules
+from bot.pipeline.executor import ActionExecutor
+from bot.pipeline.processor import EventProcessor
+from bot.rules.loader import load_rules
 from bot.services.actions import ActionRunner
 from tests.test_pipeline import issue_updated
 

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from bot.rules import build_context, load_rules, render_params
+from bot.rules.loader import load_rules
+from bot.rules.templates import build_context, render_params
 from bot.services.catalog import plan_request, registry
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"

@@ -14,14 +14,14 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.cli import main
+from bot.core.delivery import Delivery
 from bot.db.engine import create_engine, upgrade
 from bot.db.models import action_runs, events
 from bot.db.store import EventStore
-from bot.delivery import Delivery
-from bot.executor import ActionExecutor
-from bot.processor import EventProcessor
-from bot.replay import PROGRESS_MIN_EVENTS, Selection, parse_since, render_bar, replay
-from bot.rules import load_rules
+from bot.pipeline.executor import ActionExecutor
+from bot.pipeline.processor import EventProcessor
+from bot.pipeline.replay import PROGRESS_MIN_EVENTS, Selection, parse_since, render_bar, replay
+from bot.rules.loader import load_rules
 from bot.services.actions import ActionRunner
 from bot.services.ubiops import UbiOpsClient
 from tests import test_pipeline

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from bot.rules import dry_run, load_rules, plan_dry_run
-from bot.rules.cli import cmd_check, cmd_test
-from bot.rules.loader import ActionSpec
+from bot.cli.rules import cmd_check, cmd_test
+from bot.rules.dryrun import dry_run, plan_dry_run
+from bot.rules.loader import ActionSpec, load_rules
 from tests.test_rules_helpers import DATA_DIR, REGISTRY, payload, write_rules
 
 REPO_RULES = Path(__file__).parent.parent / "rules"

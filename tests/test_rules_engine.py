@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from bot.rules import evaluate, load_rules
 from bot.rules.conditions import resolve
+from bot.rules.engine import evaluate
+from bot.rules.loader import load_rules
 from tests.test_rules_helpers import REGISTRY, payload, write_rules
 
 _STEP = """
@@ -251,7 +252,7 @@ def test_rules_package_imports_neither_aiohttp_nor_sqlalchemy() -> None:
     import sys
 
     code = (
-        "import sys, bot.rules, bot.rules.cli; "
+        "import sys, bot.rules, bot.cli.rules; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('aiohttp', 'sqlalchemy')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

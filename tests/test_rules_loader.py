@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from bot.errors import RuleError
-from bot.rules import check_rules, load_rules
 from bot.rules.conditions import AnyOf, ChangedCondition, FieldCondition, NotOf
+from bot.rules.loader import check_rules, load_rules
 from bot.services import catalog
 from tests.test_rules_helpers import REGISTRY, write_rules
 

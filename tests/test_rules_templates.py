@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from bot.errors import TemplateRenderError
-from bot.rules import build_context, load_rules, render_params
+from bot.rules.loader import load_rules
 from bot.rules.model import Step
-from bot.rules.templates import compile_template
+from bot.rules.templates import build_context, compile_template, render_params
 from tests.test_rules_helpers import REGISTRY, payload, write_rules
 
 

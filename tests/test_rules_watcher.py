@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.rules import RuleWatcher
+from bot.rules.watcher import RuleWatcher
 from tests.test_rules_helpers import REGISTRY
 
 RULE = """\

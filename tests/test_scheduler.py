@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.db.engine import create_engine, upgrade
 from bot.db.models import events
-from bot.scheduler import SCHEDULER_LOCK_ID, Job, LeaderLock, Scheduler
+from bot.jira_app.scheduler import SCHEDULER_LOCK_ID, Job, LeaderLock, Scheduler
 from bot.settings import Settings
 from tests.conftest import PG_URL_ENV, ClientFactory, postgres_database
 

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
+from bot.core.webhook_plan import RegisteredWebhook, WebhookSpec
 from bot.db.engine import create_engine
 from bot.db.queries import get_event
 from bot.db.registrations import Registrations
 from bot.settings import Settings
 from bot.web.status import csrf_token, until
-from bot.webhook_plan import RegisteredWebhook, WebhookSpec
 from tests.conftest import ClientFactory
 from tests.fakes.ubiops import Fault
 from tests.test_admin import (

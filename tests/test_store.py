@@ -15,6 +15,7 @@ from alembic import command
 from sqlalchemy import bindparam, select, text
 from sqlalchemy import event as sa_event
 
+from bot.core.delivery import Delivery
 from bot.db.engine import (
     ThreadWrites,
     Writes,
@@ -25,7 +26,6 @@ from bot.db.engine import (
 )
 from bot.db.models import events, rule_matches
 from bot.db.store import LOADED_BATCH, LOADED_WITHIN_S, EventStore
-from bot.delivery import Delivery
 from bot.errors import StoreUnavailable
 from bot.settings import Settings
 from tests.conftest import CLIENT_SECRET, ClientFactory, postgres_behind_proxy

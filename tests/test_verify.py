@@ -8,7 +8,7 @@ import jwt
 import pytest
 from atlassian_jwt.url_utils import hash_url
 
-from bot import verify
+from bot.core import verify
 from bot.errors import VerificationError
 
 SECRET = "s" * 48

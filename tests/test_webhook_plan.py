@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from bot.webhook_plan import (
+from bot.core.webhook_plan import (
     Desired,
     Need,
     RegisteredWebhook,

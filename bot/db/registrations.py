@@ -12,8 +12,8 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bot.core.webhook_plan import RegisteredWebhook, WebhookSpec
 from bot.db.models import kv, utcnow, webhook_registrations
-from bot.webhook_plan import RegisteredWebhook, WebhookSpec
 
 # kv keys. The refresh token is a secret: it is stored, never logged or printed.
 OAUTH_REFRESH_TOKEN_KEY = "jira.oauth.refresh_token"

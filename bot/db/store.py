@@ -20,10 +20,10 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bot.core.delivery import Delivery
 from bot.db.engine import ThreadWrites, Writes
 from bot.db.group_commit import GroupCommit, ThreadGroupCommit
 from bot.db.models import events, utcnow
-from bot.delivery import Delivery
 from bot.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)

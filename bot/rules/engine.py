@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from bot.core.webhook_plan import normalize_jql
 from bot.rules.conditions import first_failure
 from bot.rules.model import Evaluation, Miss, Rule, RuleSet
-from bot.webhook_plan import normalize_jql
 
 
 def matched_webhook_ids(payload: Mapping[str, Any]) -> list[int]:

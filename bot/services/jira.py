@@ -17,12 +17,12 @@ from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
 
+from bot.core.verify import sign_connect
+from bot.core.webhook_plan import AuthMode, RegisteredWebhook, SyncPlan, WebhookSpec
 from bot.errors import ActionError
 from bot.services import http
 from bot.services.catalog import Operation, Param, PlannedRequest, plan_request
 from bot.services.tokens import AccessToken, CachedToken, parse_token_answer
-from bot.verify import sign_connect
-from bot.webhook_plan import AuthMode, RegisteredWebhook, SyncPlan, WebhookSpec
 
 SERVICE = "jira"
 DEFAULT_POLICY = http.RetryPolicy()

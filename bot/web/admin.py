@@ -16,7 +16,7 @@ from aiohttp import web
 
 from bot.db.models import EVENT_STATUSES
 from bot.db.queries import EventFilter, get_event, retry_action_run, search_events
-from bot.replay import Selection, reset_events, select_events
+from bot.pipeline.replay import Selection, reset_events, select_events
 from bot.web import status
 from bot.web.errors import Handler, add_routes
 from bot.web.keys import ENGINE, EXECUTOR, PROCESSOR, RULES, SETTINGS

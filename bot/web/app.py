@@ -12,21 +12,20 @@ import aiohttp
 from aiohttp import web
 from sqlalchemy import text
 
-from bot import metrics
 from bot.db.engine import Writes, create_engine, upgrade, writes_for
 from bot.db.store import EventStore, database_error
 from bot.db.tenants import Tenants
-from bot.executor import ActionExecutor, RetryBudget
-from bot.jobs import DELIVERY_PATH, JiraAccess, JiraActionClients
-from bot.processor import EventProcessor
-from bot.rules import RuleWatcher
-from bot.scheduler import scheduler_ctx
+from bot.jira_app.jobs import DELIVERY_PATH, JiraAccess, JiraActionClients
+from bot.jira_app.scheduler import LEADER_CHECK_MAX_S, LeaderLock, Scheduler, scheduled_jobs
+from bot.pipeline.executor import ActionExecutor, RetryBudget
+from bot.pipeline.processor import EventProcessor
+from bot.rules.watcher import RuleWatcher
 from bot.services.actions import ActionRunner, ServiceClient
 from bot.services.genesys import GenesysClient
 from bot.services.http import RetryPolicy
 from bot.services.ubiops import UbiOpsClient
 from bot.settings import Settings
-from bot.web import admin, jira
+from bot.web import admin, jira, metrics
 from bot.web.errors import add_routes, json_errors
 from bot.web.keys import (
     CLOCK,
@@ -213,3 +212,28 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
         )
     admin.setup(app)
     return app
+
+
+async def scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Run the scheduler (when this replica leads) for the application's lifetime."""
+    settings, watcher = app[SETTINGS], app[RULES]
+    jobs = scheduled_jobs(
+        settings,
+        app[ENGINE],
+        app[HTTP],
+        app[STORE],
+        lambda: watcher.current if watcher.loaded else None,
+        app[EXECUTOR].wakeup,
+        app[CLOCK],
+    )
+    scheduler = Scheduler(
+        jobs,
+        LeaderLock(app[ENGINE]),
+        check_s=min(settings.scheduler_interval_s, LEADER_CHECK_MAX_S),
+        clock=app[CLOCK],
+    )
+    task = asyncio.create_task(scheduler.run(), name="scheduler")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -9,8 +9,9 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
-from bot import logs, verify
-from bot.delivery import parse_delivery
+from bot import logs
+from bot.core import verify
+from bot.core.delivery import parse_delivery
 from bot.errors import PayloadError, VerificationError
 from bot.web.keys import CLOCK, HTTP, INSTALL_KEYS, SETTINGS, STORE, TENANTS
 

@@ -10,9 +10,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.db.store import EventStore
 from bot.db.tenants import Tenants
-from bot.executor import ActionExecutor
-from bot.processor import EventProcessor
-from bot.rules import RuleWatcher
+from bot.pipeline.executor import ActionExecutor
+from bot.pipeline.processor import EventProcessor
+from bot.rules.watcher import RuleWatcher
 from bot.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)

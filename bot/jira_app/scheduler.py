@@ -12,19 +12,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from aiohttp import web
+import aiohttp
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from bot import jobs
-from bot.web.keys import CLOCK, ENGINE, EXECUTOR, HTTP, RULES, SETTINGS, STORE
+from bot.db.store import EventStore
+from bot.jira_app import jobs
+from bot.rules.model import RuleSet
+from bot.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -178,24 +180,28 @@ class Scheduler:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def app_jobs(app: web.Application) -> list[Job]:
-    """Build the scheduled jobs from the application's resources."""
-    settings, engine = app[SETTINGS], app[ENGINE]
-    access = jobs.JiraAccess(settings, engine, app[HTTP], clock=app[CLOCK])
-    watcher, executor, store = app[RULES], app[EXECUTOR], app[STORE]
+def scheduled_jobs(
+    settings: Settings,
+    engine: AsyncEngine,
+    http: aiohttp.ClientSession,
+    store: EventStore,
+    rules: Callable[[], RuleSet | None],
+    actions_due: asyncio.Event,
+    clock: Callable[[], float],
+) -> list[Job]:
+    """Build the scheduled jobs from the service's resources."""
+    access = jobs.JiraAccess(settings, engine, http, clock=clock)
     tick_s = settings.scheduler_interval_s
     retention = timedelta(days=settings.retention_days)
     maintenance = jobs.WebhookMaintenance(
-        access,
-        lambda: watcher.current if watcher.loaded else None,
-        timedelta(seconds=settings.webhooks_interval_s),
+        access, rules, timedelta(seconds=settings.webhooks_interval_s)
     )
 
     async def failed(now: datetime) -> int:
         return await jobs.poll_all_failed(access, store, now)
 
     async def retries(_now: datetime) -> None:
-        await jobs.wake_due_actions(executor.wakeup)
+        await jobs.wake_due_actions(actions_due)
 
     async def prune(now: datetime) -> tuple[int, int]:
         return await jobs.prune(engine, now, retention)
@@ -209,19 +215,3 @@ def app_jobs(app: web.Application) -> list[Job]:
     return [
         j for j in table if j.name != "failed-deliveries" or settings.jira_auth_mode == "connect"
     ]
-
-
-async def scheduler_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Run the scheduler (when this replica leads) for the application's lifetime."""
-    settings = app[SETTINGS]
-    scheduler = Scheduler(
-        app_jobs(app),
-        LeaderLock(app[ENGINE]),
-        check_s=min(settings.scheduler_interval_s, LEADER_CHECK_MAX_S),
-        clock=app[CLOCK],
-    )
-    task = asyncio.create_task(scheduler.run(), name="scheduler")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

@@ -30,7 +30,8 @@ from bot import logs
 from bot.db.engine import Writes, save_until_done
 from bot.db.models import UTCDateTime, action_runs, events, rule_matches, utcnow
 from bot.db.registrations import WebhookFilters
-from bot.rules import Evaluation, RuleSet, evaluate, matched_webhook_ids
+from bot.rules.engine import evaluate, matched_webhook_ids
+from bot.rules.model import Evaluation, RuleSet
 
 log = logging.getLogger(__name__)
 

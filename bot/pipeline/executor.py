@@ -28,13 +28,14 @@ from sqlalchemy.sql import ColumnElement
 from sqlalchemy.sql.elements import BindParameter
 
 from bot import logs
+from bot.core.due import next_attempt_at
 from bot.db.engine import Writes, save_until_done
 from bot.db.group_commit import GroupCommit
 from bot.db.models import UTCDateTime, action_attempts, action_runs, events, utcnow
-from bot.due import next_attempt_at
 from bot.errors import ActionError, ServiceDisabled, TemplateRenderError
-from bot.processor import claim_statement, wait_until_set
-from bot.rules import Step, build_context, render_params
+from bot.pipeline.processor import claim_statement, wait_until_set
+from bot.rules.model import Step
+from bot.rules.templates import build_context, render_params
 from bot.services.actions import ActionRunner, Done, Wait, action_params
 
 log = logging.getLogger(__name__)

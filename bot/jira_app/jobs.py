@@ -1,7 +1,7 @@
 """The scheduler's jobs: plain async functions with explicit dependencies and a given `now`.
 
-What is due is decided in `bot.due` (pure); these functions only read, call Jira, store.
-`bot.scheduler` runs them; `deploybot webhooks sync|list` calls them directly.
+What is due is decided in `bot.core.due` (pure); these functions only read, call Jira, store.
+`bot.jira_app.scheduler` runs them; `deploybot webhooks sync|list` calls them directly.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ import orjson
 from sqlalchemy import delete, exists
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bot.core.delivery import parse_delivery
+from bot.core.due import failed_after_ms, prune_before, refresh_due
+from bot.core.webhook_plan import Need, RegisteredWebhook, plan_sync
 from bot.db.engine import create_engine, upgrade
 from bot.db.models import action_runs, events
 from bot.db.registrations import (
@@ -31,14 +34,12 @@ from bot.db.registrations import (
 )
 from bot.db.store import EventStore
 from bot.db.tenants import Tenant, Tenants
-from bot.delivery import parse_delivery
-from bot.due import failed_after_ms, prune_before, refresh_due
 from bot.errors import ActionError, PayloadError, RuleError
-from bot.rules import RuleSet, load_rules
+from bot.rules.loader import load_rules
+from bot.rules.model import RuleSet
 from bot.services import http
 from bot.services.jira import DEFAULT_POLICY, ConnectAuth, JiraClient, OAuthTokens
 from bot.settings import Settings
-from bot.webhook_plan import Need, RegisteredWebhook, plan_sync
 
 log = logging.getLogger(__name__)
 

@@ -189,7 +189,7 @@ def _events_show(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _events_replay(settings: Settings, args: argparse.Namespace) -> int:
-    from bot import replay
+    from bot.pipeline import replay
 
     try:
         since = replay.parse_since(args.since, utcnow()) if args.since else None
@@ -214,25 +214,25 @@ def _events_replay(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _rules_check(settings: Settings, args: argparse.Namespace) -> int:
-    from bot.rules.cli import cmd_check
+    from bot.cli.rules import cmd_check
 
     return cmd_check(args.dir or settings.rules_dir)
 
 
 def _rules_test(settings: Settings, args: argparse.Namespace) -> int:
-    from bot.rules.cli import cmd_test
+    from bot.cli.rules import cmd_test
 
     return cmd_test(args.event, args.rules or settings.rules_dir)
 
 
 def _webhooks_sync(settings: Settings, _args: argparse.Namespace) -> int:
-    from bot.jobs import cmd_sync
+    from bot.jira_app.jobs import cmd_sync
 
     return cmd_sync(settings)
 
 
 def _webhooks_list(settings: Settings, args: argparse.Namespace) -> int:
-    from bot.jobs import cmd_list
+    from bot.jira_app.jobs import cmd_list
 
     return cmd_list(settings, args.json)
 
