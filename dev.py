@@ -54,6 +54,7 @@ def main(args: list[str]) -> int:
         run(str(BIN / "ruff"), "check", ".")
         or run(str(BIN / "ruff"), "format", "--check", ".")
         or run(str(BIN / "mypy"))
+        or run(str(BIN / "lint-imports"))
     )
 
 

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bot.core.catalog import Operation, Param
 from bot.rules.engine import evaluate
 from bot.rules.loader import JIRA_EVENTS, load_rules
-from bot.services.catalog import Operation, Param
 
 SIZES = (10, 100, 1000)
 ROUNDS, ROUND_S = 5, 0.1  # best of 5 rounds of 0.1 s: the whole run stays well under 20 s

@@ -6,9 +6,7 @@ from typing import Any
 
 import pytest
 
-from bot.errors import ActionError
-from bot.services import ubiops
-from bot.services.catalog import (
+from bot.core.catalog import (
     CreateSpec,
     Operation,
     Param,
@@ -20,6 +18,8 @@ from bot.services.catalog import (
     plan_request,
     registry,
 )
+from bot.errors import ActionError
+from bot.services import ubiops
 
 DEPLOYMENTS = "/projects/{project_name}/deployments"
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bot.cli import main
+from bot.cli.main import main
 from bot.settings import Settings
 from tests.conftest import ClientFactory
 from tests.test_webhooks import PAYLOAD, headers

@@ -15,9 +15,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from bot.core.backoff import RetryPolicy, retry_delay_s
+from bot.core.catalog import PlannedRequest
 from bot.errors import ActionError
-from bot.services.catalog import PlannedRequest
-from bot.services.http import RateLimiter, RetryPolicy, retry_delay_s, send
+from bot.services.http import RateLimiter, send
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 POLICY = RetryPolicy(max_attempts=4, base_delay_s=0.5, max_delay_s=30.0, timeout_s=2.0)

@@ -10,12 +10,12 @@ from typing import Any
 import aiohttp
 import pytest
 
+from bot.core.backoff import RetryPolicy
+from bot.core.catalog import PlannedRequest, plan_request, registry
 from bot.core.due import refresh_due
 from bot.core.verify import sign_connect
 from bot.core.webhook_plan import Need, WebhookSpec, plan_sync
 from bot.errors import ActionError
-from bot.services.catalog import PlannedRequest, plan_request, registry
-from bot.services.http import RetryPolicy
 from bot.services.jira import (
     OPERATIONS_BY_NAME,
     ConnectAuth,

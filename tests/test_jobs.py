@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bot.core.backoff import RetryPolicy
 from bot.core.delivery import parse_delivery
 from bot.db.engine import create_engine, upgrade
 from bot.db.models import action_runs, events
@@ -39,7 +40,6 @@ from bot.pipeline.processor import EventProcessor
 from bot.rules.loader import load_rules
 from bot.rules.model import Rule, RuleSet
 from bot.services.actions import ActionRunner
-from bot.services.http import RetryPolicy
 from bot.settings import Settings
 from tests.fakes.jira import FakeJira, FakeWebhook, issue_updated_payload
 

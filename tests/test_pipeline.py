@@ -15,6 +15,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from sqlalchemy import func, select
 
+from bot.core.backoff import RetryPolicy
 from bot.core.delivery import Delivery
 from bot.db.engine import create_engine, upgrade
 from bot.db.models import action_runs, events, rule_matches, utcnow
@@ -25,7 +26,6 @@ from bot.pipeline.processor import EventProcessor
 from bot.rules.loader import load_rules
 from bot.rules.watcher import RuleWatcher
 from bot.services.actions import ActionRunner
-from bot.services.http import RetryPolicy
 from bot.services.ubiops import UbiOpsClient
 from bot.settings import Settings
 from tests.conftest import ClientFactory

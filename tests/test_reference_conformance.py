@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import yaml
 
+from bot.core.catalog import plan_request, registry
 from bot.rules.loader import load_rules
 from bot.rules.templates import build_context, render_params
-from bot.services.catalog import plan_request, registry
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 pytestmark = pytest.mark.skipif(

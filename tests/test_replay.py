@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot.cli import main
+from bot.cli.main import main
 from bot.core.delivery import Delivery
 from bot.db.engine import create_engine, upgrade
 from bot.db.models import action_runs, events

@@ -175,8 +175,8 @@ def test_test_refuses_broken_rules(rules_copy: Path, capsys: pytest.CaptureFixtu
 def test_high_level_actions_are_checked_and_shown_without_a_single_request(
     tmp_path: Path,
 ) -> None:
+    from bot.core.catalog import Param
     from bot.services.actions import Done, HighLevelAction, ServiceClient
-    from bot.services.catalog import Param
 
     async def run(client: ServiceClient, params: object, state: object) -> Done:
         return Done(None)  # pragma: no cover - a dry run never runs actions

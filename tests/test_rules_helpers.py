@@ -7,7 +7,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from bot.services.catalog import Operation, Param
+from bot.core.catalog import Operation, Param
 
 DATA_DIR = Path(__file__).parent / "data"
 _PROJECT = Param("project_name", "path", required=True)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from bot.core import catalog
 from bot.errors import RuleError
 from bot.rules.conditions import AnyOf, ChangedCondition, FieldCondition, NotOf
 from bot.rules.loader import check_rules, load_rules
-from bot.services import catalog
 from tests.test_rules_helpers import REGISTRY, write_rules
 
 REPO_RULES = Path(__file__).parent.parent / "rules"

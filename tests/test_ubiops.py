@@ -12,10 +12,10 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from bot.core.backoff import RetryPolicy
 from bot.errors import ActionError, ServiceDisabled
 from bot.services import ubiops
 from bot.services.actions import ActionRunner, Done, Outcome, Wait
-from bot.services.http import RetryPolicy
 from bot.services.ubiops import UbiOpsClient
 from tests.fakes.ubiops import FakeUbiOps, Fault
 

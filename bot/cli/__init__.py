@@ -1,5 +1,1 @@
-"""The `deploybot` command: one module per command group."""
-
-from bot.cli.main import main
-
-__all__ = ["main"]
+"""The `deploybot` command: the parser in `main`, one module per command group."""

@@ -10,7 +10,7 @@ import random
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
-from bot.services.http import RetryPolicy, retry_delay_s
+from bot.core.backoff import RetryPolicy, retry_delay_s
 
 # Jira drops a dynamic webhook 30 days after its creation or last refresh.
 WEBHOOK_LIFETIME = timedelta(days=30)
@@ -63,7 +63,7 @@ def next_attempt_at(
 ) -> datetime:
     """Return when a failed action run (its `attempt`-th try) is tried again.
 
-    The backoff is the shared one of `http.retry_delay_s` (exponential, full jitter); the
+    The backoff is the shared one of `backoff.retry_delay_s` (exponential, full jitter); the
     run's own attempt budget is the executor's, so this never says "stop". A wait the
     service asked for wins, even beyond `max_s`: retrying earlier would only be refused.
     """

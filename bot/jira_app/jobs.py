@@ -20,6 +20,7 @@ import orjson
 from sqlalchemy import delete, exists
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bot.core.backoff import RetryPolicy
 from bot.core.delivery import parse_delivery
 from bot.core.due import failed_after_ms, prune_before, refresh_due
 from bot.core.webhook_plan import Need, RegisteredWebhook, plan_sync
@@ -37,7 +38,6 @@ from bot.db.tenants import Tenant, Tenants
 from bot.errors import ActionError, PayloadError, RuleError
 from bot.rules.loader import load_rules
 from bot.rules.model import RuleSet
-from bot.services import http
 from bot.services.jira import DEFAULT_POLICY, ConnectAuth, JiraClient, OAuthTokens
 from bot.settings import Settings
 
@@ -88,7 +88,7 @@ class JiraAccess:
     engine: AsyncEngine
     session: aiohttp.ClientSession
     clock: Callable[[], float] = time.time
-    policy: http.RetryPolicy = DEFAULT_POLICY
+    policy: RetryPolicy = DEFAULT_POLICY
 
     @property
     def delivery_url(self) -> str | None:

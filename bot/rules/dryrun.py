@@ -11,13 +11,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from bot.core import catalog
+from bot.core.catalog import Operation, PlannedRequest
 from bot.errors import DeploybotError
 from bot.rules.engine import evaluate
 from bot.rules.loader import ActionSpec, default_registry
 from bot.rules.model import Miss, Rule, RuleSet, Step
 from bot.rules.templates import build_context, render_params
-from bot.services import catalog
-from bot.services.catalog import Operation, PlannedRequest
 
 
 class Placeholder:

@@ -20,6 +20,8 @@ import yaml
 from jinja2 import TemplateSyntaxError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from bot.core import catalog
+from bot.core.catalog import Param
 from bot.errors import RuleError
 from bot.rules import templates
 from bot.rules.conditions import (
@@ -33,8 +35,6 @@ from bot.rules.conditions import (
 )
 from bot.rules.jql import check_jql
 from bot.rules.model import Rule, RuleSet, Step, content_version
-from bot.services import catalog
-from bot.services.catalog import Param
 
 # Jira's dynamic webhooks take only these events.
 JIRA_EVENTS: Final = (

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from bot.errors import ActionError, ServiceDisabled
-from bot.services.catalog import (
+from bot.core.catalog import (
     Operation,
     Param,
     check_params,
@@ -25,6 +24,7 @@ from bot.services.catalog import (
     registry,
     service_modules,
 )
+from bot.errors import ActionError, ServiceDisabled
 
 # Parameters holding a local file path; a relative one is resolved against files_dir.
 PATH_LOCATIONS = frozenset({"file", "download"})

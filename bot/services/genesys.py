@@ -18,9 +18,8 @@ from typing import Any
 
 import aiohttp
 
-from bot.errors import ActionError, SettingsError
-from bot.services.actions import Done, HighLevelAction, Outcome, ServiceClient
-from bot.services.catalog import (
+from bot.core.backoff import RetryPolicy
+from bot.core.catalog import (
     CreateSpec,
     Operation,
     Param,
@@ -29,7 +28,9 @@ from bot.services.catalog import (
     check_params,
     plan_request,
 )
-from bot.services.http import RateLimiter, RetryPolicy, Sleep, send
+from bot.errors import ActionError, SettingsError
+from bot.services.actions import Done, HighLevelAction, Outcome, ServiceClient
+from bot.services.http import RateLimiter, Sleep, send
 from bot.services.tokens import AccessToken, CachedToken, parse_token_answer
 from bot.settings import GENESYS_REGIONS as REGIONS
 

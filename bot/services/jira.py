@@ -17,15 +17,16 @@ from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
 
+from bot.core.backoff import RetryPolicy
+from bot.core.catalog import Operation, Param, PlannedRequest, plan_request
 from bot.core.verify import sign_connect
 from bot.core.webhook_plan import AuthMode, RegisteredWebhook, SyncPlan, WebhookSpec
 from bot.errors import ActionError
 from bot.services import http
-from bot.services.catalog import Operation, Param, PlannedRequest, plan_request
 from bot.services.tokens import AccessToken, CachedToken, parse_token_answer
 
 SERVICE = "jira"
-DEFAULT_POLICY = http.RetryPolicy()
+DEFAULT_POLICY = RetryPolicy()
 _HOOKS = "/rest/api/3/webhook"
 
 
@@ -181,7 +182,7 @@ class OAuthTokens(CachedToken):
         refresh_token: str,
         *,
         on_rotate: OnRotate | None = None,
-        policy: http.RetryPolicy = DEFAULT_POLICY,
+        policy: RetryPolicy = DEFAULT_POLICY,
         clock: Callable[[], float] = time.time,
         margin_s: float = 60.0,
     ) -> None:
@@ -238,7 +239,7 @@ class JiraClient:
         base_url: str,
         auth: ConnectAuth | OAuthTokens,
         *,
-        policy: http.RetryPolicy = DEFAULT_POLICY,
+        policy: RetryPolicy = DEFAULT_POLICY,
         limiter: http.RateLimiter | None = None,
         sleep: http.Sleep = asyncio.sleep,
         rng: random.Random | None = None,

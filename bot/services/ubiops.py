@@ -15,10 +15,11 @@ from typing import Any
 
 import aiohttp
 
+from bot.core.backoff import RetryPolicy
+from bot.core.catalog import CreateSpec, Operation, Param, plan_request
 from bot.errors import ActionError
 from bot.services.actions import Done, HighLevelAction, Outcome, ServiceClient, Wait
-from bot.services.catalog import CreateSpec, Operation, Param, plan_request
-from bot.services.http import RateLimiter, RetryPolicy, Sleep, send
+from bot.services.http import RateLimiter, Sleep, send
 
 SERVICE = "ubiops"
 DEFAULT_BASE_URL = "https://api.ubiops.com/v2.1"

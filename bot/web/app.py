@@ -12,6 +12,7 @@ import aiohttp
 from aiohttp import web
 from sqlalchemy import text
 
+from bot.core.backoff import RetryPolicy
 from bot.db.engine import Writes, create_engine, upgrade, writes_for
 from bot.db.store import EventStore, database_error
 from bot.db.tenants import Tenants
@@ -22,7 +23,6 @@ from bot.pipeline.processor import EventProcessor
 from bot.rules.watcher import RuleWatcher
 from bot.services.actions import ActionRunner, ServiceClient
 from bot.services.genesys import GenesysClient
-from bot.services.http import RetryPolicy
 from bot.services.ubiops import UbiOpsClient
 from bot.settings import Settings
 from bot.web import admin, jira, metrics
