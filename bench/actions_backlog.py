@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 from sqlalchemy import func, insert, select
 
-from bot.db.engine import create_engine, upgrade, writes_for
+from bot.db.engine import create_engine, upgrade
 from bot.db.models import action_runs, events, utcnow
 from bot.pipeline.executor import ActionExecutor
 from bot.pipeline.processor import idempotency_key
@@ -114,12 +114,9 @@ async def _direct(base_url: str, runs: int, concurrency: int) -> float:
 
 async def _drain(engine: Any, base_url: str, concurrency: int, rules_dir: Path) -> float:
     """Run the production executor loop until no run is left to do."""
-    writes = writes_for(engine)  # as `serve` writes: on a SQLite file, its write thread
     async with aiohttp.ClientSession() as session:
         runner = ActionRunner({"ubiops": UbiOpsClient(session, base_url, TOKEN, per_minute=10**9)})
-        executor = ActionExecutor(
-            engine, runner, rules_dir=rules_dir, concurrency=concurrency, writes=writes
-        )
+        executor = ActionExecutor(engine, runner, rules_dir=rules_dir, concurrency=concurrency)
         started = time.perf_counter()
         task = asyncio.create_task(executor.run(poll_s=0.05))
         open_runs = select(func.count()).where(action_runs.c.status != "succeeded")
@@ -131,7 +128,6 @@ async def _drain(engine: Any, base_url: str, concurrency: int, rules_dir: Path) 
         elapsed = time.perf_counter() - started
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        await writes.close()
         return elapsed
 
 

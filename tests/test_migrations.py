@@ -52,4 +52,3 @@ async def test_upgrade_downgrade_upgrade(database_url: str) -> None:
             assert await conn.run_sync(_differences) == []
     finally:
         await engine.dispose()
-

@@ -15,8 +15,9 @@ from typing import Any
 from sqlalchemy import event as sa_event
 from sqlalchemy import insert
 
-from bot.db.engine import ThreadWrites, create_engine, upgrade
+from bot.db.engine import create_engine, upgrade
 from bot.db.models import action_runs, events, utcnow
+from bot.db.writers import SqliteWriter, writer_for
 from bot.pipeline.executor import ActionExecutor
 from bot.pipeline.processor import EventProcessor
 from bot.rules.loader import load_rules
@@ -79,7 +80,8 @@ async def _claim_costs(tmp_path: Path, history: int) -> tuple[int, int, dict[str
     ruleset = load_rules(rules_dir)
     engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}")
     await upgrade(engine)
-    writes = ThreadWrites(engine)
+    writes = writer_for(engine)
+    assert isinstance(writes, SqliteWriter)
     try:
         async with engine.begin() as conn:
             if history:  # done events, each with both steps succeeded
@@ -106,16 +108,15 @@ async def _claim_costs(tmp_path: Path, history: int) -> tuple[int, int, dict[str
             dbapi.set_progress_handler(count, 100)
 
         sa_event.listen(writes.sync_engine, "connect", on_connect)
-        processor = EventProcessor(engine, lambda: ruleset, writes=writes)
+        processor = EventProcessor(engine, lambda: ruleset)
         assert await processor.run_once() == 1
         events_cost, counted[0] = counted[0], 0
-        executor = ActionExecutor(engine, ActionRunner({}), rules_dir=rules_dir, writes=writes)
+        executor = ActionExecutor(engine, ActionRunner({}), rules_dir=rules_dir)
         runs = await executor.claim(4)
         due = [r for r in runs if r.event_id == waiting]
         assert len(due) == 1 and due[0].step_index == 1
         return events_cost, counted[0], due[0].context
     finally:
-        await writes.close()
         await engine.dispose()
 
 

@@ -5,22 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sqlite3
-import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import orjson
-import sqlalchemy
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event, exc, make_url, text
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -147,221 +143,6 @@ def _watch_file(engine: AsyncEngine | Engine, path: Path) -> None:
     sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
     event.listen(sync_engine, "connect", connected)
     event.listen(sync_engine, "checkout", checkout)
-
-
-class Writes:
-    """Run write transactions: `run(fn, *args)` calls `fn(connection, *args)` in one.
-
-    `fn` is synchronous SQLAlchemy code. Here it runs on the async engine (through
-    `run_sync`); `ThreadWrites` runs it in a thread of its own instead.
-    """
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
-        self._driver: tuple[AsyncConnection, Any] | None = None  # held for run_driver
-        self._driver_used = 0.0  # monotonic time of its last statement
-        self._driver_lock = asyncio.Lock()
-
-    async def run(
-        self, fn: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs
-    ) -> T:
-        async with self.engine.begin() as conn:
-            return await conn.run_sync(fn, *args, **kwargs)
-
-    async def run_driver(self, fn: Callable[[Any], Awaitable[T]]) -> T:
-        """`await fn(driver)` on an asyncpg connection of the pool's, outside SQLAlchemy
-        (PostgreSQL only): each statement there is a transaction of its own. One call at
-        a time (the event store's group commit).
-
-        The connection stays checked out between calls: a checkout pings it, which
-        SQLAlchemy makes three round trips (BEGIN, `;`, ROLLBACK), once per batch of
-        deliveries otherwise. Unused for DRIVER_IDLE_S, it goes back to the pool and the
-        next call's checkout pings it again. The driver's errors come out as SQLAlchemy's
-        DBAPIError, as they do through `run`; a connection that failed (not the server
-        refusing a statement), or a call cancelled midway, is invalidated.
-        """
-        import asyncpg  # the postgres extra's driver: this method serves PostgreSQL alone
-
-        async with self._driver_lock:
-            if self._driver is not None and time.monotonic() - self._driver_used > DRIVER_IDLE_S:
-                await self._release_driver()
-            if self._driver is None:
-                conn = await self.engine.connect()
-                self._driver = (conn, (await conn.get_raw_connection()).driver_connection)
-            driver = self._driver[1]
-            try:
-                result = await fn(driver)
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as failure:
-                broken = driver.is_closed() or not isinstance(failure, asyncpg.PostgresError)
-                broken = broken or isinstance(failure, asyncpg.PostgresConnectionError)
-                if broken:
-                    await self._release_driver(invalidate=True)
-                raise exc.DBAPIError(
-                    None, None, failure, connection_invalidated=broken
-                ) from failure
-            except BaseException:
-                await self._release_driver(invalidate=True)
-                raise
-            self._driver_used = time.monotonic()
-            return result
-
-    async def _release_driver(self, *, invalidate: bool = False) -> None:
-        if self._driver is None:
-            return
-        conn, self._driver = self._driver[0], None
-        try:
-            if invalidate:
-                await conn.invalidate()
-        finally:
-            await conn.close()
-
-    async def run_relaxed(
-        self, fn: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs
-    ) -> T:
-        """Like `run`, for the workers' own state (leases, outcomes, plans), not deliveries.
-
-        On a SQLite file this commits without its own fsync (synchronous=NORMAL in WAL):
-        it survives a crash of the process, and the next delivery's commit, which is
-        fsync'd, makes it durable with everything before it. A power cut may lose the
-        last few such commits, which leases and idempotency keys already recover from
-        (a run is claimed again and looks before it creates). Elsewhere it is `run`.
-        """
-        return await self.run(fn, *args, **kwargs)
-
-    async def release_driver(self) -> None:
-        """Give `run_driver`'s connection back to the pool (its user stops: the store)."""
-        async with self._driver_lock:
-            await self._release_driver()
-
-    async def close(self) -> None:
-        """Release what this writer holds (the engine is the caller's)."""
-        await self.release_driver()
-
-
-class ThreadWrites(Writes):
-    """A SQLite file's writes, all in one thread with its own (synchronous) connections.
-
-    The process's writers (event store, processor, executor) queue here and never meet
-    SQLite's busy handler, which sleeps whole milliseconds; and a transaction holds the
-    write lock only while its statements run, never while it waits for the event loop
-    between them (an aiosqlite transaction does, once per statement, under load).
-
-    Deliveries (`run_sqlite`) use a plain sqlite3 connection of their own: every C call
-    gives up the GIL and, under load, waits for the event loop to hand it back, so the
-    transaction acknowledging deliveries makes as few calls, and runs as little Python, as
-    it can. The thread runs one transaction at a time, so its two connections never wait
-    for each other.
-    """
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        super().__init__(engine)
-        url = engine.url.set(drivername="sqlite")
-        self.sync_engine = sqlalchemy.create_engine(
-            url,
-            poolclass=QueuePool,
-            pool_size=1,
-            max_overflow=0,
-            connect_args={"timeout": 30, "check_same_thread": False},
-            **_JSON,
-        )
-        event.listen(self.sync_engine, "connect", _sqlite_pragmas)
-        self._path = Path(url.database or "").absolute()
-        _watch_file(self.sync_engine, self._path)
-        self._plain: tuple[sqlite3.Connection, tuple[int, int] | None] | None = None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writes")
-
-    async def run(
-        self, fn: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs
-    ) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._thread, lambda: self._transaction(True, fn, *args, **kwargs)
-        )
-
-    async def run_relaxed(
-        self, fn: Callable[Concatenate[Connection, P], T], *args: P.args, **kwargs: P.kwargs
-    ) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._thread, lambda: self._transaction(False, fn, *args, **kwargs)
-        )
-
-    def start(self, job: Callable[[], None]) -> None:
-        """Run `job` on the write thread after what is queued there (RuntimeError once
-        closed). It must catch its own errors: nothing waits for it."""
-        self._thread.submit(job)
-
-    def run_sqlite(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """On the write thread (a `start` job): `fn(connection)` on a plain sqlite3
-        connection in autocommit mode, where each statement is a durable transaction of its
-        own (synchronous=FULL)."""
-        conn = self._plain_connection()
-        try:
-            return fn(conn)
-        except BaseException:
-            self._close_plain()  # the next call opens afresh
-            raise
-
-    def _transaction(
-        self,
-        durable: bool,
-        fn: Callable[Concatenate[Connection, P], T],
-        *args: P.args,
-        **kwargs: P.kwargs,
-    ) -> T:
-        with self.sync_engine.begin() as conn:
-            # Before the first statement: pysqlite has not begun the transaction yet.
-            info = conn.connection.info
-            if info.get("durable", True) != durable:
-                conn.exec_driver_sql(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-                info["durable"] = durable
-            return fn(conn, *args, **kwargs)
-
-    def _plain_connection(self) -> sqlite3.Connection:
-        """The open plain connection, or a new one if there is none or the file changed."""
-        identity = file_identity(self._path)
-        if self._plain is not None and self._plain[1] == identity and identity is not None:
-            return self._plain[0]
-        self._close_plain()
-        # mode=rw: a file moved away is not silently recreated empty.
-        conn = sqlite3.connect(
-            f"{self._path.as_uri()}?mode=rw",
-            uri=True,
-            timeout=30,
-            isolation_level=None,
-            check_same_thread=False,
-        )
-        try:
-            _sqlite_pragmas(conn, None)
-        except sqlite3.Error:
-            conn.close()
-            raise
-        self._plain = (conn, identity)
-        return conn
-
-    def _close_plain(self) -> None:
-        if self._plain is not None:
-            conn, self._plain = self._plain[0], None
-            try:
-                conn.close()
-            except sqlite3.Error as exc:
-                log.warning("closing a SQLite connection failed: %s", exc)
-
-    async def close(self) -> None:
-        def dispose() -> None:
-            self._close_plain()
-            self.sync_engine.dispose()
-
-        await asyncio.get_running_loop().run_in_executor(self._thread, dispose)
-        self._thread.shutdown(wait=True)
-
-
-def writes_for(engine: AsyncEngine) -> Writes:
-    """The process's writer: a thread of its own for a SQLite file, else the engine's pool."""
-    database = engine.url.database
-    if engine.dialect.name == "sqlite" and database and ":memory:" not in database:
-        return ThreadWrites(engine)
-    return Writes(engine)
 
 
 def alembic_config(connection: Connection | None = None) -> Config:

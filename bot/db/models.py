@@ -23,6 +23,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -177,3 +178,8 @@ kv = Table(
 
 EVENT_STATUSES = ("received", "processing", "processed", "failed")
 ACTION_STATUSES = ("pending", "running", "succeeded", "retrying", "dead", "skipped")
+
+
+def upsert(table: Table, dialect: str) -> postgresql.Insert | sqlite.Insert:
+    """An INSERT of the engine's dialect, which can say ON CONFLICT (both engines have it)."""
+    return postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)

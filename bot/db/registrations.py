@@ -9,11 +9,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.core.webhook_plan import RegisteredWebhook, WebhookSpec
-from bot.db.models import kv, utcnow, webhook_registrations
+from bot.db.models import kv, upsert, utcnow, webhook_registrations
 
 # kv keys. The refresh token is a secret: it is stored, never logged or printed.
 OAUTH_REFRESH_TOKEN_KEY = "jira.oauth.refresh_token"
@@ -125,9 +124,8 @@ async def kv_get(engine: AsyncEngine, key: str) -> str | None:
 
 async def kv_set(engine: AsyncEngine, key: str, value: str) -> None:
     """Store `value` under `key` (insert or overwrite), committed on return."""
-    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
     now = utcnow()
-    stmt = dialect.insert(kv).values(key=key, value=value, updated_at=now)
+    stmt = upsert(kv, engine.dialect.name).values(key=key, value=value, updated_at=now)
     stmt = stmt.on_conflict_do_update(
         index_elements=["key"], set_={"value": value, "updated_at": now}
     )

@@ -6,10 +6,9 @@ import time
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot.db.models import tenants, utcnow
+from bot.db.models import tenants, upsert, utcnow
 
 CACHE_TTL_S = 30.0  # how long another replica's install/uninstall may go unseen here
 CACHE_MAX_ENTRIES = 4096  # unknown issuers are cached too: bound what a flood of them costs
@@ -58,8 +57,7 @@ class Tenants:
     async def install(self, client_key: str, shared_secret: str, base_url: str) -> None:
         """Create or update a tenant from its `installed` callback and enable it."""
         now = utcnow()
-        dialect = postgresql if self._engine.dialect.name == "postgresql" else sqlite
-        stmt = dialect.insert(tenants).values(
+        stmt = upsert(tenants, self._engine.dialect.name).values(
             client_key=client_key,
             shared_secret=shared_secret,
             base_url=base_url,

@@ -29,9 +29,10 @@ from sqlalchemy.sql.elements import BindParameter
 
 from bot import logs
 from bot.core.due import next_attempt_at
-from bot.db.engine import Writes, save_until_done
+from bot.db.engine import save_until_done
 from bot.db.group_commit import GroupCommit
 from bot.db.models import UTCDateTime, action_attempts, action_runs, events, utcnow
+from bot.db.writers import writer_for
 from bot.errors import ActionError, ServiceDisabled, TemplateRenderError
 from bot.pipeline.processor import claim_statement, wait_until_set
 from bot.rules.model import Step
@@ -158,10 +159,9 @@ class ActionExecutor:
         owner: str | None = None,
         clock: Callable[[], datetime] = utcnow,
         rng: random.Random | None = None,
-        writes: Writes | None = None,
     ) -> None:
         self._engine = engine
-        self._writes = writes or Writes(engine)
+        self._writes = writer_for(engine)
         self._runner = runner
         self._rules_dir = rules_dir
         self._lease_s = lease_s

@@ -21,15 +21,15 @@ from typing import Any
 
 import orjson
 from sqlalchemy import and_, bindparam, delete, insert, or_, select, union_all, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot import logs
-from bot.db.engine import Writes, save_until_done
-from bot.db.models import UTCDateTime, action_runs, events, rule_matches, utcnow
+from bot.db.engine import save_until_done
+from bot.db.models import UTCDateTime, action_runs, events, rule_matches, upsert, utcnow
 from bot.db.registrations import WebhookFilters
+from bot.db.writers import writer_for
 from bot.rules.engine import evaluate, matched_webhook_ids
 from bot.rules.model import Evaluation, RuleSet
 
@@ -179,11 +179,10 @@ class EventProcessor:
         owner: str | None = None,
         on_planned: Callable[[], None] | None = None,
         clock: Callable[[], datetime] = utcnow,
-        writes: Writes | None = None,
         ingest_busy: Callable[[], bool] = lambda: False,
     ) -> None:
         self._engine = engine
-        self._writes = writes or Writes(engine)
+        self._writes = writer_for(engine)
         self._filters = WebhookFilters(engine)  # which rule JQL Jira matched
         self._ingest_busy = ingest_busy
         self._rules = rules
@@ -192,11 +191,9 @@ class EventProcessor:
         self.owner = owner or f"events-{uuid.uuid4().hex[:12]}"
         self._on_planned = on_planned
         self._clock = clock
-        self._insert_runs = (
-            postgresql.insert(action_runs)
-            if engine.dialect.name == "postgresql"
-            else sqlite.insert(action_runs)
-        ).on_conflict_do_nothing(index_elements=["idempotency_key"])
+        self._insert_runs = upsert(action_runs, engine.dialect.name).on_conflict_do_nothing(
+            index_elements=["idempotency_key"]
+        )
         self.wakeup = asyncio.Event()
         self._claims: dict[int, Any] = {}  # claim statements by size
 

@@ -13,9 +13,10 @@ from aiohttp import web
 from sqlalchemy import text
 
 from bot.core.backoff import RetryPolicy
-from bot.db.engine import Writes, create_engine, upgrade, writes_for
+from bot.db.engine import create_engine, upgrade
 from bot.db.store import EventStore, database_error
 from bot.db.tenants import Tenants
+from bot.db.writers import writer_for
 from bot.jira_app.jobs import DELIVERY_PATH, JiraAccess, JiraActionClients
 from bot.jira_app.scheduler import LEADER_CHECK_MAX_S, LeaderLock, Scheduler, scheduled_jobs
 from bot.pipeline.executor import ActionExecutor, RetryBudget
@@ -42,8 +43,6 @@ from bot.web.keys import (
 
 log = logging.getLogger(__name__)
 
-# The process's write path (bot.db.engine.writes_for), shared by store and workers.
-WRITES = web.AppKey("writes", Writes)
 
 RULES_POLL_S = 2.0
 
@@ -82,14 +81,12 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     await upgrade(engine)
     app[ENGINE] = engine
     app[TENANTS] = Tenants(engine)
-    writes = writes_for(engine)
-    app[WRITES] = writes
-    store = EventStore(engine, writes=writes)
+    store = EventStore(engine)
     await store.start()
     app[STORE] = store
     yield
     await store.close()
-    await writes.close()
+    await writer_for(engine).close()
     await engine.dispose()
 
 
@@ -155,14 +152,12 @@ async def _workers(app: web.Application) -> AsyncIterator[None]:
             settings.retry_attempts, settings.retry_base_delay_s, settings.retry_max_delay_s
         ),
         concurrency=settings.workers,
-        writes=app[WRITES],
     )
     processor = EventProcessor(
         app[ENGINE],
         lambda: watcher.current,
         lease_s=settings.lease_s,
         on_planned=executor.wakeup.set,
-        writes=app[WRITES],
         ingest_busy=app[STORE].busy,
     )
     app[STORE].on_commit = processor.wakeup.set
