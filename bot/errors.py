@@ -19,10 +19,6 @@ class PayloadError(DeploybotError):
     """A request body is not what the endpoint accepts (HTTP 400)."""
 
 
-class PayloadTooLarge(PayloadError):
-    """A request body exceeds the configured size limit (HTTP 413)."""
-
-
 class UnsupportedMediaType(PayloadError):
     """A request has a content type the endpoint does not accept (HTTP 415)."""
 

@@ -16,7 +16,6 @@ from bot.core.due import (
     WEBHOOK_LIFETIME,
     failed_after_ms,
     next_attempt_at,
-    next_wakeup,
     prune_before,
     refresh_at,
     refresh_due,
@@ -47,22 +46,6 @@ def test_refresh_due_picks_and_sorts_ids() -> None:
     assert refresh_due(registrations, T0) == [5, 10, 20]
     assert refresh_due(registrations, T0, margin=4 * DAY) == [20]
     assert refresh_due([], T0) == []
-
-
-@pytest.mark.parametrize(
-    ("due_times", "max_sleep", "expected"),
-    [
-        ([], HOUR, T0 + HOUR),
-        ([None], HOUR, T0 + HOUR),
-        ([T0 + 10 * DAY], DAY, T0 + DAY),  # nothing soon: wake at the cap anyway
-        ([T0 + 10 * HOUR, T0 + 3 * HOUR, None], DAY, T0 + 3 * HOUR),
-        ([T0 - 5 * DAY, T0 + HOUR], DAY, T0),  # overdue: now, never in the past
-    ],
-)
-def test_next_wakeup(
-    due_times: list[datetime | None], max_sleep: timedelta, expected: datetime
-) -> None:
-    assert next_wakeup(T0, due_times, max_sleep) == expected
 
 
 def test_refresh_at_is_expiry_minus_margin() -> None:
@@ -143,7 +126,7 @@ def test_a_longer_outage_than_the_lifetime_lapses() -> None:
     assert simulate([DAY, WEBHOOK_LIFETIME]) == (True, 0)
 
 
-def test_ninety_days_driven_by_next_wakeup_never_lapse() -> None:
+def test_ninety_days_of_hourly_webhook_checks_never_lapse() -> None:
     rng = random.Random(90)
     now = T0
     expires = {1: T0 + WEBHOOK_LIFETIME, 2: T0 + WEBHOOK_LIFETIME + 3 * DAY}
@@ -154,9 +137,8 @@ def test_ninety_days_driven_by_next_wakeup_never_lapse() -> None:
         if due:
             refreshes += 1
             expires.update(dict.fromkeys(due, now + WEBHOOK_LIFETIME))
-        wake = next_wakeup(now, (refresh_at(e) for e in expires.values()), max_sleep=DAY)
+            assert refresh_due(expires.items(), now) == []  # refreshed: none due at once
         late = timedelta(hours=rng.uniform(0, 6))  # a busy or restarting scheduler
         outage = 15 * DAY if T0 + 45 * DAY <= now < T0 + 46 * DAY else timedelta(0)
-        assert wake > now  # after a refresh nothing is due at once: no busy loop
-        now = wake + late + outage
+        now += HOUR + late + outage  # the webhook check's tick (DEPLOYBOT_WEBHOOKS_INTERVAL_S)
     assert 8 <= refreshes <= 12

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestServer
 from bot.core.backoff import RetryPolicy
 from bot.errors import ActionError, ServiceDisabled
 from bot.services import ubiops
-from bot.services.actions import ActionRunner, Done, Outcome, Wait
+from bot.services.actions import ActionResult, ActionRunner, Done, Wait
 from bot.services.ubiops import UbiOpsClient
 from tests.fakes.ubiops import FakeUbiOps, Fault
 
@@ -241,7 +241,7 @@ async def test_fake_enforces_its_own_rate_limit(aiohttp_server: ServerFactory) -
 
 async def run_like_the_executor(
     runner: ActionRunner, action: str, params: dict[str, Any], attempts: int = 6
-) -> tuple[Outcome, list[ActionError]]:
+) -> tuple[ActionResult, list[ActionError]]:
     """Run an action as the executor does: retry retryable failures, looking first."""
     failures: list[ActionError] = []
     for attempt in range(attempts):

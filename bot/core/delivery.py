@@ -8,11 +8,11 @@ from typing import Any
 
 import orjson
 
+from bot.core.text import MAX_ID_CHARS, is_identifier
 from bot.errors import PayloadError, UnsupportedMediaType
 
 DELIVERY_ID_HEADER = "X-Atlassian-Webhook-Identifier"
 RETRY_HEADER = "X-Atlassian-Webhook-Retry"
-MAX_ID_CHARS = 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,11 +34,6 @@ def is_json_content_type(content_type: str | None) -> bool:
     return media == "application/json" or (
         media.startswith("application/") and media.endswith("+json")
     )
-
-
-def _plain_text(value: object) -> bool:
-    """Text fit for an identifier column: a printable string of at most MAX_ID_CHARS."""
-    return isinstance(value, str) and len(value) <= MAX_ID_CHARS and value.isprintable()
 
 
 def parse_payload(body: bytes) -> dict[str, Any]:
@@ -69,7 +64,7 @@ def parse_delivery(
     ident = ident.strip(" \t")  # HTTP whitespace only: "id\x85" is not "id"
     if not ident:
         raise PayloadError(f"missing {DELIVERY_ID_HEADER} header")
-    if not _plain_text(ident):
+    if not is_identifier(ident):
         raise PayloadError(f"{DELIVERY_ID_HEADER} is not a valid identifier")
     retry_raw = headers.get(RETRY_HEADER, "0").strip() or "0"
     retry_count = int(retry_raw) if retry_raw.isdigit() and len(retry_raw) < 6 else 0
@@ -81,6 +76,6 @@ def parse_delivery(
         retry_count=retry_count,
         webhook_event=payload["webhookEvent"],
         # The key is an index column only (the body keeps the whole issue): none if odd.
-        issue_key=key if _plain_text(key) else None,
+        issue_key=key if is_identifier(key) else None,
         body=body,
     )

@@ -44,15 +44,6 @@ def refresh_due(
     )
 
 
-def next_wakeup(
-    now: datetime, due_times: Iterable[datetime | None], max_sleep: timedelta
-) -> datetime:
-    """Return when the scheduler must next wake: the earliest due time, at most `max_sleep` on."""
-    latest = now + max_sleep
-    soonest = min((t for t in due_times if t is not None), default=latest)
-    return min(max(soonest, now), latest)
-
-
 def next_attempt_at(
     attempt: int,
     now: datetime,

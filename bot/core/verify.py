@@ -17,11 +17,11 @@ from urllib.parse import quote
 
 import jwt
 
+from bot.core.text import is_identifier
 from bot.errors import VerificationError
 
 LEEWAY_S = 30
 CONTEXT_QSH = "context-qsh"
-MAX_ISSUER_CHARS = 255
 
 QueryPairs = Iterable[tuple[str, str]]
 # (token, key, algorithm, audience, required claims) of a verified token
@@ -210,7 +210,7 @@ def connect_issuer(authorization: str | None) -> str:
         raise VerificationError("token has no issuer")
     # Unverified, attacker-chosen text that is about to be looked up in the database:
     # a clientKey is short and printable (PostgreSQL refuses a NUL in text, a 500).
-    if len(issuer) > MAX_ISSUER_CHARS or not issuer.isprintable():
+    if not is_identifier(issuer):
         raise VerificationError("token issuer is not a valid clientKey")
     return issuer
 

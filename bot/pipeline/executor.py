@@ -68,7 +68,7 @@ class _Run:
 
 
 @dataclass(frozen=True, slots=True)
-class _Outcome:
+class _AttemptRecord:
     """One attempt's outcome, waiting to be written with others in one transaction."""
 
     run: _Run
@@ -171,7 +171,7 @@ class ActionExecutor:
         self._clock = clock
         self._rng = rng or random.Random()
         self.wakeup = asyncio.Event()
-        self._commits: GroupCommit[_Outcome, bool] = GroupCommit(self._write)
+        self._commits: GroupCommit[_AttemptRecord, bool] = GroupCommit(self._write)
         self._claims: dict[int, Any] = {}  # claim statements by size
         # Called with (action, new run status) after each recorded attempt (metrics).
         self.on_attempt: Callable[[str, str], None] | None = None
@@ -352,7 +352,7 @@ class ActionExecutor:
             "b_attempts": run.attempts if attempts is None else attempts,
             "b_state": run.state if state is None else state,
         }
-        item = _Outcome(run, started, finished, outcome, values, status_code)
+        item = _AttemptRecord(run, started, finished, outcome, values, status_code)
         written = await save_until_done(
             lambda: self._commits.submit(item), f"action run {run.id}'s outcome"
         )
@@ -374,11 +374,11 @@ class ActionExecutor:
             self.on_attempt(run.action, status)
         return status
 
-    async def _write(self, batch: list[_Outcome]) -> list[bool]:
+    async def _write(self, batch: list[_AttemptRecord]) -> list[bool]:
         """Write several attempts' outcomes in one transaction; False where a lease was lost."""
         return await self._writes.run_relaxed(self._write_outcomes, batch)
 
-    def _write_outcomes(self, conn: Connection, batch: list[_Outcome]) -> list[bool]:
+    def _write_outcomes(self, conn: Connection, batch: list[_AttemptRecord]) -> list[bool]:
         """Write outcomes in `conn`'s transaction; False where a lease was lost.
 
         Four statements whatever the batch size. The first is a write, so that SQLite

@@ -79,7 +79,7 @@ class Selection:
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class ReplayReport:
     """What a replay did."""
 
     replayed: list[int]
@@ -143,7 +143,7 @@ async def reset_events(engine: AsyncEngine, ids: Sequence[int]) -> tuple[int, li
 
 async def replay(
     engine: AsyncEngine, selection: Selection, *, progress: IO[str] | None = None
-) -> Outcome:
+) -> ReplayReport:
     """Replay the selected events in chunks, drawing a bar on `progress` for many."""
     found = await select_events(engine, selection)
     missing = sorted(set(selection.ids) - {event_id for event_id, _ in found})
@@ -159,4 +159,4 @@ async def replay(
         bar.update(min(start + CHUNK, len(ready)))
     bar.close()
     busy = sorted({event_id for event_id, _ in found} - set(replayed))
-    return Outcome(replayed=replayed, runs_reset=runs_reset, missing=missing, busy=busy)
+    return ReplayReport(replayed=replayed, runs_reset=runs_reset, missing=missing, busy=busy)

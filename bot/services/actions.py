@@ -45,7 +45,7 @@ class Wait:
     state: dict[str, Any] = field(default_factory=dict)
 
 
-Outcome = Done | Wait
+ActionResult = Done | Wait
 
 
 class ServiceClient(Protocol):
@@ -65,7 +65,9 @@ class TenantClients(Protocol):
         ...
 
 
-ActionFn = Callable[[ServiceClient, Mapping[str, Any], dict[str, Any] | None], Awaitable[Outcome]]
+ActionFn = Callable[
+    [ServiceClient, Mapping[str, Any], dict[str, Any] | None], Awaitable[ActionResult]
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +131,7 @@ class ActionRunner:
         state: dict[str, Any] | None = None,
         lookup_first: bool = False,
         tenant: str = "",
-    ) -> Outcome:
+    ) -> ActionResult:
         """Run (or resume, with `state`) one action; raise ActionError when it fails.
 
         `tenant` is the Jira tenant of the event the action reacts to: a `jira.*` action

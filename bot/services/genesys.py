@@ -29,7 +29,7 @@ from bot.core.catalog import (
     plan_request,
 )
 from bot.errors import ActionError, SettingsError
-from bot.services.actions import Done, HighLevelAction, Outcome, ServiceClient
+from bot.services.actions import ActionResult, Done, HighLevelAction, ServiceClient
 from bot.services.http import RateLimiter, Sleep, send
 from bot.services.tokens import AccessToken, CachedToken, parse_token_answer
 from bot.settings import GENESYS_REGIONS as REGIONS
@@ -468,7 +468,7 @@ async def publish_configuration(client: ServiceClient, params: Mapping[str, Any]
 
 async def _publish_action(
     client: ServiceClient, params: Mapping[str, Any], state: dict[str, Any] | None
-) -> Outcome:
+) -> ActionResult:
     # Every call is short, so the action finishes in one go; `state` is never needed.
     return Done(await publish_configuration(client, params))
 

@@ -18,7 +18,7 @@ import aiohttp
 from bot.core.backoff import RetryPolicy
 from bot.core.catalog import CreateSpec, Operation, Param, plan_request
 from bot.errors import ActionError
-from bot.services.actions import Done, HighLevelAction, Outcome, ServiceClient, Wait
+from bot.services.actions import ActionResult, Done, HighLevelAction, ServiceClient, Wait
 from bot.services.http import RateLimiter, Sleep, send
 
 SERVICE = "ubiops"
@@ -224,7 +224,7 @@ def poll_delay_s(polls: int) -> float:
 
 async def deploy_revision(
     client: ServiceClient, params: Mapping[str, Any], state: dict[str, Any] | None
-) -> Outcome:
+) -> ActionResult:
     """Upload a deployment file, then follow its revision until the build is final.
 
     A revision has no natural key to look up, so a retry after an unknown outcome

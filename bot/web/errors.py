@@ -14,7 +14,6 @@ from aiohttp import web
 
 from bot.errors import (
     PayloadError,
-    PayloadTooLarge,
     StoreUnavailable,
     UnsupportedMediaType,
     VerificationError,
@@ -24,7 +23,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _STATUS: list[tuple[type[Exception], int]] = [
     (VerificationError, 401),
-    (PayloadTooLarge, 413),
     (UnsupportedMediaType, 415),
     (PayloadError, 400),
     (StoreUnavailable, 503),

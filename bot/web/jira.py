@@ -12,6 +12,7 @@ from yarl import URL
 from bot import logs
 from bot.core import verify
 from bot.core.delivery import parse_delivery
+from bot.core.text import is_identifier
 from bot.errors import PayloadError, VerificationError
 from bot.web.keys import CLOCK, HTTP, INSTALL_KEYS, SETTINGS, STORE, TENANTS
 
@@ -144,7 +145,7 @@ def _lifecycle_body(body: bytes, *required: str) -> dict[str, str]:
     if missing:
         raise PayloadError(f"body lacks {', '.join(missing)}")
     key = payload["clientKey"]  # looked up before any signature check: keep it plain text
-    if len(key) > verify.MAX_ISSUER_CHARS or not key.isprintable():
+    if not is_identifier(key):
         raise PayloadError("clientKey is not a valid client key")
     return {k: payload[k] for k in required}
 
