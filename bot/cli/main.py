@@ -64,8 +64,7 @@ async def _tune_gc(_app: Any) -> None:
     """Collect garbage less often: each delivery allocates many short-lived objects.
 
     What start-up built (rules, schema, compiled templates) lives as long as the
-    process: frozen, later collections skip it. About 6% more events per second in
-    bench/pipeline.py, at the same peak memory.
+    process: frozen, later collections skip it (docs/performance.md).
     """
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)

@@ -77,7 +77,7 @@ def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
             **_JSON,
             # One shared connection per process for a file: SQLite has a single writer
             # anyway, and two connections of one process contending for its lock meet
-            # SQLite's busy handler, which sleeps whole milliseconds (p99 tails); queueing
+            # SQLite's busy handler, which sleeps whole milliseconds; queueing
             # for the pool is an asyncio wait instead. It also spares a thread and the
             # pragmas per transaction. (`:memory:` keeps SQLAlchemy's default.)
             **(
@@ -96,13 +96,8 @@ def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
     )
 
 
-# SQLite copies the WAL into the database inside the commit that takes the WAL past this
-# many pages; the transactions queued behind it wait. At SQLite's default, 1,000 pages
-# (4 MB to write and fsync), that is 20-35 ms here every ~60 delivery batches at full
-# ingest: the acknowledgements' p99. A quarter of it waits a quarter as long, four times
-# as often (bench/ingest.py, 4 runs each: p99 25-32 ms instead of 30-39 ms, same
-# req/s). A checkpoint in a thread of its own, beside the writes, was worse: its writes
-# to the database file slowed the deliveries' fsyncs of the WAL (p99 32-108 ms).
+# SQLite checkpoints inside the commit that takes the WAL past this many pages, and the
+# commits queued behind it wait: smaller checkpoints are shorter stalls of the 202s' p99.
 WAL_AUTOCHECKPOINT_PAGES = 250
 
 

@@ -97,9 +97,8 @@ class ThreadGroupCommit(Generic[T, W, R]):
     written)` (or `failed(batch, exc)`, which returns what the submitters get) on the loop.
 
     With the drain on the event loop, the write thread sat idle from one commit's end until
-    the loop had taken its result and handed over the next batch: under load, as long as
-    the commit itself (bench/ingest.py: 2.3 ms a cycle, of which 1.2 ms writing). Here the
-    thread goes on with what queued meanwhile while the loop answers the batch before.
+    the loop handed over the next batch; here it goes on with what queued meanwhile while
+    the loop answers the batch before.
     `start(job)` runs `job` on the thread, after what is queued there; the drain runs for at
     most `slice_s` before queuing itself again behind the thread's other work.
     """

@@ -31,10 +31,7 @@ class Stored:
 
 
 # The write path is loaded (`EventStore.busy`) when commits take this many deliveries at
-# once, lately or waiting now: at full ingest a batch holds ~16, at a steady 300/s 1-2.
-# (With 4, a processor transaction that held a few deliveries back counted as load, and
-# the processor fell behind a steady 300/s: `bench/pipeline.py --rate 300 --duration 12
-# --timeline`, 530 events open at the end; with 8, under 100.)
+# once, lately or waiting now (at full ingest a batch holds ~16, at a steady 300/s 1-2).
 LOADED_BATCH = 8
 LOADED_WITHIN_S = 0.05
 
@@ -72,12 +69,9 @@ class EventStore:
 
         Then they queue behind each other's commits, and a commit takes several: one in
         the last LOADED_WITHIN_S, or those waiting now, number at least LOADED_BATCH.
-        (Not the latest commit alone: under full load one in five takes fewer, and a
-        processor that took that for the end of the load claimed a full batch each time;
-        with 1,000 rules, 0-4% more CPU per delivery than with 10 in bench/ingest.py, once
-        16%; now 0. Not "a delivery came lately": at a few hundred a second each still
-        has a commit of its own, and the workers that step aside for ingest must not step
-        aside then, or they fall behind a load the service can carry.)
+        Not the latest commit alone (under full load one in five takes fewer), and not
+        "a delivery came lately" (at a steady few hundred a second the workers must not
+        step aside).
         """
         if self._clock() - self._loaded_at < LOADED_WITHIN_S:
             return True

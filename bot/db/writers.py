@@ -75,13 +75,9 @@ class EventCommits(Protocol[R_co]):
 
 
 # INSERT ... ON CONFLICT (tenant, delivery_id) DO NOTHING RETURNING the new rows, for any
-# number of rows with one fixed text: a column of the batch per array parameter. (SQLAlchemy
-# compiled a dialect INSERT with ON CONFLICT anew at every execution, a multi-row VALUES
-# is a new text, and a prepared statement, per batch size: 8% of the event loop's time on
-# PostgreSQL under load.) It runs on the asyncpg connection itself (`PostgresWriter.run_driver`):
-# through SQLAlchemy's execute, result rows and run_sync, the same statement held
-# deliveries to 3,800-4,000 req/s against 4,500-5,000 (bench/ingest.py, 2 runs each,
-# alternated; the event loop's CPU per delivery 160-170 us against 130-138 us).
+# number of rows with one fixed text (a column of the batch per array parameter), run on
+# the asyncpg connection itself: SQLAlchemy recompiled it per batch and its execute path
+# cost a large share of the loop (docs/performance.md).
 _POSTGRES_INSERT = (
     "INSERT INTO events (tenant, delivery_id, retry_count, webhook_event, issue_key, source,"
     " body, status, received_at, attempts)"

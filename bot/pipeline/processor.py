@@ -36,23 +36,10 @@ from bot.rules.model import Evaluation, RuleSet
 log = logging.getLogger(__name__)
 
 MAX_EVENT_ATTEMPTS = 5  # an event that crashes its worker this often is marked failed
-# Ingest first; the backlog drains once a burst is over. While deliveries load the write
-# path (`ingest_busy`: they queue behind each other's commits, see EventStore.busy):
-# - evaluation, CPU on the event loop that also acknowledges deliveries, runs in slices
-#   of at most SLICE_S with SLICE_PAUSE_S between them, so that acknowledgements never
-#   queue behind a batch of evaluations;
-# - batches are small (BUSY_BATCH) and BATCH_PAUSE_S apart: each is two transactions
-#   (claim, finish) in the one write thread, where the deliveries' next commit waits for
-#   them. bench/ingest.py, 3 rounds alternated: batches 20 ms apart held deliveries to
-#   2,200-2,600 req/s (10 rules) with p99 up to 50 ms (1,000 rules); 200 ms apart,
-#   3,050-4,150 req/s, p99 15-39 ms.
-# - a batch holds at most BATCH_EVALUATIONS / (most rules of one Jira event) events: with
-#   1,000 rules (125 per event), 16 events, whose finish stores 2,000 reasons; batches of
-#   100 took the deliveries' p99 to 45-68 ms (bench/ingest.py, alternated: 30-38 ms).
-#   While deliveries load the write path, BUSY_EVALUATIONS: with 1,000 rules, 2 events a
-#   batch. With 2,000 there, 1,000 rules cost ingest 4-13% against 10 rules (req/s, p99
-#   9.6-11 ms); with 250, none (-4 to +4%, p99 8.1-8.2 ms; bench/ingest.py, 2 runs each,
-#   alternated). The backlog of a wide rule set then waits for the burst to end.
+# Ingest first: while deliveries load the write path (EventStore.busy), evaluation runs
+# in short slices and batches are small and spaced, so acknowledgements never queue behind
+# the processor; a batch's rule evaluations are bounded so its finish stays a short
+# transaction (figures: docs/performance.md, "Processor pacing").
 SLICE_S = 0.002
 SLICE_PAUSE_S = 0.02
 BUSY_BATCH = 10
