@@ -20,8 +20,7 @@ from bot.services.ubiops import UbiOpsClient
 from bot.settings import Settings
 from tests.conftest import ClientFactory
 from tests.fakes.ubiops import FakeUbiOps, Fault
-from tests.test_pipeline import RULES, TOKEN, issue_updated, wait_for
-from tests.test_webhooks import headers
+from tests.helpers import RULES, TOKEN, headers, issue_updated, wait_for
 
 ADMIN_TOKEN = "admin-token-" + "a1b2c3d4" * 5
 BEARER = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

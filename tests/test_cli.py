@@ -11,7 +11,7 @@ import pytest
 from bot.cli.main import main
 from bot.settings import Settings
 from tests.conftest import ClientFactory
-from tests.test_webhooks import PAYLOAD, headers
+from tests.helpers import PAYLOAD, headers, wait_for
 
 
 async def _store_three(make_client: ClientFactory, settings: Settings) -> None:
@@ -44,13 +44,15 @@ async def test_events_list_and_show(
         return await asyncio.to_thread(_run, monkeypatch, capsys, url, *argv)
 
     # The worker processes the events (no rules here); wait until it has.
-    for _ in range(200):
+    rows: list[dict[str, Any]] = []
+
+    async def processed() -> bool:
         code, out, _ = await run("events", "list", "--json")
         assert code == 0
-        rows: list[dict[str, Any]] = [json.loads(line) for line in out.splitlines()]
-        if all(r["status"] == "processed" for r in rows):
-            break
-        await asyncio.sleep(0.05)
+        rows[:] = [json.loads(line) for line in out.splitlines()]
+        return all(r["status"] == "processed" for r in rows)
+
+    await wait_for(processed, timeout_s=10)
     assert [r["delivery_id"] for r in rows] == ["cli-2", "cli-1", "cli-0"]
     for key in ("id", "delivery_id", "webhook_event", "status", "received_at"):
         assert all(key in r for r in rows)

@@ -13,8 +13,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from bot.settings import Settings
 from tests.conftest import ClientFactory
+from tests.helpers import PAYLOAD, stored_count
 from tests.signing import InstallKeys, connect_claims_token, connect_token
-from tests.test_webhooks import PAYLOAD, stored_count
 
 PUBLIC_URL = "https://deploybot.example.com/app"
 CLIENT_KEY = "jira:tenant-1"

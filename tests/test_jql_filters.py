@@ -24,7 +24,7 @@ from bot.pipeline.processor import EventProcessor
 from bot.rules.engine import evaluate, matched_webhook_ids
 from bot.rules.loader import load_rules
 from tests.fakes.jira import issue_updated_payload
-from tests.test_rules_helpers import REGISTRY, write_rules
+from tests.helpers import REGISTRY, write_rules
 
 RULES = """
 rules:

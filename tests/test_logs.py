@@ -22,9 +22,8 @@ from bot.settings import Settings
 from tests import test_pipeline
 from tests.conftest import CLIENT_SECRET, ClientFactory
 from tests.fakes.ubiops import FakeUbiOps
+from tests.helpers import TOKEN, headers, issue_updated, wait_for
 from tests.signing import oauth_token
-from tests.test_pipeline import TOKEN, issue_updated, wait_for
-from tests.test_webhooks import headers
 
 rules_dir = test_pipeline.rules_dir  # fixtures shared with the pipeline tests
 ubiops = test_pipeline.ubiops

@@ -18,8 +18,7 @@ from bot.web.metrics import Metrics, Snapshot, delivery_outcome, snapshot_famili
 from tests import test_pipeline
 from tests.conftest import ClientFactory
 from tests.fakes.ubiops import FakeUbiOps
-from tests.test_pipeline import TOKEN, issue_updated, wait_for
-from tests.test_webhooks import PAYLOAD, headers
+from tests.helpers import PAYLOAD, TOKEN, headers, issue_updated, wait_for
 
 rules_dir = test_pipeline.rules_dir  # fixtures shared with the pipeline tests
 ubiops = test_pipeline.ubiops

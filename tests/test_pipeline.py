@@ -30,68 +30,15 @@ from bot.services.ubiops import UbiOpsClient
 from bot.settings import Settings
 from tests.conftest import ClientFactory
 from tests.fakes.ubiops import FakeUbiOps
-from tests.test_webhooks import headers
-
-TOKEN = "ubiops-token-" + "x" * 40
-EXAMPLE_RULES = Path(__file__).resolve().parent.parent / "rules"
-
-RULES = """
-rules:
-  - name: roll-out
-    on:
-      events: [jira:issue_updated]
-      jql: project = OPS
-    when:
-      - changed: status
-        to: Ready to deploy
-    do:
-      - id: version
-        action: ubiops.deployment_versions_create
-        with:
-          project_name: ml-prod
-          deployment_name: "{{ issue.fields.customfield_10050 }}"
-          data:
-            version: "{{ issue.key | lower }}"
-            environment: python3-11
-      - action: ubiops.revisions_file_upload
-        with:
-          project_name: ml-prod
-          deployment_name: "{{ issue.fields.customfield_10050 }}"
-          version: "{{ steps.version.version }}"
-          file: artifacts/model.zip
-  - name: only-hotfixes
-    on:
-      events: [jira:issue_updated]
-    when:
-      - field: issue.fields.summary
-        matches: "(?i)hotfix"
-    do:
-      - action: ubiops.deployments_get
-        with: {project_name: ml-prod, deployment_name: x}
-"""
-
-
-def issue_updated(
-    key: str, *, summary: str = "Roll out", deployment: str | None = "churn"
-) -> dict[str, Any]:
-    fields: dict[str, Any] = {"summary": summary, "labels": ["model-x"]}
-    if deployment is not None:
-        fields["customfield_10050"] = deployment
-    return {
-        "timestamp": 1700000000000,
-        "webhookEvent": "jira:issue_updated",
-        "issue": {"id": "1", "key": key, "fields": fields},
-        "changelog": {
-            "items": [
-                {
-                    "field": "status",
-                    "fieldId": "status",
-                    "fromString": "Open",
-                    "toString": "Ready to deploy",
-                }
-            ]
-        },
-    }
+from tests.helpers import (
+    EXAMPLE_RULES,
+    RULES,
+    TOKEN,
+    event_when_runs_are,
+    headers,
+    issue_updated,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -118,32 +65,6 @@ async def ubiops(aiohttp_server: Callable[..., Any]) -> tuple[FakeUbiOps, str]:
             },
         )
     return fake, base_url
-
-
-async def wait_for(predicate: Callable[[], Any], timeout_s: float = 15.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not await predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
-
-
-async def event_when_runs_are(database_url: str, event_id: int, statuses: list[str]) -> Any:
-    """Wait until the event's action runs have `statuses` (in order); return the event."""
-    engine = create_engine(database_url)
-
-    async def settled() -> bool:
-        shown = await get_event(engine, event_id)
-        assert shown is not None
-        return [r["status"] for r in shown["action_runs"]] == statuses
-
-    try:
-        await wait_for(settled)
-        shown = await get_event(engine, event_id)
-    finally:
-        await engine.dispose()
-    assert shown is not None
-    return shown
 
 
 async def test_delivery_runs_the_rule_once(

@@ -22,7 +22,7 @@ from bot.pipeline.executor import ActionExecutor
 from bot.pipeline.processor import EventProcessor
 from bot.rules.loader import load_rules
 from bot.services.actions import ActionRunner
-from tests.test_pipeline import issue_updated
+from tests.helpers import issue_updated
 
 RULE = """\
 rules:

@@ -26,7 +26,7 @@ from bot.services.actions import ActionRunner
 from bot.services.ubiops import UbiOpsClient
 from tests import test_pipeline
 from tests.fakes.ubiops import FakeUbiOps
-from tests.test_pipeline import TOKEN, issue_updated
+from tests.helpers import TOKEN, issue_updated
 
 rules_dir = test_pipeline.rules_dir  # fixtures shared with the pipeline tests
 ubiops = test_pipeline.ubiops

@@ -11,7 +11,7 @@ import pytest
 from bot.cli.rules import cmd_check, cmd_test
 from bot.rules.dryrun import dry_run, plan_dry_run
 from bot.rules.loader import ActionSpec, load_rules
-from tests.test_rules_helpers import DATA_DIR, REGISTRY, payload, write_rules
+from tests.helpers import DATA_DIR, REGISTRY, payload, write_rules
 
 REPO_RULES = Path(__file__).parent.parent / "rules"
 

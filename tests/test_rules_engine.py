@@ -11,7 +11,7 @@ import pytest
 from bot.rules.conditions import resolve
 from bot.rules.engine import evaluate
 from bot.rules.loader import load_rules
-from tests.test_rules_helpers import REGISTRY, payload, write_rules
+from tests.helpers import REGISTRY, payload, write_rules
 
 _STEP = """
     do:

@@ -11,7 +11,7 @@ from bot.core import catalog
 from bot.errors import RuleError
 from bot.rules.conditions import AnyOf, ChangedCondition, FieldCondition, NotOf
 from bot.rules.loader import check_rules, load_rules
-from tests.test_rules_helpers import REGISTRY, write_rules
+from tests.helpers import REGISTRY, write_rules
 
 REPO_RULES = Path(__file__).parent.parent / "rules"
 

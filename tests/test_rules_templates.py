@@ -11,7 +11,7 @@ from bot.errors import TemplateRenderError
 from bot.rules.loader import load_rules
 from bot.rules.model import Step
 from bot.rules.templates import build_context, compile_template, render_params
-from tests.test_rules_helpers import REGISTRY, payload, write_rules
+from tests.helpers import REGISTRY, payload, write_rules
 
 
 def _step(folder: Path, with_yaml: str, action: str = "ubiops.deployment_versions_create") -> Step:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bot.rules.watcher import RuleWatcher
-from tests.test_rules_helpers import REGISTRY
+from tests.helpers import REGISTRY, wait_for
 
 RULE = """\
 rules:
@@ -89,11 +89,7 @@ async def test_run_polls_until_cancelled(tmp_path: Path) -> None:
     watcher = RuleWatcher(rules, REGISTRY)
     task = asyncio.create_task(watcher.run(0.01))
     _write(rules / "a.yaml", RULE.format(name="polled"))
-    for _ in range(500):  # up to 5 s
-        if watcher.current.rules[0].name == "polled":
-            break
-        await asyncio.sleep(0.01)
-    assert watcher.current.rules[0].name == "polled"
+    await wait_for(lambda: watcher.current.rules[0].name == "polled", timeout_s=5)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -16,6 +16,7 @@ from bot.db.models import events
 from bot.jira_app.scheduler import SCHEDULER_LOCK_ID, Job, LeaderLock, Scheduler
 from bot.settings import Settings
 from tests.conftest import PG_URL_ENV, ClientFactory, postgres_database
+from tests.helpers import wait_for
 
 
 @pytest.fixture
@@ -47,13 +48,6 @@ async def kill_holder(engine: AsyncEngine) -> None:
     (pid,) = await lock_holders(engine)
     async with engine.connect() as conn:
         await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_one_leader_at_a_time_and_takeover_when_its_connection_dies(pg_url: str) -> None:
@@ -89,16 +83,16 @@ async def test_two_replicas_run_the_jobs_on_one_leader_and_fail_over(pg_url: str
     first, second = replica("a", engines[0]), replica("b", engines[1])
     tasks = [asyncio.create_task(first.run())]
     try:
-        await until(lambda: first.leading)
+        await wait_for(lambda: first.leading)
         tasks.append(asyncio.create_task(second.run()))
-        await until(lambda: runs.count("a") >= 5)
+        await wait_for(lambda: runs.count("a") >= 5)
         assert not second.leading and "b" not in runs
         assert len(await lock_holders(engines[2])) == 1
 
         await kill_holder(engines[2])
-        await until(lambda: second.leading and not first.leading)
+        await wait_for(lambda: second.leading and not first.leading)
         seen = len(runs)
-        await until(lambda: runs.count("b") >= 5)
+        await wait_for(lambda: runs.count("b") >= 5)
         assert set(runs[seen:]) == {"b"}  # the old leader stopped once it saw its loss
         assert len(await lock_holders(engines[2])) == 1
     finally:
@@ -128,7 +122,7 @@ async def test_on_sqlite_the_scheduler_always_leads_and_survives_a_failing_job()
     )
     task = asyncio.create_task(scheduler.run())
     try:
-        await until(lambda: calls.count("broken") >= 3 and calls.count("fine") >= 3)
+        await wait_for(lambda: calls.count("broken") >= 3 and calls.count("fine") >= 3)
         assert scheduler.leading
     finally:
         task.cancel()

@@ -19,6 +19,7 @@ from bot.db.engine import create_engine
 from bot.db.models import action_runs, events
 from tests.conftest import CLIENT_SECRET
 from tests.fakes.ubiops import FakeUbiOps
+from tests.helpers import EXAMPLE_RULES, TOKEN, wait_for
 from tests.system.harness import (
     VERSION_PER_ISSUE_RULE,
     Service,
@@ -27,7 +28,6 @@ from tests.system.harness import (
     service_env,
     unsettled,
 )
-from tests.test_pipeline import EXAMPLE_RULES, TOKEN, wait_for
 
 SHUTDOWN_TIMEOUT_S = 10.0  # the default DEPLOYBOT_SHUTDOWN_TIMEOUT_S
 BURST = 300

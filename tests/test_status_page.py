@@ -18,6 +18,7 @@ from bot.settings import Settings
 from bot.web.status import csrf_token, until
 from tests.conftest import ClientFactory
 from tests.fakes.ubiops import Fault
+from tests.helpers import issue_updated, wait_for
 from tests.test_admin import (
     ADMIN_TOKEN,
     BEARER,
@@ -30,7 +31,6 @@ from tests.test_admin import (
     start_ubiops,
     write_rules,
 )
-from tests.test_pipeline import issue_updated, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -23,7 +23,7 @@ from bot.db.writers import PostgresWriter, SqliteWriter, Writer, writer_for
 from bot.errors import StoreUnavailable
 from bot.settings import Settings
 from tests.conftest import CLIENT_SECRET, ClientFactory, postgres_behind_proxy
-from tests.test_webhooks import PAYLOAD, headers, stored_count
+from tests.helpers import PAYLOAD, headers, stored_count
 
 
 def delivery(ident: str) -> Delivery:

@@ -10,39 +10,14 @@ from typing import Any
 
 import jwt
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from bot.db.engine import create_engine
 from bot.db.models import events
 from bot.settings import Settings
 from tests.conftest import CLIENT_SECRET, ClientFactory
+from tests.helpers import PAYLOAD, headers, stored_count
 from tests.signing import oauth_token
-
-PAYLOAD = {
-    "timestamp": 1700000000000,
-    "webhookEvent": "jira:issue_updated",
-    "issue_event_type_name": "issue_generic",
-    "issue": {"id": "10001", "key": "OPS-7", "fields": {"summary": "Roll out model"}},
-    "changelog": {"items": [{"field": "status", "fromString": "Open", "toString": "Done"}]},
-}
-
-
-def headers(delivery_id: str = "d-1", token: str | None = None, **extra: str) -> dict[str, str]:
-    return {
-        "Authorization": f"Bearer {token or oauth_token(CLIENT_SECRET)}",
-        "Content-Type": "application/json",
-        "X-Atlassian-Webhook-Identifier": delivery_id,
-        **extra,
-    }
-
-
-async def stored_count(settings: Settings) -> int:
-    engine = create_engine(settings.database_url)
-    try:
-        async with engine.connect() as conn:
-            return int((await conn.execute(select(func.count()).select_from(events))).scalar_one())
-    finally:
-        await engine.dispose()
 
 
 async def test_delivery_is_stored_then_acknowledged(

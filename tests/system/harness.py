@@ -19,8 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bot.db.models import action_runs, events
 from tests.conftest import CLIENT_SECRET
+from tests.helpers import EXAMPLE_RULES, issue_updated, wait_for
 from tests.signing import oauth_token
-from tests.test_pipeline import EXAMPLE_RULES, issue_updated, wait_for
 
 
 def free_port() -> int:

@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bot.db.engine import create_engine
 from bot.db.models import action_runs, events
 from tests.fakes.ubiops import FakeUbiOps, Fault
+from tests.helpers import TOKEN, wait_for
 from tests.system.harness import (
     Service,
     create_churn_deployment,
@@ -42,7 +43,6 @@ from tests.system.harness import (
     unsettled,
     version_rules,
 )
-from tests.test_pipeline import TOKEN, wait_for
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 

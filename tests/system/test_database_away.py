@@ -26,6 +26,7 @@ from bot.db.engine import create_engine
 from bot.db.models import action_runs, events
 from tests.conftest import postgres_behind_proxy
 from tests.fakes.ubiops import FakeUbiOps, Fault
+from tests.helpers import TOKEN, wait_for
 from tests.system.harness import (
     Service,
     create_churn_deployment,
@@ -34,7 +35,6 @@ from tests.system.harness import (
     unsettled,
     version_rules,
 )
-from tests.test_pipeline import TOKEN, wait_for
 
 BEFORE = 10  # deliveries acknowledged before the database goes away
 REFUSED_WANTED = 8  # 503s to collect while it is away

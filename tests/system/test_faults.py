@@ -31,6 +31,7 @@ from bot.db.engine import create_engine
 from bot.db.models import action_attempts, action_runs, events
 from tests.fakes.genesys import FakeGenesys
 from tests.fakes.ubiops import FakeUbiOps, Fault
+from tests.helpers import EXAMPLE_RULES, TOKEN, wait_for
 from tests.system.harness import (
     Service,
     create_churn_deployment,
@@ -38,7 +39,6 @@ from tests.system.harness import (
     service_env,
     unprocessed_events,
 )
-from tests.test_pipeline import EXAMPLE_RULES, TOKEN, wait_for
 
 ARTIFACT = Path(__file__).resolve().parents[2] / "test-artifacts" / "system-faults.json"
 ISSUES = 24  # each: 2 UbiOps steps and 3 Genesys steps

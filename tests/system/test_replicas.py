@@ -35,6 +35,7 @@ from bot.db.tenants import Tenants
 from tests.conftest import PG_URL_ENV, postgres_database
 from tests.fakes.jira import FakeJira, issue_updated_payload
 from tests.fakes.ubiops import FakeUbiOps
+from tests.helpers import TOKEN, wait_for
 from tests.system.harness import (
     Service,
     create_churn_deployment,
@@ -45,7 +46,6 @@ from tests.system.harness import (
     unprocessed_events,
     unsettled,
 )
-from tests.test_pipeline import TOKEN, wait_for
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="attributes requests to processes via /proc"

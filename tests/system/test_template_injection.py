@@ -31,8 +31,7 @@ from bot.settings import Settings
 from tests.conftest import ClientFactory
 from tests.fakes.genesys import FakeGenesys
 from tests.fakes.ubiops import FakeUbiOps
-from tests.test_pipeline import TOKEN, event_when_runs_are, issue_updated, wait_for
-from tests.test_webhooks import headers
+from tests.helpers import TOKEN, event_when_runs_are, headers, issue_updated, wait_for
 
 HOSTILE = [
     "{{ 7*7 }}",

@@ -1,0 +1,228 @@
+"""What tests share: payloads, signed delivery headers, rules, a registry mirroring the
+reference documents, and one polling helper."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from bot.core.catalog import Operation, Param
+from bot.db.engine import create_engine
+from bot.db.models import events
+from bot.db.queries import get_event
+from bot.settings import Settings
+from tests.conftest import CLIENT_SECRET
+from tests.signing import oauth_token
+
+DATA_DIR = Path(__file__).parent / "data"
+_PROJECT = Param("project_name", "path", required=True)
+_DEPLOYMENT = Param("deployment_name", "path", required=True)
+_VERSION = Param("version", "path", required=True)
+
+# Mirrors reference/ubiops-deployments-api.md and reference/genesys-webdeployments-api.md.
+REGISTRY: dict[str, Operation] = {
+    op.full_name: op
+    for op in (
+        Operation(
+            "ubiops",
+            "deployment_versions_create",
+            "POST",
+            "/projects/{project_name}/deployments/{deployment_name}/versions",
+            (_PROJECT, _DEPLOYMENT, Param("data", "body", required=True)),
+        ),
+        Operation(
+            "ubiops",
+            "deployment_versions_get",
+            "GET",
+            "/projects/{project_name}/deployments/{deployment_name}/versions/{version}",
+            (_PROJECT, _DEPLOYMENT, _VERSION),
+        ),
+        Operation(
+            "ubiops",
+            "revisions_file_upload",
+            "POST",
+            "/projects/{project_name}/deployments/{deployment_name}/versions/{version}/revisions",
+            (
+                _PROJECT,
+                _DEPLOYMENT,
+                _VERSION,
+                Param("file", "file"),
+                Param("source_deployment", "form"),
+                Param("source_version", "form"),
+                Param("template_deployment_id", "form"),
+            ),
+        ),
+        Operation(
+            "ubiops",
+            "revisions_file_download",
+            "GET",
+            "/projects/{project_name}/deployments/{deployment_name}/versions/{version}"
+            "/revisions/{revision_id}/download",
+            (
+                _PROJECT,
+                _DEPLOYMENT,
+                _VERSION,
+                Param("revision_id", "path", required=True),
+                Param("save_to", "download"),  # deploybot's own: where the file is stored
+            ),
+        ),
+        Operation(
+            "ubiops",
+            "deployments_list",
+            "GET",
+            "/projects/{project_name}/deployments",
+            (_PROJECT, Param("labels", "query")),
+        ),
+        Operation(
+            "genesys",
+            "post_webdeployments_configuration_versions_draft_publish",
+            "POST",
+            "/api/v2/webdeployments/configurations/{configurationId}/versions/draft/publish",
+            (Param("configuration_id", "path", required=True, wire_name="configurationId"),),
+        ),
+    )
+}
+
+
+def payload(name: str) -> dict[str, Any]:
+    """Return a fresh copy of a Jira webhook payload fixture from tests/data."""
+    data: dict[str, Any] = json.loads((DATA_DIR / f"{name}.json").read_text())
+    return data
+
+
+def write_rules(folder: Path, files: dict[str, str]) -> Path:
+    """Write dedented rule files into `folder` and return it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(textwrap.dedent(text).lstrip("\n"))
+    return folder
+
+
+PAYLOAD = {
+    "timestamp": 1700000000000,
+    "webhookEvent": "jira:issue_updated",
+    "issue_event_type_name": "issue_generic",
+    "issue": {"id": "10001", "key": "OPS-7", "fields": {"summary": "Roll out model"}},
+    "changelog": {"items": [{"field": "status", "fromString": "Open", "toString": "Done"}]},
+}
+
+
+def headers(delivery_id: str = "d-1", token: str | None = None, **extra: str) -> dict[str, str]:
+    return {
+        "Authorization": f"Bearer {token or oauth_token(CLIENT_SECRET)}",
+        "Content-Type": "application/json",
+        "X-Atlassian-Webhook-Identifier": delivery_id,
+        **extra,
+    }
+
+
+async def stored_count(settings: Settings) -> int:
+    engine = create_engine(settings.database_url)
+    try:
+        async with engine.connect() as conn:
+            return int((await conn.execute(select(func.count()).select_from(events))).scalar_one())
+    finally:
+        await engine.dispose()
+
+
+TOKEN = "ubiops-token-" + "x" * 40
+EXAMPLE_RULES = Path(__file__).resolve().parent.parent / "rules"
+
+RULES = """
+rules:
+  - name: roll-out
+    on:
+      events: [jira:issue_updated]
+      jql: project = OPS
+    when:
+      - changed: status
+        to: Ready to deploy
+    do:
+      - id: version
+        action: ubiops.deployment_versions_create
+        with:
+          project_name: ml-prod
+          deployment_name: "{{ issue.fields.customfield_10050 }}"
+          data:
+            version: "{{ issue.key | lower }}"
+            environment: python3-11
+      - action: ubiops.revisions_file_upload
+        with:
+          project_name: ml-prod
+          deployment_name: "{{ issue.fields.customfield_10050 }}"
+          version: "{{ steps.version.version }}"
+          file: artifacts/model.zip
+  - name: only-hotfixes
+    on:
+      events: [jira:issue_updated]
+    when:
+      - field: issue.fields.summary
+        matches: "(?i)hotfix"
+    do:
+      - action: ubiops.deployments_get
+        with: {project_name: ml-prod, deployment_name: x}
+"""
+
+
+def issue_updated(
+    key: str, *, summary: str = "Roll out", deployment: str | None = "churn"
+) -> dict[str, Any]:
+    fields: dict[str, Any] = {"summary": summary, "labels": ["model-x"]}
+    if deployment is not None:
+        fields["customfield_10050"] = deployment
+    return {
+        "timestamp": 1700000000000,
+        "webhookEvent": "jira:issue_updated",
+        "issue": {"id": "1", "key": key, "fields": fields},
+        "changelog": {
+            "items": [
+                {
+                    "field": "status",
+                    "fieldId": "status",
+                    "fromString": "Open",
+                    "toString": "Ready to deploy",
+                }
+            ]
+        },
+    }
+
+
+async def wait_for(
+    predicate: Callable[[], Any], timeout_s: float = 15.0, poll_s: float = 0.05
+) -> None:
+    """Poll `predicate` (plain or async) until it is true; fail the test after `timeout_s`."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        found = predicate()
+        if inspect.isawaitable(found):
+            found = await found
+        if found:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(poll_s)
+
+
+async def event_when_runs_are(database_url: str, event_id: int, statuses: list[str]) -> Any:
+    """Wait until the event's action runs have `statuses` (in order); return the event."""
+    engine = create_engine(database_url)
+
+    async def settled() -> bool:
+        shown = await get_event(engine, event_id)
+        assert shown is not None
+        return [r["status"] for r in shown["action_runs"]] == statuses
+
+    try:
+        await wait_for(settled)
+        shown = await get_event(engine, event_id)
+    finally:
+        await engine.dispose()
+    assert shown is not None
+    return shown
