@@ -14,7 +14,7 @@ import logging
 import random
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,11 @@ from sqlalchemy.sql import ColumnElement
 from sqlalchemy.sql.elements import BindParameter
 
 from bot import logs
-from bot.db.engine import Writes, save_until_done
+from bot.db.clean import clean_text, clean_value
+from bot.db.engine import Writes, never_succeeds, save_until_done
 from bot.db.group_commit import GroupCommit
 from bot.db.models import UTCDateTime, action_attempts, action_runs, events, utcnow
+from bot.db.store import database_error
 from bot.due import next_attempt_at
 from bot.errors import ActionError, ServiceDisabled, TemplateRenderError
 from bot.processor import claim_statement, wait_until_set
@@ -342,14 +344,15 @@ class ActionExecutor:
     ) -> str:
         finished = self._clock()
         # Every column every time: a batch is then one executemany of one statement.
+        # Texts are cleaned: an error or answer may echo a Jira field with a NUL.
         values: dict[str, Any] = {
             "b_status": status,
             "b_next_attempt_at": next_attempt_at,
-            "b_last_error": error,
+            "b_last_error": None if error is None else clean_text(error),
             "b_updated_at": finished,
-            "b_result": result,
+            "b_result": clean_value(result),
             "b_attempts": run.attempts if attempts is None else attempts,
-            "b_state": run.state if state is None else state,
+            "b_state": clean_value(run.state if state is None else state),
         }
         item = _Outcome(run, started, finished, outcome, values, status_code)
         written = await save_until_done(
@@ -374,8 +377,50 @@ class ActionExecutor:
         return status
 
     async def _write(self, batch: list[_Outcome]) -> list[bool]:
-        """Write several attempts' outcomes in one transaction; False where a lease was lost."""
-        return await self._writes.run_relaxed(self._write_outcomes, batch)
+        """Write several attempts' outcomes in one transaction; False where a lease was lost.
+
+        An outcome the database refuses for good must not hold back the others of its
+        batch: then each is written alone, and one refused alone ends its run dead.
+        """
+        try:
+            return await self._writes.run_relaxed(self._write_outcomes, batch)
+        except Exception as error:
+            if not never_succeeds(error):
+                raise
+            if len(batch) == 1:
+                return [await self._write_refused(batch[0], error)]
+        written: list[bool] = []
+        for item in batch:
+            try:
+                written += await self._writes.run_relaxed(self._write_outcomes, [item])
+            except Exception as error:
+                if not never_succeeds(error):
+                    raise
+                written.append(await self._write_refused(item, error))
+        return written
+
+    async def _write_refused(self, item: _Outcome, error: BaseException) -> bool:
+        """Record `item`'s run dead, with why its outcome could not be stored (and none
+        of what was refused); False when even that is refused (logged)."""
+        reason = f"the outcome could not be stored: {database_error(error)}"
+        log.error("action run %s: %s", item.run.id, reason)
+        values = {
+            **item.values,
+            "b_status": "dead",
+            "b_next_attempt_at": None,
+            "b_last_error": clean_text(reason),
+            "b_result": None,
+            "b_state": None,
+        }
+        dead = replace(item, outcome="failed", values=values)
+        try:
+            [written] = await self._writes.run_relaxed(self._write_outcomes, [dead])
+        except Exception as again:
+            if not never_succeeds(again):
+                raise
+            log.error("action run %s: not even its failure could be stored: %s", item.run.id, again)
+            return False
+        return written
 
     def _write_outcomes(self, conn: Connection, batch: list[_Outcome]) -> list[bool]:
         """Write outcomes in `conn`'s transaction; False where a lease was lost.

@@ -27,9 +27,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot import logs
-from bot.db.engine import Writes, save_until_done
+from bot.db.clean import clean_text, clean_value
+from bot.db.engine import Writes, never_succeeds, save_until_done
 from bot.db.models import UTCDateTime, action_runs, events, rule_matches, utcnow
 from bot.db.registrations import WebhookFilters
+from bot.db.store import database_error
 from bot.rules import Evaluation, RuleSet, evaluate, matched_webhook_ids
 
 log = logging.getLogger(__name__)
@@ -180,12 +182,14 @@ class EventProcessor:
         clock: Callable[[], datetime] = utcnow,
         writes: Writes | None = None,
         ingest_busy: Callable[[], bool] = lambda: False,
+        rules_ready: Callable[[], bool] = lambda: True,
     ) -> None:
         self._engine = engine
         self._writes = writes or Writes(engine)
         self._filters = WebhookFilters(engine)  # which rule JQL Jira matched
         self._ingest_busy = ingest_busy
         self._rules = rules
+        self._rules_ready = rules_ready
         self._lease_s = lease_s
         self._batch = batch
         self.owner = owner or f"events-{uuid.uuid4().hex[:12]}"
@@ -200,7 +204,13 @@ class EventProcessor:
         self._claims: dict[int, Any] = {}  # claim statements by size
 
     async def claim(self) -> list[Claimed]:
-        """Lease up to `batch` events that are received, or whose lease has run out."""
+        """Lease up to `batch` events that are received, or whose lease has run out.
+
+        None while no good rule set was ever loaded: evaluated against nothing, events
+        would be marked processed with no match and lost; they wait as received instead.
+        """
+        if not self._rules_ready():
+            return []
         now = self._clock()
         # A delivery's commit may queue behind this batch's transactions (one writer), so
         # they must be short: small batches under load, and never more than about
@@ -268,7 +278,7 @@ class EventProcessor:
         if not outcomes:
             return 0
         stored, planned = await save_until_done(
-            lambda: self._writes.run_relaxed(self._finish, ruleset, outcomes),
+            lambda: self._finish_all(ruleset, outcomes),
             f"the evaluation of {len(outcomes)} event(s)",
         )
         if planned and self._on_planned is not None:
@@ -280,6 +290,32 @@ class EventProcessor:
                     ruleset=ruleset.version[:12],
                 )  # fmt: skip
         return len(stored)
+
+    async def _finish_all(
+        self, ruleset: RuleSet, outcomes: list[tuple[int, Evaluation, str | None]]
+    ) -> tuple[set[int], int]:
+        """`_finish` in one transaction; if the database refuses it for good, event by
+        event, and an event refused alone is failed with the reason (not retried forever)."""
+        try:
+            return await self._writes.run_relaxed(self._finish, ruleset, outcomes)
+        except Exception as error:
+            if not never_succeeds(error):
+                raise
+        stored: set[int] = set()
+        planned = 0
+        for outcome in outcomes:
+            try:
+                done, runs = await self._writes.run_relaxed(self._finish, ruleset, [outcome])
+            except Exception as error:
+                if not never_succeeds(error):
+                    raise
+                reason = f"its evaluation could not be stored: {database_error(error)}"
+                log.error("event %s: %s", outcome[0], reason)
+                failed = (outcome[0], Evaluation(matched=[], missed=[]), reason)
+                done, runs = await self._writes.run_relaxed(self._finish, ruleset, [failed])
+            stored |= done
+            planned += runs
+        return stored, planned
 
     def _finish(
         self,
@@ -305,7 +341,7 @@ class EventProcessor:
                     "b_owner": self.owner,
                     "b_status": "failed" if failure else "processed",
                     "b_now": now,
-                    "b_error": failure,
+                    "b_error": None if failure is None else clean_text(failure),
                     "b_version": ruleset.version,
                 },
             )
@@ -332,7 +368,10 @@ class EventProcessor:
         miss_rows = [
             {
                 "b_id": event_id,
-                "b_misses": [{"rule": m.rule_name, "reason": m.reason} for m in ev.missed],
+                # A reason quotes the event's field values, which may hold a NUL.
+                "b_misses": [
+                    {"rule": m.rule_name, "reason": clean_text(m.reason)} for m in ev.missed
+                ],
             }
             for event_id, ev in ours
             if ev.missed
@@ -351,7 +390,7 @@ class EventProcessor:
                 "attempts": 0,
                 # The raw `with:` (templates unrendered): a run renders it when it executes,
                 # so it is self-contained across restarts and rule reloads.
-                "params": dict(step.with_),
+                "params": clean_value(dict(step.with_)),
                 "created_at": now,
                 "updated_at": now,
             }

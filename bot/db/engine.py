@@ -387,17 +387,33 @@ async def upgrade(engine: AsyncEngine) -> None:
 SAVE_RETRY_MAX_S = 2.0  # longest wait between tries of a write that must not be dropped
 
 
+def never_succeeds(error: BaseException) -> bool:
+    """Whether the database refused a write for what it holds, not for how it is now:
+    a data exception or a constraint (SQLSTATE classes 22 and 23; asyncpg's come out as
+    plain DBAPIErrors), or text no driver can encode. Trying it again cannot help."""
+    if isinstance(error, exc.DataError | exc.IntegrityError | UnicodeError):
+        return True
+    if isinstance(error, exc.DBAPIError):
+        code = getattr(error.orig, "sqlstate", None)
+        return isinstance(code, str) and code[:2] in ("22", "23")
+    return False
+
+
 async def save_until_done(write: Callable[[], Awaitable[T]], what: str) -> T:
     """Run `write` until the database takes it, waiting out an outage.
 
     For results already paid for (an action carried out, an event evaluated): dropping
-    them would leave their rows claimed until the lease ran out.
+    them would leave their rows claimed until the lease ran out. A write the database
+    refuses for good (`never_succeeds`) is raised at once: retried, it would hold its
+    worker forever.
     """
     delay_s = 0.1
     while True:
         try:
             return await write()
-        except (exc.SQLAlchemyError, OSError) as error:
+        except (exc.SQLAlchemyError, OSError, UnicodeError) as error:
+            if never_succeeds(error):
+                raise
             log.warning("%s not saved (database error: %s); again in %.1fs", what, error, delay_s)
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, SAVE_RETRY_MAX_S)

@@ -165,6 +165,7 @@ async def _workers(app: web.Application) -> AsyncIterator[None]:
         on_planned=executor.wakeup.set,
         writes=app[WRITES],
         ingest_busy=app[STORE].busy,
+        rules_ready=lambda: watcher.loaded,
     )
     app[STORE].on_commit = processor.wakeup.set
     app[RULES], app[PROCESSOR], app[EXECUTOR] = watcher, processor, executor
