@@ -24,10 +24,13 @@ from tests.test_admin import (
     ADMIN_TOKEN,
     BEARER,
     create_deployment,
+    dead_event,
     deliver,
     get_event_api,
     run_statuses,
+    start,
     start_ubiops,
+    write_rules,
 )
 from tests.test_pipeline import TOKEN, wait_for
 
@@ -305,3 +308,34 @@ async def test_a_filter_typo_on_hot_reload_is_reported_everywhere(
     assert shown["errors"] == expected and shown["version"] == version
     metrics = await (await client.get("/metrics")).text()
     assert "deploybot_rule_load_errors 1.0" in metrics.splitlines()
+
+
+# -- item 10: a skipped run behind a dead one is not retried on its own --------------------
+
+
+async def test_retrying_a_skipped_run_behind_a_dead_one_names_the_run_to_retry(
+    make_client: ClientFactory,
+    settings: Settings,
+    tmp_path: Path,
+    aiohttp_server: Callable[..., Any],
+) -> None:
+    _fake, base_url = await start_ubiops(aiohttp_server)
+    client: Client = await start(make_client, settings, write_rules(tmp_path), base_url)
+    event_id = await dead_event(client, "OPS-70")
+    dead, skipped = (await get_event_api(client, event_id))["action_runs"]
+    await create_deployment(base_url)  # the cause is fixed: only the order is wrong now
+
+    resp = await client.post(f"/api/action-runs/{skipped['id']}/retry", headers=BEARER)
+    assert resp.status == 409
+    refusal = await resp.json()
+    assert refusal["retry_instead"] == dead["id"]
+    assert f"retry action run {dead['id']} instead" in refusal["error"]
+    assert await run_statuses(client, event_id) == ["dead", "skipped"]  # nothing changed
+
+    # The run it names is the way out: retried, both steps run.
+    assert (await client.post(f"/api/action-runs/{dead['id']}/retry", headers=BEARER)).status == 200
+
+    async def succeeded() -> bool:
+        return await run_statuses(client, event_id) == ["succeeded", "succeeded"]
+
+    await wait_for(succeeded)
