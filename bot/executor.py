@@ -13,7 +13,7 @@ import asyncio
 import logging
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -36,8 +36,9 @@ from bot.db.store import database_error
 from bot.due import next_attempt_at
 from bot.errors import ActionError, ServiceDisabled, TemplateRenderError
 from bot.processor import claim_statement, wait_until_set
-from bot.rules import Step, build_context, render_params
+from bot.rules import RuleSet, Step, build_context, render_params
 from bot.services.actions import ActionRunner, Done, Wait, action_params
+from bot.services.masking import mask_result, needs_rule_params
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +161,10 @@ class ActionExecutor:
         clock: Callable[[], datetime] = utcnow,
         rng: random.Random | None = None,
         writes: Writes | None = None,
+        rules: Callable[[], RuleSet] | None = None,
     ) -> None:
         self._engine = engine
+        self._rules = rules  # the rule set in force: where masked secrets are read
         self._writes = writes or Writes(engine)
         self._runner = runner
         self._rules_dir = rules_dir
@@ -250,14 +253,29 @@ class ActionExecutor:
 
     def _step(self, run: _Run) -> Step:
         spec = action_params(run.action) or ()
+        params: Mapping[str, Any] = run.params
+        if needs_rule_params(run.action, params):
+            params = self._rule_params(run)
         return Step(
             id=run.step_id,
             action=run.action,
-            with_=run.params,
+            with_=params,
             index=run.step_index,
             base_dir=self._rules_dir,
             file_params=frozenset(p.name for p in spec if p.location == "file"),
         )
+
+    def _rule_params(self, run: _Run) -> Mapping[str, Any]:
+        """The step's `with:` from the rule set in force: its stored copy has a secret
+        masked (bot.services.masking), which only the rule file holds."""
+        rule = self._rules().get(run.rule_name) if self._rules is not None else None
+        step = rule.steps[run.step_index] if rule and run.step_index < len(rule.steps) else None
+        if step is None or step.action != run.action:
+            raise TemplateRenderError(
+                f"the secret value of step {run.step_index + 1} is kept only in its rule, "
+                f"and rule {run.rule_name!r} no longer has this step"
+            )
+        return step.with_
 
     async def execute(self, run: _Run) -> str:
         """Run one claimed action run; return its new status."""
@@ -350,7 +368,7 @@ class ActionExecutor:
             "b_next_attempt_at": next_attempt_at,
             "b_last_error": None if error is None else clean_text(error),
             "b_updated_at": finished,
-            "b_result": clean_value(result),
+            "b_result": clean_value(mask_result(result)),
             "b_attempts": run.attempts if attempts is None else attempts,
             "b_state": clean_value(run.state if state is None else state),
         }

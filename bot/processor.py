@@ -33,6 +33,7 @@ from bot.db.models import UTCDateTime, action_runs, events, rule_matches, utcnow
 from bot.db.registrations import WebhookFilters
 from bot.db.store import database_error
 from bot.rules import Evaluation, RuleSet, evaluate, matched_webhook_ids
+from bot.services.masking import mask_params
 
 log = logging.getLogger(__name__)
 
@@ -390,7 +391,9 @@ class EventProcessor:
                 "attempts": 0,
                 # The raw `with:` (templates unrendered): a run renders it when it executes,
                 # so it is self-contained across restarts and rule reloads.
-                "params": clean_value(dict(step.with_)),
+                # A secret value written in the rule is masked: the executor reads it
+                # from the rule in force (bot.services.masking).
+                "params": clean_value(mask_params(step.action, step.with_)),
                 "created_at": now,
                 "updated_at": now,
             }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -93,11 +94,24 @@ def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         database = make_url(url).database
         if database and ":memory:" not in url:
+            _create_private(Path(database))
             _watch_file(engine, Path(database))
         return engine
     return create_async_engine(
         url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, **_JSON
     )
+
+
+def _create_private(path: Path) -> None:
+    """Create a new SQLite file readable by its owner alone (0600): it holds tenants'
+    shared secrets. SQLite gives its -wal and -shm files the database file's mode."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    except OSError:
+        return  # no folder, read-only, ...: connecting reports it
+    os.close(fd)  # an empty file is an empty SQLite database
 
 
 # SQLite copies the WAL into the database inside the commit that takes the WAL past this

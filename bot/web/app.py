@@ -157,6 +157,7 @@ async def _workers(app: web.Application) -> AsyncIterator[None]:
         ),
         concurrency=settings.workers,
         writes=app[WRITES],
+        rules=lambda: watcher.current,
     )
     processor = EventProcessor(
         app[ENGINE],

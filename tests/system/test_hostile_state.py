@@ -3,6 +3,7 @@ runs that cannot run, secrets at rest (issue #17, items 6, 8, 9, 10 and 11)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -238,7 +239,7 @@ async def test_events_wait_while_no_good_rule_set_is_loaded(
     (rules / "r.yaml").write_text(GOOD_RULE)  # the hot reload installs it
 
     async def processed() -> bool:
-        return (await _event(settings, event_id))["status"] == "processed"
+        return bool((await _event(settings, event_id))["status"] == "processed")
 
     await wait_for(processed)
     shown = await _event(settings, event_id)
@@ -339,3 +340,155 @@ async def test_retrying_a_skipped_run_behind_a_dead_one_names_the_run_to_retry(
         return await run_statuses(client, event_id) == ["succeeded", "succeeded"]
 
     await wait_for(succeeded)
+
+
+# -- item 11: secrets at rest ---------------------------------------------------------------
+
+SECRET_VALUE = "env-secret-" + "Z8" * 16
+SECRET_RULES = f"""
+rules:
+  - name: set-secret
+    on: {{events: [jira:issue_updated]}}
+    when: [{{field: issue.fields.labels, contains: secret}}]
+    do:
+      - action: ubiops.deployment_environment_variables_create
+        with:
+          project_name: ml-prod
+          deployment_name: churn
+          data: {{name: API_KEY, value: "{SECRET_VALUE}", secret: true}}
+  - name: guest-token
+    on: {{events: [jira:issue_updated]}}
+    when: [{{field: issue.fields.labels, contains: token}}]
+    do:
+      - id: exchange
+        action: genesys.post_webdeployments_token_oauthcodegrantjwtexchange
+        with:
+          body: {{deploymentId: dep-1, oauthParameters: {{code: "{{{{ issue.key }}}}"}}}}
+"""
+
+
+async def _database_bytes(settings: Settings, tmp_path: Path) -> bytes:
+    """The SQLite files' bytes, or (PostgreSQL) every row of every table as text."""
+    if _engine_name(settings) == "sqlite":
+        files = [tmp_path / f"deploybot.db{suffix}" for suffix in ("", "-wal", "-shm")]
+        return b"".join(f.read_bytes() for f in files if f.exists())
+    from tests.system.test_secrets import dump_database
+
+    return (await dump_database(settings.database_url)).encode()
+
+
+async def test_secret_values_and_returned_tokens_are_masked_at_rest(
+    make_client: ClientFactory,
+    settings: Settings,
+    tmp_path: Path,
+    aiohttp_server: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tests.fakes.genesys import FakeGenesys
+    from tests.test_cli import _run
+
+    rules = tmp_path / "secret-rules"
+    rules.mkdir()
+    (rules / "r.yaml").write_text(SECRET_RULES)
+    ubiops, ubiops_url = await start_ubiops(aiohttp_server)
+    genesys = FakeGenesys()
+    genesys.deployments["dep-1"] = {"id": "dep-1", "name": "guest chat"}
+    genesys_url = str((await aiohttp_server(genesys.app)).make_url("")).rstrip("/")
+    client: Client = await make_client(
+        settings,
+        rules_dir=rules,
+        admin_token=ADMIN_TOKEN,
+        ubiops_api_url=ubiops_url,
+        ubiops_api_token=TOKEN,
+        genesys_api_url=genesys_url,
+        genesys_login_url=genesys_url,
+        genesys_client_id=genesys.client_id,
+        genesys_client_secret=genesys.client_secret,
+    )
+    # No deployment yet: the variable's run dies, and is retried once there is one. The
+    # retry must still send the real value, which the database never held.
+    secret_event = await deliver(client, "d-secret", payload("OPS-1", "x", "secret"))
+
+    async def dead() -> bool:
+        return await run_statuses(client, secret_event) == ["dead"]
+
+    await wait_for(dead)
+    await create_deployment(ubiops_url)
+    [run] = (await get_event_api(client, secret_event))["action_runs"]
+    assert (await client.post(f"/api/action-runs/{run['id']}/retry", headers=BEARER)).status == 200
+    token_event = await deliver(client, "d-token", payload("OPS-2", "x", "token"))
+
+    async def done() -> bool:
+        return [await run_statuses(client, e) for e in (secret_event, token_event)] == [
+            ["succeeded"],
+            ["succeeded"],
+        ]
+
+    await wait_for(done)
+    [sent] = [r.json for r in ubiops.calls("POST", r".*/environment-variables")][-1:]
+    assert (sent["value"], sent["secret"]) == (SECRET_VALUE, True)
+    assert genesys.issued_jwts and genesys.jwt_refresh_tokens
+    secrets = {
+        "secret variable value": SECRET_VALUE,
+        **{f"guest jwt {i}": t for i, t in enumerate(genesys.issued_jwts)},
+        **{f"refresh token {i}": t for i, t in enumerate(genesys.jwt_refresh_tokens)},
+    }
+    [token_run] = (await get_event_api(client, token_event))["action_runs"]
+    shown = {
+        path: await (await client.get(path, headers=BEARER)).text()
+        for path in ("/", f"/api/events/{secret_event}", f"/api/events/{token_event}")
+    }
+    await client.close()
+
+    def cli(*argv: str) -> str:
+        code, out, _err = _run(monkeypatch, capsys, settings.database_url, *argv)
+        assert code == 0
+        return out
+
+    for event_id in (secret_event, token_event):  # the CLI runs its own loop: in a thread
+        shown[f"events show {event_id}"] = await asyncio.to_thread(
+            cli, "events", "show", str(event_id)
+        )
+        shown[f"events show {event_id} --json"] = await asyncio.to_thread(
+            cli, "events", "show", str(event_id), "--json"
+        )
+    stored = await _database_bytes(settings, tmp_path)
+    leaks = [
+        f"{name} in {place}"
+        for name, secret in secrets.items()
+        for place, text in [*shown.items(), ("the database", stored.decode("latin-1"))]
+        if secret in text
+    ]
+    assert leaks == []
+    assert token_run["result"] == {"jwt": "********", "refreshToken": "********"}
+
+
+async def test_a_fresh_sqlite_database_is_private(
+    make_client: ClientFactory, settings: Settings, tmp_path: Path
+) -> None:
+    if _engine_name(settings) != "sqlite":
+        pytest.skip("a PostgreSQL database has no file of deploybot's")
+    path = tmp_path / "deploybot.db"
+    assert not path.exists()
+    client: Client = await make_client(settings)
+    await deliver(client, "d-1", payload("OPS-1", "x", "any"))  # the WAL is written
+    modes = {
+        p.name: p.stat().st_mode & 0o777
+        for p in await asyncio.to_thread(lambda: list(tmp_path.iterdir()))
+        if p.name.startswith(path.name)
+    }
+    assert modes.get("deploybot.db") == 0o600 and modes.get("deploybot.db-wal") == 0o600, modes
+    assert set(modes.values()) == {0o600}, modes
+
+
+def test_rules_test_shows_a_secret_value_masked(tmp_path: Path) -> None:
+    from bot.rules import load_rules
+    from bot.rules.dryrun import dry_run
+
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "r.yaml").write_text(SECRET_RULES)
+    report = dry_run(load_rules(rules), payload("OPS-1", "x", "secret"))
+    assert "deployment_environment_variables_create" in report and '"API_KEY"' in report
+    assert SECRET_VALUE not in report and "********" in report
