@@ -206,3 +206,19 @@ def test_the_settings_read_comma_separated_lists() -> None:
         ("*.atlassian.net",),
         (),
     )
+
+
+@pytest.mark.parametrize("field", ["sharedSecret", "baseUrl"])
+async def test_an_install_with_a_nul_in_a_stored_field_is_a_bad_request(
+    make_client: ClientFactory,
+    settings: Settings,
+    key_server: tuple[KeyServer, TestServer],
+    field: str,
+) -> None:
+    client = await _client(make_client, settings, key_server)
+    keys = key_server[0].keys
+    body = install_body()
+    body[field] += "/\x00" if field == "baseUrl" else "\x00"
+    token = _sign(keys, "/lifecycle/installed")
+    assert await _post(client, "/lifecycle/installed", token, body) == 400
+    assert await install(client, keys) == 204

@@ -158,6 +158,11 @@ def _lifecycle_body(body: bytes, *required: str) -> dict[str, str]:
     key = payload["clientKey"]  # looked up before any signature check: keep it plain text
     if len(key) > verify.MAX_ISSUER_CHARS or not key.isprintable():
         raise PayloadError("clientKey is not a valid client key")
+    # Stored as text: a NUL (which PostgreSQL refuses) or a control character is no
+    # secret or URL Jira sends.
+    odd = [k for k in required if not payload[k].isprintable()]
+    if odd:
+        raise PayloadError(f"body has unprintable {', '.join(odd)}")
     return {k: payload[k] for k in required}
 
 
