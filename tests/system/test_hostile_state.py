@@ -492,3 +492,50 @@ def test_rules_test_shows_a_secret_value_masked(tmp_path: Path) -> None:
     report = dry_run(load_rules(rules), payload("OPS-1", "x", "secret"))
     assert "deployment_environment_variables_create" in report and '"API_KEY"' in report
     assert SECRET_VALUE not in report and "********" in report
+
+
+async def test_a_masked_secret_whose_rule_step_is_gone_fails_its_run_with_the_reason(
+    database_url: str, tmp_path: Path, aiohttp_server: Callable[..., Any]
+) -> None:
+    import aiohttp
+
+    from bot.db.engine import upgrade
+    from bot.db.store import EventStore
+    from bot.delivery import Delivery
+    from bot.processor import EventProcessor
+    from bot.rules import load_rules
+    from bot.services.ubiops import UbiOpsClient
+
+    rules = tmp_path / "secret-rules"
+    rules.mkdir()
+    (rules / "r.yaml").write_text(SECRET_RULES)
+    planned_with = load_rules(rules)
+    (rules / "r.yaml").write_text(GOOD_RULE)  # the secret's step is gone from the rules
+    in_force = load_rules(rules)
+    ubiops, ubiops_url = await start_ubiops(aiohttp_server)
+    await create_deployment(ubiops_url)
+    engine = create_engine(database_url)
+    try:
+        await upgrade(engine)
+        store = EventStore(engine)
+        await store.start()
+        body = json.dumps(payload("OPS-1", "x", "secret")).encode()
+        await store.add("", Delivery("d-1", 0, "jira:issue_updated", "OPS-1", body))
+        await store.close()
+        assert await EventProcessor(engine, lambda: planned_with).run_once() == 1
+        async with engine.connect() as conn:
+            [params] = (await conn.execute(select(action_runs.c.params))).scalars()
+        assert params["data"] == {"name": "API_KEY", "value": "********", "secret": True}
+        async with aiohttp.ClientSession() as session:
+            runner = ActionRunner({"ubiops": UbiOpsClient(session, ubiops_url, TOKEN)})
+            executor = ActionExecutor(engine, runner, rules_dir=rules, rules=lambda: in_force)
+            assert await executor.run_once() == 1
+        async with engine.connect() as conn:
+            status, error = (
+                await conn.execute(select(action_runs.c.status, action_runs.c.last_error))
+            ).one()
+    finally:
+        await engine.dispose()
+    assert status == "dead"
+    assert "rule 'set-secret' no longer has this step" in error
+    assert ubiops.calls("POST", r".*/environment-variables") == []  # the mask was never sent
