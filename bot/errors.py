@@ -27,6 +27,15 @@ class StoreUnavailable(DeploybotError):
     """The database cannot take the write right now (HTTP 503, Jira retries)."""
 
 
+class RetryRefused(DeploybotError):
+    """An action run cannot be retried as asked (HTTP 409); `retry_instead` names the
+    earlier run of the same rule that must be retried first, when that is why."""
+
+    def __init__(self, message: str, *, retry_instead: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_instead = retry_instead
+
+
 class RuleError(DeploybotError):
     """A rule file or rule set is invalid; carries every error found."""
 

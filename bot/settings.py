@@ -66,6 +66,11 @@ class Settings:
     jira_token_url: str = "https://auth.atlassian.com/oauth/token"
     jira_connect_keys_url: str = "https://connect-install-keys.atlassian.com"
     jira_app_key: str = "deploybot"
+    # Connect installs: where a tenant's baseUrl may point (`*.atlassian.net`: https, any
+    # subdomain; `http://127.0.0.1`: that scheme and host, any port), and which tenants may
+    # install at all (client keys or base URLs; empty: any).
+    jira_allowed_base_url_hosts: tuple[str, ...] = ("*.atlassian.net",)
+    jira_allowed_tenants: tuple[str, ...] = ()
     ubiops_api_url: str = "https://api.ubiops.com/v2.1"
     ubiops_api_token: str | None = field(default=None, repr=False)
     genesys_region: str = "mypurecloud.com"
@@ -183,6 +188,10 @@ def _str(raw: str) -> str:
     return raw
 
 
+def _csv(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
 # attribute -> (environment variable, parser)
 _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "database_url": ("DEPLOYBOT_DATABASE_URL", _database_url),
@@ -231,6 +240,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "jira_token_url": ("JIRA_TOKEN_URL", _url("JIRA_TOKEN_URL")),
     "jira_connect_keys_url": ("JIRA_CONNECT_KEYS_URL", _url("JIRA_CONNECT_KEYS_URL")),
     "jira_app_key": ("JIRA_APP_KEY", _str),
+    "jira_allowed_base_url_hosts": ("JIRA_ALLOWED_BASE_URL_HOSTS", _csv),
+    "jira_allowed_tenants": ("JIRA_ALLOWED_TENANTS", _csv),
     "ubiops_api_url": ("UBIOPS_API_URL", _url("UBIOPS_API_URL")),
     "ubiops_api_token": ("UBIOPS_API_TOKEN", _str),
     "genesys_region": ("GENESYS_REGION", _region),

@@ -7,6 +7,7 @@ OAuth 2.0 deliveries are plain HS256 JWTs with the app's client secret.
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 import atlassian_jwt
@@ -58,14 +59,18 @@ class InstallKeys:
         audience: str,
         exp_in_s: int = 180,
         kid: str | None = None,
+        issued_s_ago: int = 0,
     ) -> str:
         now = int(time.time())
         payload = {
             "iss": client_key,
             "aud": [audience],
-            "iat": now,
+            "iat": now - issued_s_ago,
             "exp": now + exp_in_s,
             "qsh": hash_url(method, path),
+            # Two installs signed in one second are still two tokens (a reused one is
+            # refused as a replay).
+            "jti": uuid.uuid4().hex,
         }
         return jwt.encode(payload, self._key, algorithm="RS256", headers={"kid": kid or self.kid})
 

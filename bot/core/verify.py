@@ -13,7 +13,7 @@ import hmac
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import jwt
 
@@ -21,6 +21,10 @@ from bot.core.text import is_identifier
 from bot.errors import VerificationError
 
 LEEWAY_S = 30
+# A lifecycle callback's token is refused once older than this (`iat`): with its replay
+# refused as well (seen-token store), a captured token cannot be sent again with a body
+# of the sender's choosing.
+LIFECYCLE_MAX_AGE_S = 300
 CONTEXT_QSH = "context-qsh"
 
 QueryPairs = Iterable[tuple[str, str]]
@@ -290,3 +294,50 @@ def sign_connect(
         "qsh": query_string_hash(method, path, query),
     }
     return jwt.encode(payload, secret, algorithm="HS256")
+
+
+def check_lifecycle_freshness(claims: Mapping[str, Any], now: float) -> None:
+    """Refuse a lifecycle token without `iat`, or issued more than LIFECYCLE_MAX_AGE_S ago."""
+    iat = claims.get("iat")
+    if not isinstance(iat, int | float) or isinstance(iat, bool):
+        raise VerificationError("lifecycle token has no iat")
+    if float(iat) + LIFECYCLE_MAX_AGE_S < now:
+        raise VerificationError("lifecycle token is too old")
+
+
+def lifecycle_token_id(authorization: str | None) -> str:
+    """The SHA-256 hex of a lifecycle token: what the seen-token store keeps."""
+    return hashlib.sha256(_token(authorization, "JWT").encode()).hexdigest()
+
+
+def allowed_base_url(url: str, patterns: Iterable[str]) -> bool:
+    """Whether a tenant's baseUrl is plain (no user, query or fragment) and matches one of
+    `patterns`: `*.atlassian.net` (https, any subdomain), `host` (https, that host), or
+    `scheme://host[:port]` (that scheme and host; any port unless one is given)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return False
+    host = (parts.hostname or "").lower()
+    if not host or "@" in parts.netloc or parts.query or parts.fragment:
+        return False
+    for pattern in patterns:
+        scheme, _, rest = pattern.rpartition("://")
+        want_host, _, want_port = rest.lower().partition(":")
+        if parts.scheme != (scheme or "https"):
+            continue
+        if want_port and str(port) != want_port:
+            continue
+        if want_host.startswith("*."):
+            if host.endswith(want_host[1:]) and len(host) > len(want_host) - 1:
+                return True
+        elif host == want_host:
+            return True
+    return False
+
+
+def allowed_tenant(client_key: str, base_url: str, allowed: Iterable[str]) -> bool:
+    """Whether the tenant allow-list (client keys or base URLs; empty: any) admits it."""
+    entries = [a.rstrip("/") for a in allowed]
+    return not entries or client_key in entries or base_url.rstrip("/") in entries

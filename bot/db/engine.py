@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from importlib.resources import files
 from pathlib import Path
@@ -89,11 +91,27 @@ def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         database = make_url(url).database
         if database and ":memory:" not in url:
+            _create_private(Path(database))
             _watch_file(engine, Path(database))
         return engine
     return create_async_engine(
         url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, **_JSON
     )
+
+
+def _create_private(path: Path) -> None:
+    """Create a new SQLite file readable by its owner alone (0600): it holds tenants'
+    shared secrets. SQLite gives its -wal and -shm files the database file's mode."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        with contextlib.suppress(OSError):
+            if path.stat().st_mode & 0o077:
+                log.warning("%s is readable by others; it holds tenants' shared secrets", path)
+        return
+    except OSError:
+        return  # no folder, read-only, ...: connecting reports it
+    os.close(fd)  # an empty file is an empty SQLite database
 
 
 # SQLite checkpoints inside the commit that takes the WAL past this many pages, and the
@@ -163,17 +181,33 @@ async def upgrade(engine: AsyncEngine) -> None:
 SAVE_RETRY_MAX_S = 2.0  # longest wait between tries of a write that must not be dropped
 
 
+def never_succeeds(error: BaseException) -> bool:
+    """Whether the database refused a write for what it holds, not for how it is now:
+    a data exception or a constraint (SQLSTATE classes 22 and 23; asyncpg's come out as
+    plain DBAPIErrors), or text no driver can encode. Trying it again cannot help."""
+    if isinstance(error, exc.DataError | exc.IntegrityError | UnicodeError):
+        return True
+    if isinstance(error, exc.DBAPIError):
+        code = getattr(error.orig, "sqlstate", None)
+        return isinstance(code, str) and code[:2] in ("22", "23")
+    return False
+
+
 async def save_until_done(write: Callable[[], Awaitable[T]], what: str) -> T:
     """Run `write` until the database takes it, waiting out an outage.
 
     For results already paid for (an action carried out, an event evaluated): dropping
-    them would leave their rows claimed until the lease ran out.
+    them would leave their rows claimed until the lease ran out. A write the database
+    refuses for good (`never_succeeds`) is raised at once: retried, it would hold its
+    worker forever.
     """
     delay_s = 0.1
     while True:
         try:
             return await write()
-        except (exc.SQLAlchemyError, OSError) as error:
+        except (exc.SQLAlchemyError, OSError, UnicodeError) as error:
+            if never_succeeds(error):
+                raise
             log.warning("%s not saved (database error: %s); again in %.1fs", what, error, delay_s)
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, SAVE_RETRY_MAX_S)

@@ -18,6 +18,7 @@ from bot.db.models import (
     events,
     rule_matches,
 )
+from bot.errors import RetryRefused
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -225,8 +226,11 @@ async def retry_action_run(
 ) -> tuple[str, list[int]] | None:
     """Queue a dead or skipped run again, with the skipped steps after it.
 
-    Return the run's old status and the ids queued (none when the run was in another
-    status), or None when there is no such run.
+    Return the run's old status and the ids queued, or None when there is no such run.
+    Raise RetryRefused when the run is in another status, or when an earlier step of its
+    rule has not succeeded: a run is due only after the step before it succeeded, so it
+    would stay pending forever; the earlier run to retry instead is named. (The one
+    rule for every way to retry: admin API, status page, CLI.)
     """
     c = action_runs.c
     fresh = {
@@ -250,7 +254,29 @@ async def retry_action_run(
         if run is None:
             return None
         if run.status not in RETRYABLE_RUN_STATUSES:
-            return str(run.status), []
+            raise RetryRefused(
+                f"action run {run_id} is {run.status}; only dead or skipped runs can be retried"
+            )
+        blocking = (
+            await conn.execute(
+                select(c.id, c.status, c.step_index)
+                .where(
+                    c.event_id == run.event_id,
+                    c.rule_name == run.rule_name,
+                    c.step_index < run.step_index,
+                    c.status != "succeeded",
+                )
+                .order_by(c.step_index)
+                .limit(1)
+            )
+        ).first()
+        if blocking is not None:
+            raise RetryRefused(
+                f"action run {run_id} waits for step {blocking.step_index + 1} of its rule, "
+                f"action run {blocking.id}, which is {blocking.status}: "
+                f"retry action run {blocking.id} instead",
+                retry_instead=int(blocking.id),
+            )
         later = (
             await conn.execute(
                 update(action_runs)

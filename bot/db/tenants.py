@@ -5,13 +5,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot.db.models import tenants, upsert, utcnow
+from bot.db.models import kv, tenants, upsert, utcnow
 
 CACHE_TTL_S = 30.0  # how long another replica's install/uninstall may go unseen here
 CACHE_MAX_ENTRIES = 4096  # unknown issuers are cached too: bound what a flood of them costs
+LIFECYCLE_TOKEN_PREFIX = "lifecycle-token:"  # kv keys of used install/uninstall tokens
+LIFECYCLE_TOKEN_GRACE_S = 60  # kept past the token's expiry: its leeway, and clock skew
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,31 @@ class Tenants:
         async with self._engine.begin() as conn:
             await conn.execute(stmt)
         self._cache.pop(client_key, None)
+
+    async def claim_lifecycle_token(self, token_id: str, expires_at: float) -> bool:
+        """Record a lifecycle token as used; False when it was used before (a replay).
+
+        Kept in the database, so that every replica sees it, until the token expires:
+        older ones are refused by their age anyway. Only verified tokens get here, so
+        the rows grow with genuine installs, not with what anyone sends.
+        """
+        now = utcnow()
+        key = f"{LIFECYCLE_TOKEN_PREFIX}{token_id}"
+        # Fixed-width epoch seconds: the text compares as the number does.
+        expiry = f"{int(expires_at) + LIFECYCLE_TOKEN_GRACE_S:012d}"
+        insert = (
+            upsert(kv, self._engine.dialect.name)
+            .values(key=key, value=expiry, updated_at=now)
+            .on_conflict_do_nothing(index_elements=["key"])
+        )
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                delete(kv).where(
+                    kv.c.key.startswith(LIFECYCLE_TOKEN_PREFIX, autoescape=True),
+                    kv.c.value < f"{int(now.timestamp()):012d}",
+                )
+            )
+            return (await conn.execute(insert)).rowcount == 1
 
     async def disable(self, client_key: str) -> None:
         """Mark a tenant uninstalled: its deliveries are refused from now on."""

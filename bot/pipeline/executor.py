@@ -13,8 +13,8 @@ import asyncio
 import logging
 import random
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,13 +29,16 @@ from sqlalchemy.sql.elements import BindParameter
 
 from bot import logs
 from bot.core.due import next_attempt_at
-from bot.db.engine import save_until_done
+from bot.core.masking import mask_result, needs_rule_params
+from bot.db.clean import clean_text, clean_value
+from bot.db.engine import never_succeeds, save_until_done
 from bot.db.group_commit import GroupCommit
 from bot.db.models import UTCDateTime, action_attempts, action_runs, events, utcnow
+from bot.db.store import database_error
 from bot.db.writers import writer_for
 from bot.errors import ActionError, ServiceDisabled, TemplateRenderError
 from bot.pipeline.processor import claim_statement, wait_until_set
-from bot.rules.model import Step
+from bot.rules.model import RuleSet, Step
 from bot.rules.templates import build_context, render_params
 from bot.services.actions import ActionRunner, Done, Wait, action_params
 
@@ -159,8 +162,10 @@ class ActionExecutor:
         owner: str | None = None,
         clock: Callable[[], datetime] = utcnow,
         rng: random.Random | None = None,
+        rules: Callable[[], RuleSet] | None = None,
     ) -> None:
         self._engine = engine
+        self._rules = rules  # the rule set in force: where masked secrets are read
         self._writes = writer_for(engine)
         self._runner = runner
         self._rules_dir = rules_dir
@@ -249,14 +254,29 @@ class ActionExecutor:
 
     def _step(self, run: _Run) -> Step:
         spec = action_params(run.action) or ()
+        params: Mapping[str, Any] = run.params
+        if needs_rule_params(run.action, params):
+            params = self._rule_params(run)
         return Step(
             id=run.step_id,
             action=run.action,
-            with_=run.params,
+            with_=params,
             index=run.step_index,
             base_dir=self._rules_dir,
             file_params=frozenset(p.name for p in spec if p.location == "file"),
         )
+
+    def _rule_params(self, run: _Run) -> Mapping[str, Any]:
+        """The step's `with:` from the rule set in force: its stored copy has a secret
+        masked (bot.core.masking), which only the rule file holds."""
+        rule = self._rules().get(run.rule_name) if self._rules is not None else None
+        step = rule.steps[run.step_index] if rule and run.step_index < len(rule.steps) else None
+        if step is None or step.action != run.action:
+            raise TemplateRenderError(
+                f"the secret value of step {run.step_index + 1} is kept only in its rule, "
+                f"and rule {run.rule_name!r} no longer has this step"
+            )
+        return step.with_
 
     async def execute(self, run: _Run) -> str:
         """Run one claimed action run; return its new status."""
@@ -343,14 +363,15 @@ class ActionExecutor:
     ) -> str:
         finished = self._clock()
         # Every column every time: a batch is then one executemany of one statement.
+        # Texts are cleaned: an error or answer may echo a Jira field with a NUL.
         values: dict[str, Any] = {
             "b_status": status,
             "b_next_attempt_at": next_attempt_at,
-            "b_last_error": error,
+            "b_last_error": None if error is None else clean_text(error),
             "b_updated_at": finished,
-            "b_result": result,
+            "b_result": clean_value(mask_result(result)),
             "b_attempts": run.attempts if attempts is None else attempts,
-            "b_state": run.state if state is None else state,
+            "b_state": clean_value(run.state if state is None else state),
         }
         item = _AttemptRecord(run, started, finished, outcome, values, status_code)
         written = await save_until_done(
@@ -375,8 +396,50 @@ class ActionExecutor:
         return status
 
     async def _write(self, batch: list[_AttemptRecord]) -> list[bool]:
-        """Write several attempts' outcomes in one transaction; False where a lease was lost."""
-        return await self._writes.run_relaxed(self._write_outcomes, batch)
+        """Write several attempts' outcomes in one transaction; False where a lease was lost.
+
+        An outcome the database refuses for good must not hold back the others of its
+        batch: then each is written alone, and one refused alone ends its run dead.
+        """
+        try:
+            return await self._writes.run_relaxed(self._write_outcomes, batch)
+        except Exception as error:
+            if not never_succeeds(error):
+                raise
+            if len(batch) == 1:
+                return [await self._write_refused(batch[0], error)]
+        written: list[bool] = []
+        for item in batch:
+            try:
+                written += await self._writes.run_relaxed(self._write_outcomes, [item])
+            except Exception as error:
+                if not never_succeeds(error):
+                    raise
+                written.append(await self._write_refused(item, error))
+        return written
+
+    async def _write_refused(self, item: _AttemptRecord, error: BaseException) -> bool:
+        """Record `item`'s run dead, with why its outcome could not be stored (and none
+        of what was refused); False when even that is refused (logged)."""
+        reason = f"the outcome could not be stored: {database_error(error)}"
+        log.error("action run %s: %s", item.run.id, reason)
+        values = {
+            **item.values,
+            "b_status": "dead",
+            "b_next_attempt_at": None,
+            "b_last_error": clean_text(reason),
+            "b_result": None,
+            "b_state": None,
+        }
+        dead = replace(item, outcome="failed", values=values)
+        try:
+            [written] = await self._writes.run_relaxed(self._write_outcomes, [dead])
+        except Exception as again:
+            if not never_succeeds(again):
+                raise
+            log.error("action run %s: not even its failure could be stored: %s", item.run.id, again)
+            return False
+        return written
 
     def _write_outcomes(self, conn: Connection, batch: list[_AttemptRecord]) -> list[bool]:
         """Write outcomes in `conn`'s transaction; False where a lease was lost.

@@ -26,9 +26,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot import logs
-from bot.db.engine import save_until_done
+from bot.core.masking import mask_params
+from bot.db.clean import clean_text, clean_value
+from bot.db.engine import never_succeeds, save_until_done
 from bot.db.models import UTCDateTime, action_runs, events, rule_matches, upsert, utcnow
 from bot.db.registrations import WebhookFilters
+from bot.db.store import database_error
 from bot.db.writers import writer_for
 from bot.rules.engine import evaluate, matched_webhook_ids
 from bot.rules.model import Evaluation, RuleSet
@@ -167,12 +170,14 @@ class EventProcessor:
         on_planned: Callable[[], None] | None = None,
         clock: Callable[[], datetime] = utcnow,
         ingest_busy: Callable[[], bool] = lambda: False,
+        rules_ready: Callable[[], bool] = lambda: True,
     ) -> None:
         self._engine = engine
         self._writes = writer_for(engine)
         self._filters = WebhookFilters(engine)  # which rule JQL Jira matched
         self._ingest_busy = ingest_busy
         self._rules = rules
+        self._rules_ready = rules_ready
         self._lease_s = lease_s
         self._batch = batch
         self.owner = owner or f"events-{uuid.uuid4().hex[:12]}"
@@ -185,7 +190,13 @@ class EventProcessor:
         self._claims: dict[int, Any] = {}  # claim statements by size
 
     async def claim(self) -> list[Claimed]:
-        """Lease up to `batch` events that are received, or whose lease has run out."""
+        """Lease up to `batch` events that are received, or whose lease has run out.
+
+        None while no good rule set was ever loaded: evaluated against nothing, events
+        would be marked processed with no match and lost; they wait as received instead.
+        """
+        if not self._rules_ready():
+            return []
         now = self._clock()
         # A delivery's commit may queue behind this batch's transactions (one writer), so
         # they must be short: small batches under load, and never more than about
@@ -253,7 +264,7 @@ class EventProcessor:
         if not outcomes:
             return 0
         stored, planned = await save_until_done(
-            lambda: self._writes.run_relaxed(self._finish, ruleset, outcomes),
+            lambda: self._finish_all(ruleset, outcomes),
             f"the evaluation of {len(outcomes)} event(s)",
         )
         if planned and self._on_planned is not None:
@@ -265,6 +276,32 @@ class EventProcessor:
                     ruleset=ruleset.version[:12],
                 )  # fmt: skip
         return len(stored)
+
+    async def _finish_all(
+        self, ruleset: RuleSet, outcomes: list[tuple[int, Evaluation, str | None]]
+    ) -> tuple[set[int], int]:
+        """`_finish` in one transaction; if the database refuses it for good, event by
+        event, and an event refused alone is failed with the reason (not retried forever)."""
+        try:
+            return await self._writes.run_relaxed(self._finish, ruleset, outcomes)
+        except Exception as error:
+            if not never_succeeds(error):
+                raise
+        stored: set[int] = set()
+        planned = 0
+        for outcome in outcomes:
+            try:
+                done, runs = await self._writes.run_relaxed(self._finish, ruleset, [outcome])
+            except Exception as error:
+                if not never_succeeds(error):
+                    raise
+                reason = f"its evaluation could not be stored: {database_error(error)}"
+                log.error("event %s: %s", outcome[0], reason)
+                failed = (outcome[0], Evaluation(matched=[], missed=[]), reason)
+                done, runs = await self._writes.run_relaxed(self._finish, ruleset, [failed])
+            stored |= done
+            planned += runs
+        return stored, planned
 
     def _finish(
         self,
@@ -290,7 +327,7 @@ class EventProcessor:
                     "b_owner": self.owner,
                     "b_status": "failed" if failure else "processed",
                     "b_now": now,
-                    "b_error": failure,
+                    "b_error": None if failure is None else clean_text(failure),
                     "b_version": ruleset.version,
                 },
             )
@@ -317,7 +354,10 @@ class EventProcessor:
         miss_rows = [
             {
                 "b_id": event_id,
-                "b_misses": [{"rule": m.rule_name, "reason": m.reason} for m in ev.missed],
+                # A reason quotes the event's field values, which may hold a NUL.
+                "b_misses": [
+                    {"rule": m.rule_name, "reason": clean_text(m.reason)} for m in ev.missed
+                ],
             }
             for event_id, ev in ours
             if ev.missed
@@ -336,7 +376,9 @@ class EventProcessor:
                 "attempts": 0,
                 # The raw `with:` (templates unrendered): a run renders it when it executes,
                 # so it is self-contained across restarts and rule reloads.
-                "params": dict(step.with_),
+                # A secret value written in the rule is masked: the executor reads it
+                # from the rule in force (bot.core.masking).
+                "params": clean_value(mask_params(step.action, step.with_)),
                 "created_at": now,
                 "updated_at": now,
             }

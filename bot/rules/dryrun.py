@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from bot.core import catalog
+from bot.core import catalog, masking
 from bot.core.catalog import Operation, PlannedRequest
 from bot.errors import DeploybotError
 from bot.rules.engine import evaluate
@@ -162,7 +162,8 @@ def _format_step(plan: StepPlan) -> list[str]:
         lines.append(f"    {request.method} {request.path}{'?' + query if query else ''}")
         if request.json_body is not None:
             lines.append("    json body:")
-            lines += _indented(request.json_body, 6)
+            shown = masking.mask_rendered(step.action, {"data": request.json_body})["data"]
+            lines += _indented(shown, 6)
         for name, value in request.form:
             lines.append(f"    form field {name}: {value}")
         if request.file_path is not None:
@@ -170,7 +171,7 @@ def _format_step(plan: StepPlan) -> list[str]:
         if request.download_path is not None:
             lines.append(f"    response saved to: {request.download_path}")
     lines.append("    parameters (rendered):")
-    for name, value in (plan.params or {}).items():
+    for name, value in masking.mask_rendered(step.action, plan.params or {}).items():
         lines.append(f"      {name}: {json.dumps(value, ensure_ascii=False, default=str)}")
     for path in plan.placeholders:
         lines.append(

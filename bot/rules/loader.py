@@ -553,6 +553,9 @@ class _Checker:
                 continue
             try:
                 referenced, private = templates.inspect_template(scalar.value)
+                # Parsing alone misses an unknown filter or test (`| lowr`): compiling
+                # raises TemplateAssertionError (a TemplateSyntaxError) for it.
+                templates.compile_template(scalar.value)
             except TemplateSyntaxError as exc:
                 self.error(
                     _template_line(scalar, exc.lineno), f"template error in {path}: {exc.message}"

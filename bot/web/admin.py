@@ -16,6 +16,7 @@ from aiohttp import web
 
 from bot.db.models import EVENT_STATUSES
 from bot.db.queries import EventFilter, get_event, retry_action_run, search_events
+from bot.errors import RetryRefused
 from bot.pipeline.replay import Selection, reset_events, select_events
 from bot.web import status
 from bot.web.errors import Handler, add_routes
@@ -188,15 +189,14 @@ async def event_replay(request: web.Request) -> web.StreamResponse:
 async def run_retry(request: web.Request) -> web.StreamResponse:
     """POST /api/action-runs/{id}/retry: queue a dead or skipped run (and later skipped steps)."""
     run_id = _id(request)
-    outcome = await retry_action_run(request.app[ENGINE], run_id, status.now_utc(request))
+    try:
+        outcome = await retry_action_run(request.app[ENGINE], run_id, status.now_utc(request))
+    except RetryRefused as exc:
+        refusal = {"error": str(exc), "retry_instead": exc.retry_instead}
+        raise web.HTTPConflict(text=json.dumps(refusal), content_type="application/json") from None
     if outcome is None:
         raise _error(web.HTTPNotFound, f"no action run {run_id}")
     previous, queued = outcome
-    if not queued:
-        raise _error(
-            web.HTTPConflict,
-            f"action run {run_id} is {previous}; only dead or skipped runs can be retried",
-        )
     request.app[EXECUTOR].wakeup.set()
     body = {"action_run_id": run_id, "previous_status": previous, "queued": queued}
     return _answer(request, {**body, "status": "pending"})

@@ -152,6 +152,7 @@ async def _workers(app: web.Application) -> AsyncIterator[None]:
             settings.retry_attempts, settings.retry_base_delay_s, settings.retry_max_delay_s
         ),
         concurrency=settings.workers,
+        rules=lambda: watcher.current,
     )
     processor = EventProcessor(
         app[ENGINE],
@@ -159,6 +160,7 @@ async def _workers(app: web.Application) -> AsyncIterator[None]:
         lease_s=settings.lease_s,
         on_planned=executor.wakeup.set,
         ingest_busy=app[STORE].busy,
+        rules_ready=lambda: watcher.loaded,
     )
     app[STORE].on_commit = processor.wakeup.set
     app[RULES], app[PROCESSOR], app[EXECUTOR] = watcher, processor, executor

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import aiohttp
@@ -122,8 +123,12 @@ async def _verify_lifecycle(request: web.Request, client_key: str) -> None:
         )
     elif alg == "HS256":
         known = await request.app[TENANTS].get(client_key)
-        if known is None:
-            raise VerificationError("a new tenant's install must be signed by Atlassian (RS256)")
+        # An uninstalled tenant's old secret may be known to others by now: only Atlassian
+        # may bring it back (else an HS256 "re-install" revived it with a new base URL).
+        if known is None or not known.enabled:
+            raise VerificationError(
+                "the install of a new or uninstalled tenant must be signed by Atlassian (RS256)"
+            )
         verified = verify.verify_connect(
             authorization, method, path, query, lambda _: known.shared_secret, now=now
         )
@@ -132,6 +137,14 @@ async def _verify_lifecycle(request: web.Request, client_key: str) -> None:
         raise VerificationError("unsupported token")
     if verified.tenant != client_key:
         raise VerificationError("token issuer does not match the body's clientKey")
+    # The signature covers the request line, not the body: bind the body to one fresh use
+    # of its token, so a captured token cannot carry another secret or base URL.
+    verify.check_lifecycle_freshness(verified.claims, now)
+    token_id = verify.lifecycle_token_id(authorization)
+    if not await request.app[TENANTS].claim_lifecycle_token(
+        token_id, float(verified.claims["exp"])
+    ):
+        raise VerificationError("lifecycle token already used")
 
 
 def _lifecycle_body(body: bytes, *required: str) -> dict[str, str]:
@@ -147,6 +160,11 @@ def _lifecycle_body(body: bytes, *required: str) -> dict[str, str]:
     key = payload["clientKey"]  # looked up before any signature check: keep it plain text
     if not is_identifier(key):
         raise PayloadError("clientKey is not a valid client key")
+    # Stored as text: a NUL (which PostgreSQL refuses) or a control character is no
+    # secret or URL Jira sends.
+    odd = [k for k in required if not payload[k].isprintable()]
+    if odd:
+        raise PayloadError(f"body has unprintable {', '.join(odd)}")
     return {k: payload[k] for k in required}
 
 
@@ -155,6 +173,19 @@ async def installed(request: web.Request) -> web.Response:
     if not request.app[SETTINGS].public_url:
         raise web.HTTPNotFound(text="Connect install needs DEPLOYBOT_PUBLIC_URL")
     body = _lifecycle_body(await request.read(), "clientKey", "sharedSecret", "baseUrl")
+    settings = request.app[SETTINGS]
+    # The scheduler and `jira.*` actions call the baseUrl with the tenant's secret: it must
+    # be Atlassian's (checked before the signature: nothing else is worth a key fetch).
+    if not verify.allowed_base_url(body["baseUrl"], settings.jira_allowed_base_url_hosts):
+        raise web.HTTPForbidden(
+            text=json.dumps({"error": "baseUrl is not an allowed Jira site"}),
+            content_type="application/json",
+        )
+    if not verify.allowed_tenant(body["clientKey"], body["baseUrl"], settings.jira_allowed_tenants):
+        raise web.HTTPForbidden(
+            text=json.dumps({"error": "this tenant may not install deploybot"}),
+            content_type="application/json",
+        )
     await _verify_lifecycle(request, body["clientKey"])
     await request.app[TENANTS].install(body["clientKey"], body["sharedSecret"], body["baseUrl"])
     log.info("tenant installed", extra={"tenant": body["clientKey"]})

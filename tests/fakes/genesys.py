@@ -159,6 +159,7 @@ class FakeGenesys:
         self.cobrowse_sessions: dict[tuple[str, str], dict[str, Any]] = {}
         self.widget_deployments: dict[str, dict[str, Any]] = {}
         self.jwt_refresh_tokens: dict[str, str] = {}  # refresh token -> deployment id
+        self.issued_jwts: list[str] = []  # guest JWTs answered by exchange and refresh
         self.app = web.Application(middlewares=[self._middleware], client_max_size=8 * 2**20)
         self.app.router.add_post(TOKEN_PATH, self._login)
         for method, path, handler in self._routes():
@@ -557,13 +558,15 @@ class FakeGenesys:
             raise _bad("oauthParameters.code is required")
         refresh_token = secrets.token_urlsafe(16)
         self.jwt_refresh_tokens[refresh_token] = str(deployment_id)
-        return web.json_response({"jwt": secrets.token_urlsafe(24), "refreshToken": refresh_token})
+        self.issued_jwts.append(secrets.token_urlsafe(24))
+        return web.json_response({"jwt": self.issued_jwts[-1], "refreshToken": refresh_token})
 
     async def _jwt_refresh(self, request: web.Request) -> web.Response:
         body = await self._json_object(request) if await request.read() else {}
         if self.jwt_refresh_tokens.get(str(body.get("refreshToken"))) != body.get("deploymentId"):
             raise GenesysHTTPError(401, "bad.credentials", "Invalid refresh token")
-        return web.json_response({"jwt": secrets.token_urlsafe(24)})
+        self.issued_jwts.append(secrets.token_urlsafe(24))
+        return web.json_response({"jwt": self.issued_jwts[-1]})
 
     async def _jwt_revoke(self, request: web.Request) -> web.Response:
         return web.Response(status=204)

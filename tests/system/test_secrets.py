@@ -129,6 +129,7 @@ async def test_no_secret_in_logs_rows_pages_or_metrics(
         JIRA_REFRESH_TOKEN=REFRESH_TOKEN,
         JIRA_TOKEN_URL=jira.token_url,
         JIRA_CONNECT_KEYS_URL=keys_url,
+        JIRA_ALLOWED_BASE_URL_HOSTS="http://127.0.0.1",  # the fake Jira's base URL
         JIRA_APP_KEY=jira.app_key,
         UBIOPS_API_URL=ubiops_url,
         UBIOPS_API_TOKEN=UBIOPS_TOKEN,
