@@ -190,7 +190,11 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> web.Application:
     """Build the application; resources open and close with its cleanup contexts."""
-    app = web.Application(client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        # Bodies are never inflated: json_errors refuses a Content-Encoding with 415.
+        handler_args={"auto_decompress": False},
+    )
     app[SETTINGS] = settings
     app[CLOCK] = clock
     app[INSTALL_KEYS] = {}

@@ -30,6 +30,7 @@ _STATUS: list[tuple[type[Exception], int]] = [
     (StoreUnavailable, 503),
 ]
 _MAPPED = tuple(kind for kind, _ in _STATUS)
+_IDENTITY = ("", "identity")
 
 
 def json_errors(handler: Handler) -> Handler:
@@ -37,6 +38,18 @@ def json_errors(handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     async def answer(request: web.Request) -> web.StreamResponse:
+        # Jira does not compress: a compressed body is refused unread, before any token
+        # check, so that no one makes us inflate anything (the server does not either:
+        # create_app turns aiohttp's auto_decompress off).
+        encoding = request.headers.get("Content-Encoding")
+        if encoding is not None and encoding.strip().lower() not in _IDENTITY:
+            refused = web.json_response(
+                {"error": "Content-Encoding is not supported: send the body uncompressed"},
+                status=415,
+                headers={"Accept-Encoding": "identity"},
+            )
+            refused.force_close()  # the unread body is not drained for a next request
+            return refused
         try:
             return await handler(request)
         except web.HTTPRequestEntityTooLarge:
