@@ -23,6 +23,7 @@ from bot.web.keys import ENGINE, EXECUTOR, PROCESSOR, RULES, SETTINGS
 
 VIA = web.RequestKey("admin_via", str)  # "bearer" or "cookie"
 PAGE_DEFAULT, PAGE_MAX = 50, 500
+ID_MAX = 2**63 - 1  # BIGINT
 
 REPLAY_NOTE = (
     "The event is back in `received`: the processor evaluates it again with the rules in "
@@ -93,7 +94,8 @@ def _time(raw: str | None, name: str) -> datetime | None:
 def _int(raw: str | None, name: str, default: int, high: int) -> int:
     if raw is None:
         return default
-    if not raw.isdigit() or not 0 <= int(raw) <= high:
+    # ASCII digits only ("²".isdigit()), and short: int() of 5,000 digits raises
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or not 0 <= int(raw) <= high:
         raise _error(web.HTTPBadRequest, f"{name} must be a whole number from 0 to {high}")
     return int(raw)
 
@@ -105,7 +107,11 @@ def _choice(raw: str | None, name: str, allowed: tuple[str, ...]) -> str | None:
 
 
 def _id(request: web.Request) -> int:
-    return int(request.match_info["id"])
+    """The path's id: ASCII digits (the route says so); one past 64 bits names nothing."""
+    raw = request.match_info["id"]
+    if len(raw) > 19 or int(raw) > ID_MAX:
+        raise _error(web.HTTPNotFound, f"no such id {raw[:20]}")
+    return int(raw)
 
 
 async def events_list(request: web.Request) -> web.StreamResponse:
@@ -204,9 +210,9 @@ async def run_retry(request: web.Request) -> web.StreamResponse:
 
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/api/events", events_list),
-    ("GET", r"/api/events/{id:\d+}", event_show),
-    ("POST", r"/api/events/{id:\d+}/replay", event_replay),
-    ("POST", r"/api/action-runs/{id:\d+}/retry", run_retry),
+    ("GET", r"/api/events/{id:[0-9]+}", event_show),
+    ("POST", r"/api/events/{id:[0-9]+}/replay", event_replay),
+    ("POST", r"/api/action-runs/{id:[0-9]+}/retry", run_retry),
     ("GET", "/api/rules", rules_show),
     ("GET", "/api/webhooks", webhooks_list),
     ("GET", "/", status.page),

@@ -33,6 +33,18 @@ _MAPPED = tuple(kind for kind, _ in _STATUS)
 _IDENTITY = ("", "identity")
 
 
+def _utf8_headers(request: web.Request) -> bool:
+    """Tell whether every header value is UTF-8 (aiohttp hands on other bytes as surrogates,
+    which fail later wherever the text is encoded: an Authorization or Cookie check)."""
+    for _name, value in request.raw_headers:
+        if not value.isascii():
+            try:
+                value.decode()
+            except UnicodeDecodeError:
+                return False
+    return True
+
+
 def json_errors(handler: Handler) -> Handler:
     """`handler`, with deploybot's errors answered as their statuses (every route has it)."""
 
@@ -50,8 +62,12 @@ def json_errors(handler: Handler) -> Handler:
             )
             refused.force_close()  # the unread body is not drained for a next request
             return refused
+        if not _utf8_headers(request):
+            return web.json_response({"error": "header bytes are not UTF-8"}, status=400)
         try:
             return await handler(request)
+        except UnicodeError:  # request text (path, query, form) that is not UTF-8
+            return web.json_response({"error": "request text is not UTF-8"}, status=400)
         except web.HTTPRequestEntityTooLarge:
             return web.json_response({"error": "request body too large"}, status=413)
         except _MAPPED as exc:

@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp.test_utils import TestClient
+from sqlalchemy import select
+
+from bot.db.engine import create_engine
+from bot.db.models import events
 
 from bot.settings import Settings
 from tests.conftest import CLIENT_SECRET, ClientFactory
@@ -122,3 +126,90 @@ async def test_compressed_lifecycle_callbacks_are_refused_unread(
         assert resp.status == 415, (path, resp.status)
     assert key_server.fetches == []  # refused before any key was fetched
     assert await _row_counts(settings) == NOTHING
+
+
+# ----- item 7: header bytes that are not UTF-8, odd digits, huge numbers ------------------
+
+
+async def test_header_bytes_that_are_not_utf8_get_4xx_everywhere(
+    make_client: ClientFactory, settings: Settings, aiohttp_server: Any
+) -> None:
+    key_server = KeyServer(InstallKeys())
+    keys_url = str((await aiohttp_server(key_server.app())).make_url("")).rstrip("/")
+    oauth = await make_client(settings, admin_token=ADMIN)
+    connect = await make_client(
+        settings,
+        admin_token=ADMIN,
+        jira_auth_mode="connect",
+        public_url=PUBLIC_URL,
+        jira_connect_keys_url=keys_url,
+    )
+    delivery = json.dumps(issue_updated("OPS-1")).encode()
+    json_type = b"Content-Type: application/json"
+    ident = b"X-Atlassian-Webhook-Identifier: raw-1"
+    hostile_headers = [
+        [b"Authorization: Bearer \xff", json_type, ident],
+        [b"Authorization: JWT \xff\xfe.\x80.\xc0", json_type, ident],
+        [b"Authorization: \xff\xfe \xff", json_type, ident],
+        [b"Cookie: token=\xff\xfe", json_type, ident],
+        [b"Cookie: \xff\xfe=\xff", json_type, ident],
+        [b"Authorization: Bearer " + ADMIN.encode() + b"\xff", json_type, ident],
+    ]
+    targets = [
+        (b"POST /webhooks/jira HTTP/1.1", delivery),
+        (b"POST /lifecycle/installed HTTP/1.1", json.dumps(install_body()).encode()),
+        (b"POST /lifecycle/uninstalled HTTP/1.1", json.dumps(install_body()).encode()),
+        (b"GET /api/events HTTP/1.1", b""),
+        (b"GET /api/events/1 HTTP/1.1", b""),
+        (b"POST /api/events/1/replay HTTP/1.1", b""),
+        (b"GET / HTTP/1.1", b""),
+        (b"POST /logout HTTP/1.1", b""),
+        (b"POST /login HTTP/1.1", b"token=\xff"),
+    ]
+    failures = []
+    for client in (oauth, connect):
+        for request_line, body in targets:
+            for lines in hostile_headers:
+                status, answer = await raw_request(client, request_line, lines, body)
+                if not 400 <= status < 500:
+                    failures.append((request_line, lines, status, answer[:200]))
+    assert failures == []
+    assert key_server.fetches == []
+    assert await _row_counts(settings) == NOTHING
+
+
+async def test_odd_digits_and_huge_numbers_get_4xx(
+    make_client: ClientFactory, settings: Settings
+) -> None:
+    client = await make_client(settings, admin_token=ADMIN)
+    bearer = {"Authorization": f"Bearer {ADMIN}"}
+    huge = "9" * 5000
+    for query in (f"limit={huge}", f"cursor={huge}", f"offset={huge}", "limit=²", "cursor=٣"):
+        resp = await client.get(f"/api/events?{query}", headers=bearer)
+        assert resp.status == 400, (query[:20], resp.status, await resp.text())
+    for path in (
+        f"/api/events/{2**64}",
+        f"/api/events/{2**63}",
+        f"/api/events/{huge}",
+        "/api/events/²",
+        "/api/events/%D9%A3",
+    ):
+        resp = await client.get(path, headers=bearer)
+        assert resp.status in (400, 404), (path[:30], resp.status)
+    for path in (f"/api/events/{2**64}/replay", f"/api/action-runs/{2**64}/retry"):
+        resp = await client.post(path, headers=bearer)
+        assert resp.status in (400, 404), (path[:30], resp.status)
+    # Jira counts retries in ASCII digits: any other retry header is no retry count at all.
+    for retry in ("²", "٣", "1" * 5000, "-1", "+1", "1e3"):
+        headers = {**_delivery_headers(f"retry-{retry[:8]}"), "X-Atlassian-Webhook-Retry": retry}
+        resp = await client.post(
+            "/webhooks/jira", data=json.dumps(issue_updated("OPS-1")), headers=headers
+        )
+        assert resp.status == 202, (retry[:8], resp.status, await resp.text())
+    engine = create_engine(settings.database_url)
+    try:
+        async with engine.connect() as conn:
+            counts = (await conn.execute(select(events.c.retry_count))).scalars().all()
+    finally:
+        await engine.dispose()
+    assert counts == [0] * 6
