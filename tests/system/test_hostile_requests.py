@@ -19,7 +19,6 @@ from sqlalchemy import select
 
 from bot.db.engine import create_engine
 from bot.db.models import events
-
 from bot.settings import Settings
 from tests.conftest import CLIENT_SECRET, ClientFactory
 from tests.signing import InstallKeys
