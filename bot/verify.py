@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from bot.errors import VerificationError
 LEEWAY_S = 30
 CONTEXT_QSH = "context-qsh"
 MAX_ISSUER_CHARS = 255
+_KID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 QueryPairs = Iterable[tuple[str, str]]
 # (token, key, algorithm, audience, required claims) of a verified token
@@ -243,7 +245,9 @@ def install_key_id(authorization: str | None) -> str:
     if header.get("alg") != "RS256":
         raise VerificationError("install token algorithm must be RS256")
     kid = header.get("kid")
-    if not isinstance(kid, str) or not kid or "/" in kid or ".." in kid:
+    # The kid becomes a URL path segment fetched before any signature check: letters,
+    # digits and `._-` only (Atlassian's are UUIDs), so no `/ ? # %` or `..` can reshape it.
+    if not isinstance(kid, str) or not _KID.fullmatch(kid) or ".." in kid:
         raise VerificationError("install token has no usable kid")
     return kid
 

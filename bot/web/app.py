@@ -28,6 +28,7 @@ from bot.services.ubiops import UbiOpsClient
 from bot.settings import Settings
 from bot.web import admin, jira
 from bot.web.errors import add_routes, json_errors
+from bot.web.install_keys import InstallKeys
 from bot.web.keys import (
     CLOCK,
     ENGINE,
@@ -188,6 +189,14 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _install_keys(app: web.Application) -> AsyncIterator[None]:
+    """The install-key cache, with its own small pool (not the shared session's)."""
+    keys = InstallKeys(app[SETTINGS].jira_connect_keys_url)
+    app[INSTALL_KEYS] = keys
+    yield
+    await keys.close()
+
+
 def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> web.Application:
     """Build the application; resources open and close with its cleanup contexts."""
     app = web.Application(
@@ -197,8 +206,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     )
     app[SETTINGS] = settings
     app[CLOCK] = clock
-    app[INSTALL_KEYS] = {}
-    app.cleanup_ctx.extend([_http_session, _database, _workers])
+    app.cleanup_ctx.extend([_http_session, _install_keys, _database, _workers])
     app.cleanup_ctx.append(scheduler_ctx)  # after the workers: it wakes their executor
     metrics.install(app)  # after the workers: it hooks into the executor they create
     # The delivery route's metrics see the status its errors were answered with.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import aiohttp
 import orjson
 from aiohttp import web
 from yarl import URL
@@ -12,7 +11,8 @@ from yarl import URL
 from bot import logs, verify
 from bot.delivery import parse_delivery
 from bot.errors import PayloadError, VerificationError
-from bot.web.keys import CLOCK, HTTP, INSTALL_KEYS, SETTINGS, STORE, TENANTS
+from bot.web.install_keys import KeyServiceUnavailable
+from bot.web.keys import CLOCK, INSTALL_KEYS, SETTINGS, STORE, TENANTS
 
 log = logging.getLogger(__name__)
 
@@ -89,20 +89,11 @@ async def descriptor(request: web.Request) -> web.Response:
 
 
 async def _install_public_key(request: web.Request, kid: str) -> str:
-    cache = request.app[INSTALL_KEYS]
-    if kid in cache:
-        return cache[kid]
-    url = f"{request.app[SETTINGS].jira_connect_keys_url}/{kid}"
     try:
-        async with request.app[HTTP].get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
-            if resp.status != 200:
-                raise VerificationError(f"install key {kid!r} not found")
-            pem = await resp.text()
-    except (aiohttp.ClientError, TimeoutError) as exc:
+        return await request.app[INSTALL_KEYS].get(kid)
+    except KeyServiceUnavailable as exc:
         # Not the caller's fault, but we cannot verify: Jira retries the install.
         raise web.HTTPServiceUnavailable(text="install key service unreachable") from exc
-    cache[kid] = pem
-    return pem
 
 
 async def _verify_lifecycle(request: web.Request, client_key: str) -> None:

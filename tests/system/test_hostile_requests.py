@@ -14,12 +14,18 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from sqlalchemy import select
 
 from bot.db.engine import create_engine
 from bot.db.models import events
+from bot.errors import VerificationError
 from bot.settings import Settings
+from bot.web.install_keys import InstallKeys as KeyCache
+from bot.web.keys import HTTP
 from tests.conftest import CLIENT_SECRET, ClientFactory
 from tests.signing import InstallKeys
 from tests.signing import oauth_token as signed_oauth_token
@@ -212,3 +218,143 @@ async def test_odd_digits_and_huge_numbers_get_4xx(
     finally:
         await engine.dispose()
     assert counts == [0] * 6
+
+
+# ----- item 5: the install-key fetch -----------------------------------------------------
+
+
+class SlowKeyServer:
+    """Serves the same public key for any kid starting `k-`, each after `release` is set."""
+
+    def __init__(self, keys: InstallKeys) -> None:
+        self.keys = keys
+        self.fetches: list[str] = []
+        self.release = asyncio.Event()
+        self.release.set()
+        self.asked = asyncio.Event()
+
+    def app(self) -> web.Application:
+        async def key(request: web.Request) -> web.Response:
+            kid = request.match_info["kid"]
+            self.fetches.append(kid)
+            self.asked.set()
+            await self.release.wait()
+            if not kid.startswith("k-"):
+                return web.Response(status=404)
+            return web.Response(text=self.keys.public_pem)
+
+        app = web.Application()
+        app.router.add_get("/{kid}", key)
+        return app
+
+
+async def _connect_app(
+    make_client: ClientFactory, settings: Settings, aiohttp_server: Any, key_app: web.Application
+) -> TestClient[Any, Any]:
+    keys_url = str((await aiohttp_server(key_app)).make_url("")).rstrip("/")
+    client: TestClient[Any, Any] = await make_client(
+        settings, jira_auth_mode="connect", public_url=PUBLIC_URL, jira_connect_keys_url=keys_url
+    )
+    return client
+
+
+async def _install_with_kid(
+    session: aiohttp.ClientSession, client: TestClient[Any, Any], keys: InstallKeys, kid: str
+) -> int:
+    token = keys.sign(
+        "POST", "/lifecycle/installed", client_key="jira:tenant-1", audience=PUBLIC_URL, kid=kid
+    )
+    async with session.post(
+        client.make_url("/lifecycle/installed"),
+        json=install_body(),
+        headers={"Authorization": f"JWT {token}"},
+    ) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def test_a_malformed_kid_causes_no_fetch(
+    make_client: ClientFactory, settings: Settings, aiohttp_server: Any
+) -> None:
+    server = SlowKeyServer(InstallKeys())
+    client = await _connect_app(make_client, settings, aiohttp_server, server.app())
+    bad = ["k-1?x=1", "k-1#frag", "k-%2e%2e", "k-1/../k-2", "..", "k-a..b", "k-" + "1" * 200]
+    bad += ["k-ü", "k 1", "k-1\t", ".hidden"]
+    async with aiohttp.ClientSession() as session:
+        for kid in bad:
+            assert await _install_with_kid(session, client, server.keys, kid) == 401, kid
+        # The same unknown (well-formed) kid, many times: fetched once, the miss remembered.
+        for _ in range(5):
+            assert await _install_with_kid(session, client, server.keys, "unknown-1") == 401
+    assert server.fetches == ["unknown-1"]
+    assert await _row_counts(settings) == NOTHING
+
+
+async def test_the_key_cache_is_bounded_and_expires(aiohttp_server: Any) -> None:
+    server = SlowKeyServer(InstallKeys())
+    url = str((await aiohttp_server(server.app())).make_url("")).rstrip("/")
+    now = [1000.0]
+    cache = KeyCache(url, max_keys=8, key_ttl_s=600, miss_ttl_s=30, clock=lambda: now[0])
+    try:
+        for i in range(50):
+            assert await cache.get(f"k-{i}") == server.keys.public_pem
+        assert len(cache) == 8
+        assert await cache.get("k-49") and server.fetches.count("k-49") == 1  # still cached
+        assert await cache.get("k-0") and server.fetches.count("k-0") == 2  # evicted: again
+        for _ in range(3):
+            with pytest.raises(VerificationError):
+                await cache.get("miss-1")
+        assert server.fetches.count("miss-1") == 1
+        now[0] += 31  # the miss is forgotten first, the key later
+        with pytest.raises(VerificationError):
+            await cache.get("miss-1")
+        await cache.get("k-49")
+        assert (server.fetches.count("miss-1"), server.fetches.count("k-49")) == (2, 1)
+        now[0] += 600
+        await cache.get("k-49")
+        assert server.fetches.count("k-49") == 2
+        # Concurrent askers of one kid share one fetch.
+        server.release.clear()
+        waiting = [asyncio.create_task(cache.get("k-shared")) for _ in range(10)]
+        await asyncio.sleep(0.1)
+        server.release.set()
+        assert len(set(await asyncio.gather(*waiting))) == 1
+        assert server.fetches.count("k-shared") == 1
+    finally:
+        await cache.close()
+
+
+async def test_a_slow_key_server_does_not_hold_up_other_outbound_calls(
+    make_client: ClientFactory, settings: Settings, aiohttp_server: Any
+) -> None:
+    """More installs than the shared pool has connections, all stuck on the key server:
+    a call on the shared session (the one UbiOps, Genesys and Jira use) still goes out
+    and comes back while every one of them is still waiting."""
+    server = SlowKeyServer(InstallKeys())
+    client = await _connect_app(make_client, settings, aiohttp_server, server.app())
+    other = web.Application()
+    other.router.add_get("/ping", _pong)
+    other_url = (await aiohttp_server(other)).make_url("/ping")
+    server.release.clear()
+    attackers = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    try:
+        installs = [
+            asyncio.create_task(_install_with_kid(attackers, client, server.keys, f"k-slow-{i}"))
+            for i in range(110)
+        ]
+        await server.asked.wait()
+        await asyncio.sleep(0.2)  # the rest of the installs reach the key fetch
+        async with client.app[HTTP].get(other_url) as resp:
+            assert resp.status == 200
+        assert not any(task.done() for task in installs)  # all still held by the key server
+        server.release.set()
+        statuses = await asyncio.gather(*installs)
+    finally:
+        server.release.set()
+        await attackers.close()
+    assert set(statuses) <= {204, 503}  # installed, or its key fetch timed out in the queue
+    assert len(server.fetches) <= 110
+
+
+async def _pong(_request: web.Request) -> web.Response:
+    return web.Response(text="pong")
