@@ -19,7 +19,8 @@ from bot.db.queries import EventFilter, get_event, retry_action_run, search_even
 from bot.replay import Selection, reset_events, select_events
 from bot.web import status
 from bot.web.errors import Handler, add_routes
-from bot.web.keys import ENGINE, EXECUTOR, PROCESSOR, RULES, SETTINGS
+from bot.web.keys import CLOCK, ENGINE, EXECUTOR, PROCESSOR, RULES, SETTINGS
+from bot.web.sessions import SESSIONS, Sessions
 
 VIA = web.RequestKey("admin_via", str)  # "bearer" or "cookie"
 PAGE_DEFAULT, PAGE_MAX = 50, 500
@@ -43,7 +44,7 @@ def credential(request: web.Request, token: str) -> str | None:
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer" and status.matches(given.strip(), token):
         return "bearer"
-    if status.matches(request.cookies.get(status.COOKIE), status.session_value(token)):
+    if request.app[SESSIONS].valid(request.cookies.get(status.COOKIE), request.app[CLOCK]()):
         return "cookie"
     return None
 
@@ -229,5 +230,6 @@ def setup(app: web.Application) -> None:
     token = app[SETTINGS].admin_token
     if not token:
         return
+    app[SESSIONS] = Sessions(token)
     add_routes(app, [(method, path, guarded(handler, token)) for method, path, handler in ROUTES])
     add_routes(app, OPEN_ROUTES)

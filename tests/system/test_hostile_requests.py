@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import time
 import zlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,11 @@ from bot.db.engine import create_engine
 from bot.db.models import events
 from bot.errors import VerificationError
 from bot.settings import Settings
+from bot.web.app import create_app
 from bot.web.install_keys import InstallKeys as KeyCache
 from bot.web.keys import HTTP
+from bot.web.sessions import LOGIN_BURST, LOGIN_REFILL_S, SESSION_TTL_S
+from bot.web.status import csrf_token
 from tests.conftest import CLIENT_SECRET, ClientFactory
 from tests.signing import InstallKeys
 from tests.signing import oauth_token as signed_oauth_token
@@ -358,3 +363,79 @@ async def test_a_slow_key_server_does_not_hold_up_other_outbound_calls(
 
 async def _pong(_request: web.Request) -> web.Response:
     return web.Response(text="pong")
+
+
+# ----- low: the admin cookie and the login form -------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _session_cookie(resp: aiohttp.ClientResponse) -> str:
+    morsel = resp.cookies["token"]
+    return morsel.value
+
+
+async def test_logout_revokes_the_cookie_and_it_expires(
+    aiohttp_client: Any, settings: Settings
+) -> None:
+    clock = Clock()
+    client = await aiohttp_client(create_app(replace(settings, admin_token=ADMIN), clock=clock))
+    login = await client.post("/login", data={"token": ADMIN}, allow_redirects=False)
+    assert login.status == 303
+    cookie = {"Cookie": f"token={_session_cookie(login)}"}
+    assert (await client.get("/api/events", headers=cookie)).status == 200
+    copied = dict(cookie)  # what someone who saw the cookie could keep
+    out = await client.post(
+        "/logout", data={"csrf": csrf_token(ADMIN)}, headers=cookie, allow_redirects=False
+    )
+    assert out.status == 303
+    assert out.cookies["token"].value == "" and out.cookies["token"]["max-age"] == "0"
+    assert (await client.get("/api/events", headers=copied)).status == 401
+    # A fresh login works again, until the session is 12 hours old.
+    login = await client.post("/login", data={"token": ADMIN}, allow_redirects=False)
+    cookie = {"Cookie": f"token={_session_cookie(login)}"}
+    assert (await client.get("/api/events", headers=cookie)).status == 200
+    clock.now += SESSION_TTL_S + 1
+    assert (await client.get("/api/events", headers=cookie)).status == 401
+    for forged in ("1.abc", f"{int(clock.now)}.{'0' * 64}", "9" * 40 + ".x", "\u00b2.x"):
+        resp = await client.get("/api/events", headers={"Cookie": f"token={forged}"})
+        assert resp.status == 401
+
+
+async def test_the_cookie_is_secure_when_configured(
+    make_client: ClientFactory, settings: Settings
+) -> None:
+    plain = await make_client(settings, admin_token=ADMIN)
+    login = await plain.post("/login", data={"token": ADMIN}, allow_redirects=False)
+    assert not login.cookies["token"]["secure"]
+    secure = await make_client(settings, admin_token=ADMIN, secure_cookies=True)
+    login = await secure.post("/login", data={"token": ADMIN}, allow_redirects=False)
+    assert login.cookies["token"]["secure"] and login.cookies["token"]["httponly"]
+    cookie = {"Cookie": f"token={_session_cookie(login)}"}
+    out = await secure.post(
+        "/logout", data={"csrf": csrf_token(ADMIN)}, headers=cookie, allow_redirects=False
+    )
+    assert out.cookies["token"]["secure"]
+
+
+async def test_failed_logins_are_throttled(aiohttp_client: Any, settings: Settings) -> None:
+    clock = Clock()
+    client = await aiohttp_client(create_app(replace(settings, admin_token=ADMIN), clock=clock))
+    statuses = []
+    for i in range(LOGIN_BURST + 5):
+        resp = await client.post("/login", data={"token": f"guess-{i}"}, allow_redirects=False)
+        statuses.append(resp.status)
+    assert statuses == [401] * LOGIN_BURST + [429] * 5
+    assert int(resp.headers["Retry-After"]) >= 1
+    # Throttled means throttled: the right token waits too, then works.
+    right = await client.post("/login", data={"token": ADMIN}, allow_redirects=False)
+    assert right.status == 429
+    clock.now += LOGIN_REFILL_S
+    right = await client.post("/login", data={"token": ADMIN}, allow_redirects=False)
+    assert right.status == 303
