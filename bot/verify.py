@@ -21,6 +21,9 @@ import jwt
 from bot.errors import VerificationError
 
 LEEWAY_S = 30
+# Connect tokens from Jira live 3 minutes; allow an hour, no more (a leaked token with
+# `exp` in year 9999 would be a key for ever, and the verified-token cache holds it).
+MAX_LIFETIME_S = 3600
 CONTEXT_QSH = "context-qsh"
 MAX_ISSUER_CHARS = 255
 _KID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
@@ -138,8 +141,11 @@ def _check_times(claims: Mapping[str, Any], now: float) -> None:
     """Refuse a token expired, not yet valid, or issued in the future at `now`."""
     # PyJWT checks exp and nbf against the wall clock once; these run on every request,
     # cached or not, against the caller's clock (deterministic tests and replays).
-    if float(claims["exp"]) + LEEWAY_S < now:
+    exp = float(claims["exp"])
+    if exp + LEEWAY_S < now:
         raise VerificationError("token expired")
+    if exp - LEEWAY_S > now + MAX_LIFETIME_S:  # Jira's tokens live minutes, not until 9999
+        raise VerificationError("token expires too far in the future")
     nbf = claims.get("nbf")
     if isinstance(nbf, int | float) and float(nbf) - LEEWAY_S > now:
         raise VerificationError("token not yet valid")

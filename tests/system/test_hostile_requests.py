@@ -26,16 +26,17 @@ from bot.db.engine import create_engine
 from bot.db.models import events
 from bot.errors import VerificationError
 from bot.settings import Settings
+from bot.verify import MAX_LIFETIME_S, query_string_hash, verify_connect, verify_install
 from bot.web.app import create_app
 from bot.web.install_keys import InstallKeys as KeyCache
 from bot.web.keys import HTTP
 from bot.web.sessions import LOGIN_BURST, LOGIN_REFILL_S, SESSION_TTL_S
 from bot.web.status import csrf_token
 from tests.conftest import CLIENT_SECRET, ClientFactory
-from tests.signing import InstallKeys
+from tests.signing import InstallKeys, connect_claims_token
 from tests.signing import oauth_token as signed_oauth_token
 from tests.system.test_hostile_input import _row_counts
-from tests.test_connect import PUBLIC_URL, KeyServer, install_body
+from tests.test_connect import CLIENT_KEY, PUBLIC_URL, SECRET, KeyServer, install_body
 from tests.test_pipeline import issue_updated
 
 ADMIN = "admin-token-" + "0123456789" * 3
@@ -439,3 +440,46 @@ async def test_failed_logins_are_throttled(aiohttp_client: Any, settings: Settin
     clock.now += LOGIN_REFILL_S
     right = await client.post("/login", data={"token": ADMIN}, allow_redirects=False)
     assert right.status == 303
+
+
+# ----- low: token lifetime ------------------------------------------------------------------
+
+
+async def test_tokens_that_live_too_long_are_refused(
+    make_client: ClientFactory, settings: Settings
+) -> None:
+    client = await make_client(settings)
+    body = json.dumps(issue_updated("OPS-1"))
+    far = [253402300799 - int(time.time()), 10**9, MAX_LIFETIME_S + 3600]
+    for i, exp_in_s in enumerate(far):
+        token = signed_oauth_token(CLIENT_SECRET, exp_in_s=exp_in_s)
+        headers = {**_delivery_headers(f"far-{i}"), "Authorization": f"Bearer {token}"}
+        resp = await client.post("/webhooks/jira", data=body, headers=headers)
+        assert resp.status == 401, (exp_in_s, resp.status)
+        assert "too far in the future" in (await resp.json())["error"]
+    assert await _row_counts(settings) == NOTHING
+    token = signed_oauth_token(CLIENT_SECRET, exp_in_s=MAX_LIFETIME_S)  # an hour is fine
+    headers = {**_delivery_headers("hour"), "Authorization": f"Bearer {token}"}
+    assert (await client.post("/webhooks/jira", data=body, headers=headers)).status == 202
+
+
+def test_connect_and_install_tokens_that_live_too_long_are_refused() -> None:
+    now = int(time.time())
+    qsh = query_string_hash("POST", "/webhooks/jira", [])
+    token = connect_claims_token(SECRET, iss=CLIENT_KEY, iat=now, exp=253402300799, qsh=qsh)
+    with pytest.raises(VerificationError, match="too far in the future"):
+        verify_connect(f"JWT {token}", "POST", "/webhooks/jira", [], lambda _: SECRET, now=now)
+    keys = InstallKeys()
+    install = keys.sign(
+        "POST", "/lifecycle/installed", client_key=CLIENT_KEY, audience=PUBLIC_URL, exp_in_s=10**8
+    )
+    with pytest.raises(VerificationError, match="too far in the future"):
+        verify_install(
+            f"JWT {install}",
+            "POST",
+            "/lifecycle/installed",
+            [],
+            keys.public_pem,
+            audience=PUBLIC_URL,
+            now=now,
+        )
