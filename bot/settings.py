@@ -46,6 +46,9 @@ class Settings:
     admin_token: str | None = field(default=None, repr=False)
     secure_cookies: bool = False  # behind a TLS-terminating proxy: mark the cookie Secure
     max_body_bytes: int = 1024 * 1024
+    # A client's request line, headers (and idle keep-alive), and its body, each within
+    # this: a trickling client is cut off instead of holding a connection for ever.
+    client_timeout_s: float = 15.0
     lease_s: float = 60.0
     action_lease_s: float = 120.0  # a run's claim: longer than any one call of its action
     workers: int = 8
@@ -203,6 +206,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "public_url": ("DEPLOYBOT_PUBLIC_URL", _url("DEPLOYBOT_PUBLIC_URL")),
     "admin_token": ("DEPLOYBOT_ADMIN_TOKEN", _str),
     "secure_cookies": ("DEPLOYBOT_SECURE_COOKIES", _bool("DEPLOYBOT_SECURE_COOKIES")),
+    "client_timeout_s": ("DEPLOYBOT_CLIENT_TIMEOUT_S", _float("DEPLOYBOT_CLIENT_TIMEOUT_S", 0.1)),
     "max_body_bytes": ("DEPLOYBOT_MAX_BODY_BYTES", _int("DEPLOYBOT_MAX_BODY_BYTES", 1024, 1 << 30)),
     "lease_s": ("DEPLOYBOT_LEASE_S", _float("DEPLOYBOT_LEASE_S", 1.0)),
     "action_lease_s": ("DEPLOYBOT_ACTION_LEASE_S", _float("DEPLOYBOT_ACTION_LEASE_S", 1.0)),

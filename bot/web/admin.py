@@ -18,7 +18,7 @@ from bot.db.models import EVENT_STATUSES
 from bot.db.queries import EventFilter, get_event, retry_action_run, search_events
 from bot.replay import Selection, reset_events, select_events
 from bot.web import status
-from bot.web.errors import Handler, add_routes
+from bot.web.errors import Handler, add_routes, read_form
 from bot.web.keys import CLOCK, ENGINE, EXECUTOR, PROCESSOR, RULES, SETTINGS
 from bot.web.sessions import SESSIONS, Sessions
 
@@ -64,7 +64,7 @@ def guarded(handler: Handler, token: str) -> Handler:
             return status.html("login", status=401, message="Log in with the admin token.")
         if via == "cookie" and request.method == "POST":
             # The cookie is sent by the browser on its own: prove the form is ours.
-            given = (await request.post()).get(status.CSRF_FIELD)
+            given = (await read_form(request)).get(status.CSRF_FIELD)
             if not status.matches(
                 given if isinstance(given, str) else None, status.csrf_token(token)
             ):

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 WRITES = web.AppKey("writes", Writes)
 
 RULES_POLL_S = 2.0
+LINGER_S = 2.0
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -201,8 +202,15 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     """Build the application; resources open and close with its cleanup contexts."""
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        # Bodies are never inflated: json_errors refuses a Content-Encoding with 415.
-        handler_args={"auto_decompress": False},
+        handler_args={
+            # Bodies are never inflated: json_errors refuses a Content-Encoding with 415.
+            "auto_decompress": False,
+            # aiohttp arms the keep-alive timer at connect, so it also bounds the wait for
+            # a whole request head: a client trickling its headers is cut off.
+            "keepalive_timeout": settings.client_timeout_s,
+            # After an answer to an unread body (408, 413, 415), drain it only briefly.
+            "lingering_time": min(LINGER_S, settings.client_timeout_s),
+        },
     )
     app[SETTINGS] = settings
     app[CLOCK] = clock

@@ -7,23 +7,28 @@ more than the wrapped work (bench/ingest.py: 10 us of a delivery's ~110 us on th
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Awaitable, Callable, Iterable
 
 from aiohttp import web
+from multidict import MultiDictProxy
 
 from bot.errors import (
     PayloadError,
     PayloadTooLarge,
+    RequestTimeout,
     StoreUnavailable,
     UnsupportedMediaType,
     VerificationError,
 )
+from bot.web.keys import SETTINGS
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _STATUS: list[tuple[type[Exception], int]] = [
     (VerificationError, 401),
+    (RequestTimeout, 408),
     (PayloadTooLarge, 413),
     (UnsupportedMediaType, 415),
     (PayloadError, 400),
@@ -75,9 +80,32 @@ def json_errors(handler: Handler) -> Handler:
             headers = {"WWW-Authenticate": "JWT"} if status == 401 else None
             if status == 503:
                 headers = {"Retry-After": "5"}
-            return web.json_response({"error": str(exc)}, status=status, headers=headers)
+            response = web.json_response({"error": str(exc)}, status=status, headers=headers)
+            if status == 408:
+                response.force_close()  # the rest of a trickled body is not waited for
+            return response
 
     return answer
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request body, read within the client timeout (a trickling client gets 408)."""
+    try:
+        async with asyncio.timeout(request.app[SETTINGS].client_timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise RequestTimeout("request body not received in time") from None
+
+
+async def read_form(
+    request: web.Request,
+) -> MultiDictProxy[str | bytes | bytearray | web.FileField]:
+    """The request's form fields, read within the client timeout."""
+    try:
+        async with asyncio.timeout(request.app[SETTINGS].client_timeout_s):
+            return await request.post()
+    except TimeoutError:
+        raise RequestTimeout("request body not received in time") from None
 
 
 def add_routes(app: web.Application, routes: Iterable[tuple[str, str, Handler]]) -> None:

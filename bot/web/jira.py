@@ -11,6 +11,7 @@ from yarl import URL
 from bot import logs, verify
 from bot.delivery import parse_delivery
 from bot.errors import PayloadError, VerificationError
+from bot.web.errors import read_body
 from bot.web.install_keys import KeyServiceUnavailable
 from bot.web.keys import CLOCK, INSTALL_KEYS, SETTINGS, STORE, TENANTS
 
@@ -49,7 +50,7 @@ async def _authenticate(request: web.Request) -> str:
 async def receive_delivery(request: web.Request) -> web.Response:
     """Verify, store (commit), then acknowledge a Jira webhook delivery."""
     tenant = await _authenticate(request)
-    delivery = parse_delivery(request.headers, await request.read())
+    delivery = parse_delivery(request.headers, await read_body(request))
     stored = await request.app[STORE].add(tenant, delivery)
     logs.info(
         log,
@@ -143,7 +144,7 @@ async def installed(request: web.Request) -> web.Response:
     """Store (or update) a Connect tenant from its signed `installed` callback."""
     if not request.app[SETTINGS].public_url:
         raise web.HTTPNotFound(text="Connect install needs DEPLOYBOT_PUBLIC_URL")
-    body = _lifecycle_body(await request.read(), "clientKey", "sharedSecret", "baseUrl")
+    body = _lifecycle_body(await read_body(request), "clientKey", "sharedSecret", "baseUrl")
     await _verify_lifecycle(request, body["clientKey"])
     await request.app[TENANTS].install(body["clientKey"], body["sharedSecret"], body["baseUrl"])
     log.info("tenant installed", extra={"tenant": body["clientKey"]})
@@ -152,7 +153,7 @@ async def installed(request: web.Request) -> web.Response:
 
 async def uninstalled(request: web.Request) -> web.Response:
     """Disable a Connect tenant from its signed `uninstalled` callback."""
-    body = _lifecycle_body(await request.read(), "clientKey")
+    body = _lifecycle_body(await read_body(request), "clientKey")
     await _verify_lifecycle(request, body["clientKey"])
     await request.app[TENANTS].disable(body["clientKey"])
     log.info("tenant uninstalled", extra={"tenant": body["clientKey"]})

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from bot.db.queries import EventFilter, list_action_runs, search_events, status_counts
 from bot.db.registrations import Registrations
+from bot.web.errors import read_form
 from bot.web.keys import CLOCK, ENGINE, RULES, SETTINGS
 from bot.web.sessions import SESSION_TTL_S, SESSIONS
 
@@ -216,7 +217,7 @@ async def login(request: web.Request) -> web.StreamResponse:
         response = html("login", status=429, message="Too many failed logins: wait a little.")
         response.headers["Retry-After"] = str(max(1, round(wait_s)))
         return response
-    given = (await request.post()).get("token")
+    given = (await read_form(request)).get("token")
     if not matches(given if isinstance(given, str) else None, token):
         sessions.login_failed(address, now)
         return html("login", status=401, message="That token is not right.")

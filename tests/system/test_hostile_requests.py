@@ -483,3 +483,69 @@ def test_connect_and_install_tokens_that_live_too_long_are_refused() -> None:
             audience=PUBLIC_URL,
             now=now,
         )
+
+
+# ----- low: clients that trickle -------------------------------------------------------------
+
+TRICKLE_BYTES = 60  # one byte every TRICKLE_GAP_S: far longer than the client timeout
+TRICKLE_GAP_S = 0.25
+
+
+async def _trickle(client: TestClient[Any, Any], head: bytes, rest: bytes) -> bytes | None:
+    """Send `head`, then `rest` a byte at a time; return what the server said when it cut
+    the connection off, or None if it let the whole trickle through."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        for byte in rest[:TRICKLE_BYTES]:
+            try:  # read(n), not read(): a cancelled read() loses what it had gathered
+                chunk = await asyncio.wait_for(reader.read(65536), TRICKLE_GAP_S)
+            except TimeoutError:  # still open and silent: keep trickling
+                writer.write(bytes([byte]))
+                try:
+                    await writer.drain()
+                except ConnectionError:  # closed meanwhile: what did it say first?
+                    return await _rest(reader)
+                continue
+            return chunk + await _rest(reader)  # an answer, or b"" (closed)
+        return None
+    finally:
+        writer.close()
+
+
+async def _rest(reader: asyncio.StreamReader) -> bytes:
+    """Everything until the server closes the connection."""
+    received = b""
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), 5):
+            received += chunk
+    except ConnectionError:
+        pass
+    return received
+
+
+async def test_trickling_clients_are_cut_off(
+    make_client: ClientFactory, settings: Settings
+) -> None:
+    client = await make_client(settings, admin_token=ADMIN, client_timeout_s=1.0)
+    start = b"POST /webhooks/jira HTTP/1.1\r\nHost: x\r\n"
+    # Headers that never end: the connection is closed.
+    assert await _trickle(client, start, b"X-Padding: " + b"a" * 200) is not None
+    # A whole head, then a body that never arrives: 408, connection closed.
+    token = signed_oauth_token(CLIENT_SECRET)
+    head = (
+        start
+        + f"Authorization: Bearer {token}\r\n".encode()
+        + b"Content-Type: application/json\r\n"
+        b"X-Atlassian-Webhook-Identifier: slow-1\r\nContent-Length: 500\r\n\r\n"
+    )
+    answer = await _trickle(client, head, b"{" + b" " * 499)
+    assert answer is not None and answer.startswith(b"HTTP/1.1 408"), answer
+    login = (
+        b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        b"Content-Length: 500\r\n\r\n"
+    )
+    answer = await _trickle(client, login, b"token=" + b"a" * 494)
+    assert answer is not None and answer.startswith(b"HTTP/1.1 408"), answer
+    assert await _row_counts(settings) == NOTHING
