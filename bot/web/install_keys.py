@@ -24,6 +24,9 @@ MISS_TTL_S = 60.0
 FETCH_TIMEOUT_S = 5.0
 FETCH_CONNECTIONS = 4
 MAX_KEY_BYTES = 16 * 1024  # a PEM public key is well under 1 KiB
+# Fetches (of kids not cached) per minute: well-formed kids are free to invent, and each
+# costs a request to Atlassian; past this, installs get 503 and Jira retries them.
+FETCHES_PER_MINUTE = 30
 
 
 class KeyServiceUnavailable(Exception):
@@ -42,12 +45,15 @@ class InstallKeys:
         miss_ttl_s: float = MISS_TTL_S,
         timeout_s: float = FETCH_TIMEOUT_S,
         connections: int = FETCH_CONNECTIONS,
+        fetches_per_minute: int = FETCHES_PER_MINUTE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.max_keys, self.key_ttl_s, self.miss_ttl_s = max_keys, key_ttl_s, miss_ttl_s
         self.timeout_s, self.connections = timeout_s, connections
         self.clock = clock
+        self.fetches_per_minute = fetches_per_minute
+        self._allowance, self._allowance_at = float(fetches_per_minute), clock()
         # kid -> (pem, or None for a miss; monotonic time it expires)
         self._entries: OrderedDict[str, tuple[str | None, float]] = OrderedDict()
         self._fetching: dict[str, asyncio.Future[str | None]] = {}
@@ -80,6 +86,7 @@ class InstallKeys:
         else:
             pending = self._fetching.get(kid)
             if pending is None:  # one fetch per kid; concurrent callers share it
+                self._spend_fetch(now)
                 pending = asyncio.ensure_future(self._fetch_and_keep(kid))
                 self._fetching[kid] = pending
                 pending.add_done_callback(self._fetched)
@@ -87,6 +94,16 @@ class InstallKeys:
         if pem is None:
             raise VerificationError(f"install key {kid!r} not found")
         return pem
+
+    def _spend_fetch(self, now: float) -> None:
+        """Take one fetch from the per-minute allowance (a token bucket), or refuse."""
+        rate_s = self.fetches_per_minute / 60.0
+        allowance = min(
+            float(self.fetches_per_minute), self._allowance + (now - self._allowance_at) * rate_s
+        )
+        if allowance < 1:
+            raise KeyServiceUnavailable("too many install key fetches; try again later")
+        self._allowance, self._allowance_at = allowance - 1, now
 
     def _fetched(self, done: asyncio.Future[str | None]) -> None:
         for kid, pending in list(self._fetching.items()):

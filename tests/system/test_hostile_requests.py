@@ -28,6 +28,7 @@ from bot.errors import VerificationError
 from bot.settings import Settings
 from bot.verify import MAX_LIFETIME_S, query_string_hash, verify_connect, verify_install
 from bot.web.app import create_app
+from bot.web.install_keys import FETCH_CONNECTIONS, KeyServiceUnavailable
 from bot.web.install_keys import InstallKeys as KeyCache
 from bot.web.keys import HTTP
 from bot.web.sessions import LOGIN_BURST, LOGIN_REFILL_S, SESSION_TTL_S
@@ -300,7 +301,9 @@ async def test_the_key_cache_is_bounded_and_expires(aiohttp_server: Any) -> None
     server = SlowKeyServer(InstallKeys())
     url = str((await aiohttp_server(server.app())).make_url("")).rstrip("/")
     now = [1000.0]
-    cache = KeyCache(url, max_keys=8, key_ttl_s=600, miss_ttl_s=30, clock=lambda: now[0])
+    cache = KeyCache(
+        url, max_keys=8, key_ttl_s=600, miss_ttl_s=30, fetches_per_minute=1000, clock=lambda: now[0]
+    )
     try:
         for i in range(50):
             assert await cache.get(f"k-{i}") == server.keys.public_pem
@@ -330,6 +333,31 @@ async def test_the_key_cache_is_bounded_and_expires(aiohttp_server: Any) -> None
         await cache.close()
 
 
+async def test_key_fetches_are_rate_limited(aiohttp_server: Any) -> None:
+    server = SlowKeyServer(InstallKeys())
+    url = str((await aiohttp_server(server.app())).make_url("")).rstrip("/")
+    now = [1000.0]
+    cache = KeyCache(url, fetches_per_minute=5, clock=lambda: now[0])
+    try:
+        refused = 0
+        for i in range(20):  # well-formed kids are free to invent
+            try:
+                await cache.get(f"invented-{i}")
+            except VerificationError:
+                pass
+            except KeyServiceUnavailable:
+                refused += 1
+        assert (len(server.fetches), refused) == (5, 15)
+        now[0] += 12  # one more fetch a twelfth of a minute later
+        assert await cache.get("k-1") == server.keys.public_pem
+        with pytest.raises(KeyServiceUnavailable):
+            await cache.get("k-2")
+        with pytest.raises(VerificationError):  # cached misses cost no allowance
+            await cache.get("invented-0")
+    finally:
+        await cache.close()
+
+
 async def test_a_slow_key_server_does_not_hold_up_other_outbound_calls(
     make_client: ClientFactory, settings: Settings, aiohttp_server: Any
 ) -> None:
@@ -352,7 +380,8 @@ async def test_a_slow_key_server_does_not_hold_up_other_outbound_calls(
         await asyncio.sleep(0.2)  # the rest of the installs reach the key fetch
         async with client.app[HTTP].get(other_url) as resp:
             assert resp.status == 200
-        assert not any(task.done() for task in installs)  # all still held by the key server
+        # Those the fetch allowance let through are still held by the key server.
+        assert sum(not task.done() for task in installs) >= FETCH_CONNECTIONS
         server.release.set()
         statuses = await asyncio.gather(*installs)
     finally:
