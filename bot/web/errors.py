@@ -65,7 +65,7 @@ def json_errors(handler: Handler) -> Handler:
                 status=415,
                 headers={"Accept-Encoding": "identity"},
             )
-            refused.force_close()  # the unread body is not drained for a next request
+            refused.force_close()  # no next request here: the unread body is not kept for one
             return refused
         if not _utf8_headers(request):
             return web.json_response({"error": "header bytes are not UTF-8"}, status=400)
