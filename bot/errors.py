@@ -23,6 +23,10 @@ class UnsupportedMediaType(PayloadError):
     """A request has a content type the endpoint does not accept (HTTP 415)."""
 
 
+class RequestTimeout(DeploybotError):
+    """A client sent its request body too slowly (HTTP 408)."""
+
+
 class StoreUnavailable(DeploybotError):
     """The database cannot take the write right now (HTTP 503, Jira retries)."""
 

@@ -44,7 +44,11 @@ class Settings:
     port: int = 8080
     public_url: str | None = None
     admin_token: str | None = field(default=None, repr=False)
+    secure_cookies: bool = False  # behind a TLS-terminating proxy: mark the cookie Secure
     max_body_bytes: int = 1024 * 1024
+    # A client's request line, headers (and idle keep-alive), and its body, each within
+    # this: a trickling client is cut off instead of holding a connection for ever.
+    client_timeout_s: float = 15.0
     lease_s: float = 60.0
     action_lease_s: float = 120.0  # a run's claim: longer than any one call of its action
     workers: int = 8
@@ -147,6 +151,16 @@ def _float(name: str, low: float) -> Callable[[str], float]:
     return parse
 
 
+def _bool(name: str) -> Callable[[str], bool]:
+    def parse(raw: str) -> bool:
+        value = raw.lower()
+        if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise SettingsError(f"{name} must be true or false, got {raw!r}")
+        return value in ("1", "true", "yes", "on")
+
+    return parse
+
+
 def _choice(name: str, choices: tuple[str, ...]) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         if raw not in choices:
@@ -200,6 +214,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "port": ("DEPLOYBOT_PORT", _int("DEPLOYBOT_PORT", 0, 65535)),
     "public_url": ("DEPLOYBOT_PUBLIC_URL", _url("DEPLOYBOT_PUBLIC_URL")),
     "admin_token": ("DEPLOYBOT_ADMIN_TOKEN", _str),
+    "secure_cookies": ("DEPLOYBOT_SECURE_COOKIES", _bool("DEPLOYBOT_SECURE_COOKIES")),
+    "client_timeout_s": ("DEPLOYBOT_CLIENT_TIMEOUT_S", _float("DEPLOYBOT_CLIENT_TIMEOUT_S", 0.1)),
     "max_body_bytes": ("DEPLOYBOT_MAX_BODY_BYTES", _int("DEPLOYBOT_MAX_BODY_BYTES", 1024, 1 << 30)),
     "lease_s": ("DEPLOYBOT_LEASE_S", _float("DEPLOYBOT_LEASE_S", 1.0)),
     "action_lease_s": ("DEPLOYBOT_ACTION_LEASE_S", _float("DEPLOYBOT_ACTION_LEASE_S", 1.0)),

@@ -154,6 +154,23 @@ def check_params(full_name: str, spec: tuple[Param, ...], params: Mapping[str, A
         raise ActionError(f"{full_name}: missing required parameter(s) {', '.join(missing)}")
 
 
+# Segments a URL library (yarl, a server's router) removes or merges: `..` climbs to the
+# parent resource (DELETE .../versions/.. deletes the deployment), `.` and "" vanish.
+_NORMALISED_AWAY = frozenset({"", ".", ".."})
+
+
+def path_segment(full_name: str, name: str, value: Any) -> str:
+    """Quote a rendered path parameter as one segment; refuse one that would not stay one."""
+    text = str(value)
+    if text.strip() in _NORMALISED_AWAY:
+        raise ActionError(
+            f"{full_name}: path parameter {name} is {text!r}, which would change the"
+            " address (an empty, '.' or '..' path segment is never sent)"
+        )
+    # safe="" so a "/" inside a name cannot change which resource is addressed either
+    return quote(text, safe="")
+
+
 def plan_request(op: Operation, params: Mapping[str, Any]) -> PlannedRequest:
     """Turn an operation and its named parameters into the exact HTTP request."""
     check_params(op.full_name, op.params, params)
@@ -169,8 +186,7 @@ def plan_request(op: Operation, params: Mapping[str, Any]) -> PlannedRequest:
         if value is None:
             continue
         if p.location == "path":
-            # safe="" so a "/" inside a name cannot change which resource is addressed
-            path_values[p.wire] = quote(str(value), safe="")
+            path_values[p.wire] = path_segment(op.full_name, p.name, value)
         elif p.location == "query":
             values = value if isinstance(value, list | tuple) else [value]
             query.extend((p.wire, _query_value(v)) for v in values if v is not None)

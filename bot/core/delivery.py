@@ -67,7 +67,9 @@ def parse_delivery(
     if not is_identifier(ident):
         raise PayloadError(f"{DELIVERY_ID_HEADER} is not a valid identifier")
     retry_raw = headers.get(RETRY_HEADER, "0").strip() or "0"
-    retry_count = int(retry_raw) if retry_raw.isdigit() and len(retry_raw) < 6 else 0
+    # Jira counts in ASCII digits; anything else ("²", 5,000 digits) counts as no retry.
+    ascii_digits = retry_raw.isascii() and retry_raw.isdigit() and len(retry_raw) < 6
+    retry_count = int(retry_raw) if ascii_digits else 0
     payload = parse_payload(body)
     issue = payload.get("issue")
     key = issue.get("key") if isinstance(issue, dict) else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,13 @@ LEEWAY_S = 30
 # refused as well (seen-token store), a captured token cannot be sent again with a body
 # of the sender's choosing.
 LIFECYCLE_MAX_AGE_S = 300
+# How far ahead `exp` may be: a leaked token valid until 9999 would be a key for ever.
+# Jira's Connect tokens live 3 minutes: an hour is plenty. OAuth 2.0 delivery tokens are
+# not documented as short: a day (the longest seen in practice, bench/harness.py).
+CONNECT_MAX_LIFETIME_S = 3600
+OAUTH_MAX_LIFETIME_S = 24 * 3600
 CONTEXT_QSH = "context-qsh"
+_KID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 QueryPairs = Iterable[tuple[str, str]]
 # (token, key, algorithm, audience, required claims) of a verified token
@@ -90,6 +97,7 @@ def _decode(
     now: float,
     audience: str | None = None,
     require: tuple[str, ...] = ("exp",),
+    max_lifetime_s: float = CONNECT_MAX_LIFETIME_S,
 ) -> dict[str, Any]:
     # Jira signs a token once and sends it with many deliveries: a token whose signature
     # and claims were verified with these same parameters need not be verified again.
@@ -101,7 +109,7 @@ def _decode(
         claims = _VERIFIED.get(cache_key)
     if claims is None:
         claims = _verify_signature(token, key, algorithm, audience=audience, require=require)
-    _check_times(claims, now)
+    _check_times(claims, now, max_lifetime_s)
     if cache_key is not None:
         _remember(cache_key, claims, now)
     return dict(claims)  # a copy: callers may not alter what the cache holds
@@ -136,12 +144,15 @@ def _verify_signature(
     return claims
 
 
-def _check_times(claims: Mapping[str, Any], now: float) -> None:
+def _check_times(claims: Mapping[str, Any], now: float, max_lifetime_s: float) -> None:
     """Refuse a token expired, not yet valid, or issued in the future at `now`."""
     # PyJWT checks exp and nbf against the wall clock once; these run on every request,
     # cached or not, against the caller's clock (deterministic tests and replays).
-    if float(claims["exp"]) + LEEWAY_S < now:
+    exp = float(claims["exp"])
+    if exp + LEEWAY_S < now:
         raise VerificationError("token expired")
+    if exp - LEEWAY_S > now + max_lifetime_s:
+        raise VerificationError("token expires too far in the future")
     nbf = claims.get("nbf")
     if isinstance(nbf, int | float) and float(nbf) - LEEWAY_S > now:
         raise VerificationError("token not yet valid")
@@ -177,7 +188,7 @@ class Verified:
 def verify_oauth(authorization: str | None, secret: str, *, now: float) -> Verified:
     """Verify an OAuth 2.0 app delivery: `Bearer` JWT, HS256 with the client secret."""
     token = _token(authorization, "Bearer")
-    claims = _decode(token, secret, "HS256", now=now)
+    claims = _decode(token, secret, "HS256", now=now, max_lifetime_s=OAUTH_MAX_LIFETIME_S)
     return Verified(tenant="", claims=claims)
 
 
@@ -247,7 +258,9 @@ def install_key_id(authorization: str | None) -> str:
     if header.get("alg") != "RS256":
         raise VerificationError("install token algorithm must be RS256")
     kid = header.get("kid")
-    if not isinstance(kid, str) or not kid or "/" in kid or ".." in kid:
+    # The kid becomes a URL path segment fetched before any signature check: letters,
+    # digits and `._-` only (Atlassian's are UUIDs), so no `/ ? # %` or `..` can reshape it.
+    if not isinstance(kid, str) or not _KID.fullmatch(kid) or ".." in kid:
         raise VerificationError("install token has no usable kid")
     return kid
 

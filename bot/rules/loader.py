@@ -538,9 +538,10 @@ class _Checker:
             return
         if templates.is_template(node.value):
             return  # only known per event; checked when rendered
-        base = str(self.base_dir)
-        path = os.path.normpath(os.path.join(base, node.value))
-        if os.path.commonpath([base, path]) != base:
+        # Through links, as the executor resolves it: a link pointing out is outside too.
+        base = os.path.realpath(self.base_dir)
+        path = "" if "\x00" in node.value else os.path.realpath(os.path.join(base, node.value))
+        if not path or path == base or os.path.commonpath([base, path]) != base:
             self.error(node, f"{name}: {node.value!r} is outside the rules folder")
         elif must_exist and not os.path.isfile(path):
             self.error(node, f"{name}: no file {node.value!r} in the rules folder")

@@ -9,17 +9,118 @@ from __future__ import annotations
 
 import functools
 import os.path
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from jinja2 import StrictUndefined, Template, nodes
+from jinja2 import StrictUndefined, Template, nodes, pass_eval_context
+from jinja2.exceptions import SecurityError
+from jinja2.runtime import Context
 from jinja2.sandbox import SandboxedEnvironment
 
 from bot.errors import TemplateRenderError
 from bot.rules.model import Step
 
 _MARKERS = ("{{", "{%", "{#")
-_ENV = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+# One rendered value: the services' fields are far smaller (Genesys refuses bodies over
+# 500 kB). Checked before anything that could allocate more, and on the output stream.
+MAX_RENDERED_CHARS = 1024 * 1024
+_MAX_INT_BITS = 64 * 1024  # `10 ** 10 ** 8` would take minutes of CPU
+_WIDE_FORMAT = re.compile(r"\d{7,}|%[-#0 +]*\*")  # a width of a million, or one from args
+_NESTED_FIELD = re.compile(r"\{[^{}]*\{")
+_PADDING_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
+
+
+def _too_big(what: str) -> SecurityError:
+    return SecurityError(f"{what} would be over {MAX_RENDERED_CHARS} characters")
+
+
+def _check_replace(text: Any, old: Any, new: Any) -> None:
+    if isinstance(text, str) and isinstance(old, str) and isinstance(new, str):
+        grows = len(new) - len(old)
+        count = text.count(old) if old else len(text) + 1
+        if grows > 0 and len(text) + count * grows > MAX_RENDERED_CHARS:
+            raise _too_big("replace")
+
+
+def _check_format(fmt: Any) -> None:
+    if isinstance(fmt, str) and _WIDE_FORMAT.search(fmt):
+        raise _too_big("a format with that width")
+
+
+class _BoundedSandbox(SandboxedEnvironment):
+    """The sandbox, with what one expression can allocate bounded (`'x' * 10**8`)."""
+
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                sized = isinstance(seq, str | bytes | list | tuple) and isinstance(times, int)
+                if sized and len(seq) * times > MAX_RENDERED_CHARS:
+                    raise _too_big("a repetition")
+        elif operator == "**" and isinstance(left, int) and isinstance(right, int):
+            if abs(left) > 1 and left.bit_length() * right > _MAX_INT_BITS:
+                raise SecurityError(f"a power over {_MAX_INT_BITS} bits")
+        elif operator == "%":
+            _check_format(left)
+        return super().call_binop(context, operator, left, right)
+
+    def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+        bound_to = getattr(obj, "__self__", None)
+        name = getattr(obj, "__name__", "")
+        if isinstance(bound_to, str):
+            if name in _PADDING_METHODS and any(
+                isinstance(a, int) and a > MAX_RENDERED_CHARS for a in (*args, *kwargs.values())
+            ):
+                raise _too_big(f"str.{name}")
+            if name == "replace" and len(args) >= 2:
+                _check_replace(bound_to, args[0], args[1])
+        return super().call(context, obj, *args, **kwargs)
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        # str.format is wrapped when it is read, before any call: check its widths there.
+        wrapped = super().wrap_str_format(value)
+        if wrapped is not None:
+            fmt = value.__self__.replace("{{", "").replace("}}", "")
+            _check_format(fmt.replace("{", "%"))
+            if _NESTED_FIELD.search(fmt):
+                raise _too_big("a format with a width from its arguments")
+        return wrapped
+
+
+def _bounded_filters(env: SandboxedEnvironment) -> None:
+    """The built-in filters that can multiply their input's size, bounded likewise."""
+    center, indent = env.filters["center"], env.filters["indent"]
+    replace, fmt = env.filters["replace"], env.filters["format"]
+
+    def bounded_center(value: Any, width: int = 80) -> Any:
+        if isinstance(width, int) and width > MAX_RENDERED_CHARS:
+            raise _too_big("center")
+        return center(value, width)
+
+    def bounded_indent(s: Any, width: Any = 4, *args: Any, **kwargs: Any) -> Any:
+        prefix = len(width) if isinstance(width, str) else width
+        if isinstance(prefix, int) and (str(s).count("\n") + 1) * prefix > MAX_RENDERED_CHARS:
+            raise _too_big("indent")
+        return indent(s, width, *args, **kwargs)
+
+    @pass_eval_context
+    def bounded_replace(eval_ctx: Any, s: Any, old: Any, new: Any, count: Any = None) -> Any:
+        _check_replace(str(s), str(old), str(new))
+        return replace(eval_ctx, s, old, new, count)
+
+    def bounded_format(value: Any, *args: Any, **kwargs: Any) -> Any:
+        _check_format(value)
+        return fmt(value, *args, **kwargs)
+
+    env.filters.update(
+        center=bounded_center, indent=bounded_indent, replace=bounded_replace, format=bounded_format
+    )
+
+
+_ENV = _BoundedSandbox(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+_bounded_filters(_ENV)
 
 
 def is_template(text: str) -> bool:
@@ -100,7 +201,7 @@ def render_params(step: Step, context: Mapping[str, Any]) -> dict[str, Any]:
 def _render(value: Any, context: Mapping[str, Any], where: str) -> Any:
     if isinstance(value, Template):
         try:
-            return value.render(context)
+            return _bounded_render(value, context)
         except Exception as exc:  # any failure of a template is this run's failure
             raise TemplateRenderError(f"{where}: {exc}") from exc
     if isinstance(value, Mapping):
@@ -108,6 +209,17 @@ def _render(value: Any, context: Mapping[str, Any], where: str) -> Any:
     if isinstance(value, list):
         return [_render(item, context, f"{where}[{i}]") for i, item in enumerate(value)]
     return value
+
+
+def _bounded_render(template: Template, context: Mapping[str, Any]) -> str:
+    """Render, stopping as soon as the output is over MAX_RENDERED_CHARS (a loop of pieces)."""
+    pieces, size = [], 0
+    for piece in template.generate(context):
+        size += len(piece)
+        if size > MAX_RENDERED_CHARS:
+            raise _too_big("the rendered value")
+        pieces.append(piece)
+    return "".join(pieces)
 
 
 def _resolve_file(step: Step, name: str, value: Any) -> str:

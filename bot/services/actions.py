@@ -109,6 +109,19 @@ def is_duplicate(exc: ActionError) -> bool:
     return exc.status == 409 or (exc.status == 400 and "already exist" in text)
 
 
+def inside_folder(folder: Path, value: str, what: str) -> str:
+    """Return `value` (relative to `folder`) resolved through its links, if it stays inside.
+
+    A rendered path may hold Jira text: `../../.env`, an absolute path, or a link in the
+    folder pointing out must not choose which file is read or written.
+    """
+    root = os.path.realpath(folder)
+    resolved = "" if "\x00" in value else os.path.realpath(os.path.join(root, value))
+    if not resolved or resolved == root or os.path.commonpath([root, resolved]) != root:
+        raise ActionError(f"{what} is outside the rules folder {str(folder)!r}; not used")
+    return resolved
+
+
 class ActionRunner:
     """Route actions to service clients; a missing client means the service is disabled."""
 
@@ -160,14 +173,14 @@ class ActionRunner:
         return Done(await self._call(client, op, resolved, lookup_first=lookup_first))
 
     def _resolve_paths(self, spec: tuple[Param, ...], params: Mapping[str, Any]) -> dict[str, Any]:
-        """Resolve relative file parameters against the rules folder."""
+        """Resolve file parameters against the rules folder; refuse one that leaves it."""
         out = dict(params)
         if self._files_dir is None:
             return out
         for p in spec:
             value = out.get(p.name)
-            if p.location in PATH_LOCATIONS and isinstance(value, str) and value:
-                out[p.name] = value if os.path.isabs(value) else str(self._files_dir / value)
+            if p.location in PATH_LOCATIONS and isinstance(value, str):  # "" is the folder
+                out[p.name] = inside_folder(self._files_dir, value, f"{p.name} {value!r}")
         return out
 
     async def _call(

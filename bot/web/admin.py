@@ -19,11 +19,13 @@ from bot.db.queries import EventFilter, get_event, retry_action_run, search_even
 from bot.errors import RetryRefused
 from bot.pipeline.replay import Selection, reset_events, select_events
 from bot.web import status
-from bot.web.errors import Handler, add_routes
-from bot.web.keys import ENGINE, EXECUTOR, PROCESSOR, RULES, SETTINGS
+from bot.web.errors import Handler, add_routes, read_form
+from bot.web.keys import CLOCK, ENGINE, EXECUTOR, PROCESSOR, RULES, SETTINGS
+from bot.web.sessions import SESSIONS, Sessions
 
 VIA = web.RequestKey("admin_via", str)  # "bearer" or "cookie"
 PAGE_DEFAULT, PAGE_MAX = 50, 500
+ID_MAX = 2**63 - 1  # BIGINT
 
 REPLAY_NOTE = (
     "The event is back in `received`: the processor evaluates it again with the rules in "
@@ -43,7 +45,7 @@ def credential(request: web.Request, token: str) -> str | None:
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer" and status.matches(given.strip(), token):
         return "bearer"
-    if status.matches(request.cookies.get(status.COOKIE), status.session_value(token)):
+    if request.app[SESSIONS].valid(request.cookies.get(status.COOKIE), request.app[CLOCK]()):
         return "cookie"
     return None
 
@@ -63,7 +65,7 @@ def guarded(handler: Handler, token: str) -> Handler:
             return status.html("login", status=401, message="Log in with the admin token.")
         if via == "cookie" and request.method == "POST":
             # The cookie is sent by the browser on its own: prove the form is ours.
-            given = (await request.post()).get(status.CSRF_FIELD)
+            given = (await read_form(request)).get(status.CSRF_FIELD)
             if not status.matches(
                 given if isinstance(given, str) else None, status.csrf_token(token)
             ):
@@ -94,7 +96,8 @@ def _time(raw: str | None, name: str) -> datetime | None:
 def _int(raw: str | None, name: str, default: int, high: int) -> int:
     if raw is None:
         return default
-    if not raw.isdigit() or not 0 <= int(raw) <= high:
+    # ASCII digits only ("²".isdigit()), and short: int() of 5,000 digits raises
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or not 0 <= int(raw) <= high:
         raise _error(web.HTTPBadRequest, f"{name} must be a whole number from 0 to {high}")
     return int(raw)
 
@@ -106,7 +109,11 @@ def _choice(raw: str | None, name: str, allowed: tuple[str, ...]) -> str | None:
 
 
 def _id(request: web.Request) -> int:
-    return int(request.match_info["id"])
+    """The path's id: ASCII digits (the route says so); one past 64 bits names nothing."""
+    raw = request.match_info["id"]
+    if len(raw) > 19 or int(raw) > ID_MAX:
+        raise _error(web.HTTPNotFound, f"no such id {raw[:20]}")
+    return int(raw)
 
 
 async def events_list(request: web.Request) -> web.StreamResponse:
@@ -204,9 +211,9 @@ async def run_retry(request: web.Request) -> web.StreamResponse:
 
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/api/events", events_list),
-    ("GET", r"/api/events/{id:\d+}", event_show),
-    ("POST", r"/api/events/{id:\d+}/replay", event_replay),
-    ("POST", r"/api/action-runs/{id:\d+}/retry", run_retry),
+    ("GET", r"/api/events/{id:[0-9]+}", event_show),
+    ("POST", r"/api/events/{id:[0-9]+}/replay", event_replay),
+    ("POST", r"/api/action-runs/{id:[0-9]+}/retry", run_retry),
     ("GET", "/api/rules", rules_show),
     ("GET", "/api/webhooks", webhooks_list),
     ("GET", "/", status.page),
@@ -223,5 +230,6 @@ def setup(app: web.Application) -> None:
     token = app[SETTINGS].admin_token
     if not token:
         return
+    app[SESSIONS] = Sessions(token)
     add_routes(app, [(method, path, guarded(handler, token)) for method, path, handler in ROUTES])
     add_routes(app, OPEN_ROUTES)

@@ -28,6 +28,7 @@ from bot.services.ubiops import UbiOpsClient
 from bot.settings import Settings
 from bot.web import admin, jira, metrics
 from bot.web.errors import add_routes, json_errors
+from bot.web.install_keys import InstallKeys
 from bot.web.keys import (
     CLOCK,
     ENGINE,
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 
 RULES_POLL_S = 2.0
+LINGER_S = 2.0
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -184,13 +186,31 @@ async def _http_session(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _install_keys(app: web.Application) -> AsyncIterator[None]:
+    """The install-key cache, with its own small pool (not the shared session's)."""
+    keys = InstallKeys(app[SETTINGS].jira_connect_keys_url)
+    app[INSTALL_KEYS] = keys
+    yield
+    await keys.close()
+
+
 def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> web.Application:
     """Build the application; resources open and close with its cleanup contexts."""
-    app = web.Application(client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        handler_args={
+            # Bodies are never inflated: json_errors refuses a Content-Encoding with 415.
+            "auto_decompress": False,
+            # aiohttp arms the keep-alive timer at connect, so it also bounds the wait for
+            # a whole request head: a client trickling its headers is cut off.
+            "keepalive_timeout": settings.client_timeout_s,
+            # After an answer to an unread body (408, 413, 415), drain it only briefly.
+            "lingering_time": min(LINGER_S, settings.client_timeout_s),
+        },
+    )
     app[SETTINGS] = settings
     app[CLOCK] = clock
-    app[INSTALL_KEYS] = {}
-    app.cleanup_ctx.extend([_http_session, _database, _workers])
+    app.cleanup_ctx.extend([_http_session, _install_keys, _database, _workers])
     app.cleanup_ctx.append(scheduler_ctx)  # after the workers: it wakes their executor
     metrics.install(app)  # after the workers: it hooks into the executor they create
     # The delivery route's metrics see the status its errors were answered with.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 
-import aiohttp
 import orjson
 from aiohttp import web
 from yarl import URL
@@ -15,7 +14,9 @@ from bot.core import verify
 from bot.core.delivery import parse_delivery
 from bot.core.text import is_identifier
 from bot.errors import PayloadError, VerificationError
-from bot.web.keys import CLOCK, HTTP, INSTALL_KEYS, SETTINGS, STORE, TENANTS
+from bot.web.errors import read_body
+from bot.web.install_keys import KeyServiceUnavailable
+from bot.web.keys import CLOCK, INSTALL_KEYS, SETTINGS, STORE, TENANTS
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ async def _authenticate(request: web.Request) -> str:
 async def receive_delivery(request: web.Request) -> web.Response:
     """Verify, store (commit), then acknowledge a Jira webhook delivery."""
     tenant = await _authenticate(request)
-    delivery = parse_delivery(request.headers, await request.read())
+    delivery = parse_delivery(request.headers, await read_body(request))
     stored = await request.app[STORE].add(tenant, delivery)
     logs.info(
         log,
@@ -92,20 +93,11 @@ async def descriptor(request: web.Request) -> web.Response:
 
 
 async def _install_public_key(request: web.Request, kid: str) -> str:
-    cache = request.app[INSTALL_KEYS]
-    if kid in cache:
-        return cache[kid]
-    url = f"{request.app[SETTINGS].jira_connect_keys_url}/{kid}"
     try:
-        async with request.app[HTTP].get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
-            if resp.status != 200:
-                raise VerificationError(f"install key {kid!r} not found")
-            pem = await resp.text()
-    except (aiohttp.ClientError, TimeoutError) as exc:
+        return await request.app[INSTALL_KEYS].get(kid)
+    except KeyServiceUnavailable as exc:
         # Not the caller's fault, but we cannot verify: Jira retries the install.
         raise web.HTTPServiceUnavailable(text="install key service unreachable") from exc
-    cache[kid] = pem
-    return pem
 
 
 async def _verify_lifecycle(request: web.Request, client_key: str) -> None:
@@ -172,7 +164,7 @@ async def installed(request: web.Request) -> web.Response:
     """Store (or update) a Connect tenant from its signed `installed` callback."""
     if not request.app[SETTINGS].public_url:
         raise web.HTTPNotFound(text="Connect install needs DEPLOYBOT_PUBLIC_URL")
-    body = _lifecycle_body(await request.read(), "clientKey", "sharedSecret", "baseUrl")
+    body = _lifecycle_body(await read_body(request), "clientKey", "sharedSecret", "baseUrl")
     settings = request.app[SETTINGS]
     # The scheduler and `jira.*` actions call the baseUrl with the tenant's secret: it must
     # be Atlassian's (checked before the signature: nothing else is worth a key fetch).
@@ -194,7 +186,7 @@ async def installed(request: web.Request) -> web.Response:
 
 async def uninstalled(request: web.Request) -> web.Response:
     """Disable a Connect tenant from its signed `uninstalled` callback."""
-    body = _lifecycle_body(await request.read(), "clientKey")
+    body = _lifecycle_body(await read_body(request), "clientKey")
     await _verify_lifecycle(request, body["clientKey"])
     await request.app[TENANTS].disable(body["clientKey"])
     log.info("tenant uninstalled", extra={"tenant": body["clientKey"]})

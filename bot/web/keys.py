@@ -14,6 +14,7 @@ from bot.pipeline.executor import ActionExecutor
 from bot.pipeline.processor import EventProcessor
 from bot.rules.watcher import RuleWatcher
 from bot.settings import Settings
+from bot.web.install_keys import InstallKeys
 
 SETTINGS = web.AppKey("settings", Settings)
 ENGINE = web.AppKey("engine", AsyncEngine)
@@ -29,7 +30,7 @@ class Clock(Protocol):
 
 
 CLOCK = web.AppKey("clock", Clock)
-INSTALL_KEYS = web.AppKey("install_keys", dict[str, str])
+INSTALL_KEYS = web.AppKey("install_keys", InstallKeys)
 RULES = web.AppKey("rules", RuleWatcher)
 PROCESSOR = web.AppKey("processor", EventProcessor)
 EXECUTOR = web.AppKey("executor", ActionExecutor)

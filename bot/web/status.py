@@ -18,7 +18,9 @@ from aiohttp import web
 
 from bot.db.queries import EventFilter, list_action_runs, search_events, status_counts
 from bot.db.registrations import Registrations
+from bot.web.errors import read_form
 from bot.web.keys import CLOCK, ENGINE, RULES, SETTINGS
+from bot.web.sessions import SESSION_TTL_S, SESSIONS
 
 COOKIE = "token"
 CSRF_FIELD = "csrf"
@@ -145,10 +147,6 @@ def csrf_token(admin_token: str) -> str:
     return derived(admin_token, "csrf")
 
 
-def session_value(admin_token: str) -> str:
-    return derived(admin_token, "session")
-
-
 def until(seconds: float | None) -> str:
     """Say how long until an expiry, e.g. `2d 3h`, or how long ago it passed."""
     if seconds is None:
@@ -209,26 +207,42 @@ async def login_form(_request: web.Request) -> web.Response:
 
 
 async def login(request: web.Request) -> web.StreamResponse:
-    """POST /login: set the session cookie when the token is right."""
-    token = request.app[SETTINGS].admin_token
+    """POST /login: set the session cookie when the token is right (failures throttled)."""
+    settings, sessions = request.app[SETTINGS], request.app[SESSIONS]
+    token = settings.admin_token
     assert token is not None
-    given = (await request.post()).get("token")
+    now, address = request.app[CLOCK](), request.remote or ""
+    wait_s = sessions.login_wait_s(address, now)
+    if wait_s > 0:
+        response = html("login", status=429, message="Too many failed logins: wait a little.")
+        response.headers["Retry-After"] = str(max(1, round(wait_s)))
+        return response
+    given = (await read_form(request)).get("token")
     if not matches(given if isinstance(given, str) else None, token):
+        sessions.login_failed(address, now)
         return html("login", status=401, message="That token is not right.")
     response = see_other("/")
     response.set_cookie(
         COOKIE,
-        session_value(token),
+        sessions.issue(now),
+        max_age=SESSION_TTL_S,
         httponly=True,
         samesite="Strict",
-        secure=request.secure,
+        secure=settings.secure_cookies or request.secure,
         path="/",
     )
     return response
 
 
-async def logout(_request: web.Request) -> web.StreamResponse:
-    """POST /logout: drop the session cookie."""
+async def logout(request: web.Request) -> web.StreamResponse:
+    """POST /logout: revoke the session cookie, and tell the browser to drop it."""
+    request.app[SESSIONS].revoke(request.cookies.get(COOKIE), request.app[CLOCK]())
     response = see_other("/login")
-    response.del_cookie(COOKIE, path="/")
+    response.del_cookie(
+        COOKIE,
+        path="/",
+        secure=request.app[SETTINGS].secure_cookies or request.secure,
+        httponly=True,
+        samesite="Strict",
+    )
     return response
