@@ -63,6 +63,7 @@ class _Run:
     resumed: bool  # claimed back from a worker whose lease ran out: outcome unknown
     context: dict[str, Any]  # template context: payload, `event`, earlier steps' results
     tenant: str  # the event's Jira tenant: whose Jira `jira.*` actions call
+    key: str = ""  # the idempotency key: keyed actions mark what they make with it
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +215,7 @@ class ActionExecutor:
                 resumed=r.attempts > 1,
                 tenant=sources[r.id][0],
                 context=sources[r.id][1],
+                key=r.idempotency_key,
             )
             for r in rows
         ]
@@ -264,7 +266,12 @@ class ActionExecutor:
         try:
             params = render_params(self._step(run), run.context)
             outcome = await self._runner.run(
-                run.action, params, state=run.state, lookup_first=run.resumed, tenant=run.tenant
+                run.action,
+                params,
+                state=run.state,
+                lookup_first=run.resumed,
+                tenant=run.tenant,
+                key=run.key,
             )
         except TemplateRenderError as exc:
             return await self._failed(run, started, str(exc), None, retryable=False)

@@ -69,6 +69,34 @@ ActionFn = Callable[[ServiceClient, Mapping[str, Any], dict[str, Any] | None], A
 
 
 @dataclass(frozen=True, slots=True)
+class RunInfo:
+    """Which action run is running: keyed actions mark what they make with `key` and look
+    for it first when `lookup_first` (an earlier attempt's outcome is unknown)."""
+
+    key: str = ""
+    lookup_first: bool = False
+
+
+KeyedActionFn = Callable[
+    [ServiceClient, Mapping[str, Any], dict[str, Any] | None, RunInfo], Awaitable[Outcome]
+]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyedAction:
+    """A high-level action that needs to know its run (e.g. jira.add_comment's marker)."""
+
+    service: str
+    name: str
+    params: tuple[Param, ...]
+    run: KeyedActionFn
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.service}.{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
 class HighLevelAction:
     """An action made of several calls (e.g. ubiops.deploy_revision), resumable by state."""
 
@@ -83,7 +111,7 @@ class HighLevelAction:
 
 
 @functools.cache
-def high_level_actions() -> Mapping[str, HighLevelAction]:
+def high_level_actions() -> Mapping[str, HighLevelAction | KeyedAction]:
     """Every adapter's `ACTIONS` table, keyed by `service.action`."""
     return {
         action.full_name: action
@@ -129,11 +157,12 @@ class ActionRunner:
         state: dict[str, Any] | None = None,
         lookup_first: bool = False,
         tenant: str = "",
+        key: str = "",
     ) -> Outcome:
         """Run (or resume, with `state`) one action; raise ActionError when it fails.
 
         `tenant` is the Jira tenant of the event the action reacts to: a `jira.*` action
-        calls that tenant's Jira.
+        calls that tenant's Jira. `key` is the run's idempotency key.
         """
         service = action_name.partition(".")[0]
         action = high_level_actions().get(action_name)
@@ -152,7 +181,10 @@ class ActionRunner:
             raise ServiceDisabled(f"{action_name}: service {service} is not configured")
         if action is not None:
             check_params(action.full_name, action.params, params)
-            return await action.run(client, self._resolve_paths(action.params, params), state)
+            resolved = self._resolve_paths(action.params, params)
+            if isinstance(action, KeyedAction):
+                return await action.run(client, resolved, state, RunInfo(key, lookup_first))
+            return await action.run(client, resolved, state)
         assert op is not None
         resolved = self._resolve_paths(op.params, params)
         return Done(await self._call(client, op, resolved, lookup_first=lookup_first))
