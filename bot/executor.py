@@ -33,6 +33,7 @@ from bot.db.group_commit import GroupCommit
 from bot.db.models import UTCDateTime, action_attempts, action_runs, events, utcnow
 from bot.due import next_attempt_at
 from bot.errors import ActionError, ServiceDisabled, TemplateRenderError
+from bot.outcomes import RunState, event_outcome
 from bot.processor import claim_statement, wait_until_set
 from bot.rules import Step, build_context, render_params
 from bot.services.actions import ActionRunner, Done, Wait, action_params
@@ -141,6 +142,55 @@ _RELEASE_OWNED = (
     .returning(action_runs.c.id)
 )
 _INSERT_ATTEMPTS = insert(action_attempts)
+# The operator's outcome of the events whose runs just changed (bot/outcomes.py).
+_OUTCOME_RUNS = select(
+    action_runs.c.event_id,
+    action_runs.c.rule_name,
+    action_runs.c.step_index,
+    action_runs.c.status,
+    action_runs.c.next_attempt_at,
+).where(action_runs.c.event_id.in_(bindparam("b_ids", expanding=True)))
+_OLD_OUTCOMES = select(events.c.id, events.c.outcome).where(
+    events.c.id.in_(bindparam("b_ids", expanding=True))
+)
+_SET_OUTCOME = (
+    update(events).where(events.c.id == bindparam("b_id")).values(outcome=bindparam("b_outcome"))
+)
+
+
+def update_outcomes(conn: Connection, event_ids: list[int], now: datetime) -> list[int]:
+    """Store the outcome of these events from their runs; return those newly failed."""
+    if not event_ids:
+        return []
+    ids = {"b_ids": event_ids}
+    runs: dict[int, list[RunState]] = {event_id: [] for event_id in event_ids}
+    for row in conn.execute(_OUTCOME_RUNS, ids):
+        runs[row.event_id].append(
+            RunState(row.rule_name, row.step_index, row.status, row.next_attempt_at)
+        )
+    old = {row.id: row.outcome for row in conn.execute(_OLD_OUTCOMES, ids)}
+    new = {event_id: event_outcome(found, now) for event_id, found in runs.items()}
+    changed = {
+        event_id: outcome
+        for event_id, outcome in new.items()
+        if event_id in old and old[event_id] != outcome
+    }
+    if changed:
+        conn.execute(_SET_OUTCOME, [{"b_id": k, "b_outcome": v} for k, v in changed.items()])
+    return [event_id for event_id, outcome in changed.items() if outcome == "failed"]
+
+
+async def set_outcomes(engine: AsyncEngine, run_ids: list[int], now: datetime) -> None:
+    """Bring the outcomes of these runs' events up to date (after a retry or replay)."""
+
+    def work(conn: Connection) -> None:
+        found = conn.execute(
+            select(action_runs.c.event_id).where(action_runs.c.id.in_(run_ids)).distinct()
+        )
+        update_outcomes(conn, sorted(found.scalars()), now)
+
+    async with engine.begin() as conn:
+        await conn.run_sync(work)
 
 
 class ActionExecutor:
@@ -175,6 +225,8 @@ class ActionExecutor:
         self._claims: dict[int, Any] = {}  # claim statements by size
         # Called with (action, new run status) after each recorded attempt (metrics).
         self.on_attempt: Callable[[str, str], None] | None = None
+        # Called with the event id when an event's outcome turns `failed` (metrics).
+        self.on_event_failed: Callable[[int], None] | None = None
 
     async def claim(self, limit: int) -> list[_Run]:
         """Lease up to `limit` due runs."""
@@ -364,6 +416,15 @@ class ActionExecutor:
         )
         if not written:
             return "lost"  # the lease ran out and another worker owns the run now
+        if status == "dead":
+            # What an operator must act on: `deploybot runs list --status dead`, then retry.
+            log.warning(
+                "action run %s is dead (event %s, rule %s, step %s, %s) after %s attempt(s): %s",
+                run.id, run.event_id, run.rule_name, run.step_index + 1, run.action,
+                run.attempts, error,
+                extra={"event_id": run.event_id, "rule": run.rule_name, "action": run.action,
+                       "action_run_id": run.id, "status": status, "error": error},
+            )  # fmt: skip
         logs.info(
             log,
             f"action {outcome}",
@@ -382,13 +443,20 @@ class ActionExecutor:
 
     async def _write(self, batch: list[_Outcome]) -> list[bool]:
         """Write several attempts' outcomes in one transaction; False where a lease was lost."""
-        return await self._writes.run_relaxed(self._write_outcomes, batch)
+        written, failed = await self._writes.run_relaxed(self._write_outcomes, batch)
+        for event_id in failed:  # counted once committed (a retried write counts once)
+            if self.on_event_failed is not None:
+                self.on_event_failed(event_id)
+        return written
 
-    def _write_outcomes(self, conn: Connection, batch: list[_Outcome]) -> list[bool]:
+    def _write_outcomes(
+        self, conn: Connection, batch: list[_Outcome]
+    ) -> tuple[list[bool], list[int]]:
         """Write outcomes in `conn`'s transaction; False where a lease was lost.
 
-        Four statements whatever the batch size. The first is a write, so that SQLite
-        takes its write lock at once, and it returns the runs whose lease is still ours.
+        Seven statements at most whatever the batch size (the last three read and set the
+        events' outcomes). The first is a write, so that SQLite takes its write lock at
+        once, and it returns the runs whose lease is still ours.
         """
         now = self._clock()
         ids = [item.run.id for item in batch]
@@ -428,7 +496,8 @@ class ActionExecutor:
                         updated_at=now,
                     )
                 )
-        return [item.run.id in owned for item in batch]
+        failed = update_outcomes(conn, sorted({item.run.event_id for item in mine}), now)
+        return [item.run.id in owned for item in batch], failed
 
     async def run_once(self) -> int:
         """Claim and execute one batch concurrently; return how many runs were executed."""

@@ -75,6 +75,7 @@ _FINISH = (
         error=bindparam("b_error"),
         ruleset_version=bindparam("b_version"),
         rule_misses=None,
+        outcome=bindparam("b_outcome"),
     )
     .returning(events.c.id)
 )
@@ -293,11 +294,14 @@ class EventProcessor:
         how many action runs were planned.
         """
         now = self._clock()
-        by_failure: dict[str | None, list[int]] = {}
-        for event_id, _, failure in outcomes:
-            by_failure.setdefault(failure, []).append(event_id)
+        by_failure: dict[tuple[str | None, str], list[int]] = {}
+        for event_id, evaluation, failure in outcomes:
+            # The operator's outcome: `running` once a matched rule planned a step.
+            planned = any(rule.steps for rule in evaluation.matched)
+            outcome = "failed" if failure else "running" if planned else "ignored"
+            by_failure.setdefault((failure, outcome), []).append(event_id)
         stored: set[int] = set()
-        for failure, ids in by_failure.items():
+        for (failure, outcome), ids in by_failure.items():
             marked = conn.execute(
                 _FINISH,
                 {
@@ -307,6 +311,7 @@ class EventProcessor:
                     "b_now": now,
                     "b_error": failure,
                     "b_version": ruleset.version,
+                    "b_outcome": outcome,
                 },
             )
             # An event another worker took over is not ours to finish: its outcome stands.
