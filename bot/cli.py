@@ -265,7 +265,7 @@ def _runs_retry(settings: Settings, args: argparse.Namespace) -> int:
 def _rules_check(settings: Settings, args: argparse.Namespace) -> int:
     from bot.rules.cli import cmd_check
 
-    return cmd_check(args.dir or settings.rules_dir)
+    return cmd_check(args.dir or settings.rules_dir, http_allowed_hosts=settings.http_allowed_hosts)
 
 
 def _rules_test(settings: Settings, args: argparse.Namespace) -> int:

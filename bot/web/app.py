@@ -24,6 +24,7 @@ from bot.scheduler import scheduler_ctx
 from bot.services.actions import ActionRunner, ServiceClient
 from bot.services.genesys import GenesysClient
 from bot.services.http import RetryPolicy
+from bot.services.outbound import OutboundClient
 from bot.services.ubiops import UbiOpsClient
 from bot.settings import Settings
 from bot.web import admin, jira
@@ -128,7 +129,12 @@ def service_clients(
         if settings.genesys_client_id and settings.genesys_client_secret
         else None
     )
-    return {"ubiops": ubiops, "genesys": genesys}
+    outbound = (
+        OutboundClient(session, settings.http_allowed_hosts, policy=policy)
+        if settings.http_allowed_hosts
+        else None
+    )
+    return {"ubiops": ubiops, "genesys": genesys, "http": outbound}
 
 
 def jira_action_clients(app: web.Application) -> JiraActionClients:
