@@ -14,8 +14,9 @@ from typing import Any
 
 from aiohttp import web
 
-from bot.db.models import EVENT_STATUSES
+from bot.db.models import EVENT_OUTCOMES, EVENT_STATUSES
 from bot.db.queries import EventFilter, get_event, retry_action_run, search_events
+from bot.executor import set_outcomes
 from bot.replay import Selection, reset_events, select_events
 from bot.web import status
 from bot.web.errors import Handler, add_routes
@@ -115,6 +116,7 @@ async def events_list(request: web.Request) -> web.StreamResponse:
         raise _error(web.HTTPBadRequest, "give cursor or offset, not both")
     where = EventFilter(
         status=_choice(q.get("status"), "status", EVENT_STATUSES),
+        outcome=_choice(q.get("outcome"), "outcome", EVENT_OUTCOMES),
         webhook_event=q.get("webhook_event"),
         issue_key=q.get("issue_key"),
         since=_time(q.get("since"), "since"),
@@ -197,6 +199,7 @@ async def run_retry(request: web.Request) -> web.StreamResponse:
             web.HTTPConflict,
             f"action run {run_id} is {previous}; only dead or skipped runs can be retried",
         )
+    await set_outcomes(request.app[ENGINE], queued, status.now_utc(request))
     request.app[EXECUTOR].wakeup.set()
     body = {"action_run_id": run_id, "previous_status": previous, "queued": queued}
     return _answer(request, {**body, "status": "pending"})
