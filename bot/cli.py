@@ -238,7 +238,7 @@ def _runs_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _runs_retry(settings: Settings, args: argparse.Namespace) -> int:
-    from bot.executor import set_outcomes
+    from bot.db.outcomes import set_outcomes
 
     async def work(engine: Any) -> int:
         now = utcnow()

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, bindparam, delete, insert, or_, select, union_all, update
+from sqlalchemy import and_, bindparam, case, delete, insert, or_, select, union_all, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
@@ -75,7 +75,12 @@ _FINISH = (
         error=bindparam("b_error"),
         ruleset_version=bindparam("b_version"),
         rule_misses=None,
-        outcome=bindparam("b_outcome"),
+        # A replayed event keeps the outcome its runs gave it (`replay` recomputed it).
+        outcome=case(
+            (bindparam("b_outcome") == "failed", "failed"),
+            (events.c.outcome.is_(None), bindparam("b_outcome")),
+            else_=events.c.outcome,
+        ),
     )
     .returning(events.c.id)
 )

@@ -171,3 +171,13 @@ async def test_a_failed_rollout_is_seen_and_jira_is_told(
     assert code == 1
     code, out = await run("runs", "retry", "999999")
     assert code == 1
+
+    # A replay keeps what the runs say: succeeded runs are not repeated, so the event
+    # stays succeeded (it is not left `running` with nothing to run).
+    code, out = await run("events", "replay", str(ids["OPS-2"]), str(ids["OPS-3"]))
+    assert code == 0
+    assert await EventProcessor(world.engine, lambda: ruleset).run_once() == 2
+    async with world.engine.connect() as conn:
+        rows_now = await conn.execute(select(events.c.issue_key, events.c.outcome))
+        found = {key: outcome for key, outcome in rows_now.tuples()}
+    assert found == {"OPS-1": "running", "OPS-2": "succeeded", "OPS-3": "ignored"}

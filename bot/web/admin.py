@@ -15,8 +15,8 @@ from typing import Any
 from aiohttp import web
 
 from bot.db.models import EVENT_OUTCOMES, EVENT_STATUSES
+from bot.db.outcomes import set_outcomes
 from bot.db.queries import EventFilter, get_event, retry_action_run, search_events
-from bot.executor import set_outcomes
 from bot.replay import Selection, reset_events, select_events
 from bot.web import status
 from bot.web.errors import Handler, add_routes
