@@ -370,11 +370,12 @@ class ActionExecutor:
         if status == "dead":
             # What an operator must act on: `deploybot runs list --status dead`, then retry.
             log.warning(
-                "action run %s is dead (event %s, rule %s, step %s, %s) after %s attempt(s): %s",
+                "dead run %s (event %s, rule %s, step %s, %s) after %s attempt(s): %s",
                 run.id, run.event_id, run.rule_name, run.step_index + 1, run.action,
                 run.attempts, error,
                 extra={"event_id": run.event_id, "rule": run.rule_name, "action": run.action,
-                       "action_run_id": run.id, "status": status, "error": error},
+                       "action_run_id": run.id, "attempt": run.attempts, "status": status,
+                       "error": error},
             )  # fmt: skip
         logs.info(
             log,

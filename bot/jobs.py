@@ -126,7 +126,7 @@ class JiraAccess:
             return None
         tokens = SharedOAuthTokens(
             self.session,
-            OAuthTokenStore(self.engine),
+            OAuthTokenStore(self.engine, s.jira_client_secret),
             s.jira_token_url,
             s.jira_client_id,
             s.jira_client_secret,
@@ -141,7 +141,7 @@ class JiraAccess:
         """Return the newest OAuth refresh token: the stored rotated one, else the setting."""
         configured = self.settings.jira_refresh_token
         seed = token_seed(configured or "")
-        state = await OAuthTokenStore(self.engine).current()
+        state = await OAuthTokenStore(self.engine, self.settings.jira_client_secret or "").current()
         if state is not None and state.seed == seed:
             return state.refresh_token
         # Where versions before the shared token kept it.

@@ -9,8 +9,10 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 
 import pytest
+from sqlalchemy import select
 
 from bot.db.engine import create_engine, upgrade
+from bot.db.models import oauth_tokens
 from bot.db.oauth_tokens import OAuthTokenStore
 from bot.errors import ActionError
 from bot.jobs import JiraAccess, JiraActionClients
@@ -295,7 +297,9 @@ async def test_twenty_concurrent_actions_on_two_replicas_share_one_refresh(
         await asyncio.gather(*(comment(n) for n in range(40, 60)))
         assert fake.token_grants == 3 and fake.refused_grants == 0
         assert len(fake.issues["OPS-1"].comments) == 60
-        stored = await OAuthTokenStore(oauth.engine).current()
+        stored = await OAuthTokenStore(
+            oauth.engine, oauth.settings.jira_client_secret or ""
+        ).current()
         assert stored is not None and stored.refresh_token == fake.refresh_token
         assert stored.generation == 3
     finally:
@@ -346,3 +350,18 @@ async def test_get_issue_result_drops_nul_characters(oauth: World) -> None:
     oauth.fake.add_issue("OPS-1", fields={"summary": "a\x00b"})
     got = await run(oauth, "jira.get_issue", {"issue": "OPS-1"})
     assert isinstance(got, dict) and got["fields"]["summary"] == "a\ufffdb"
+
+
+async def test_the_stored_tokens_are_sealed_with_the_client_secret(oauth: World) -> None:
+    fake = oauth.fake
+    fake.add_issue("OPS-1")
+    await run(oauth, "jira.get_issue", {"issue": "OPS-1"})
+    async with oauth.engine.connect() as conn:
+        [row] = (await conn.execute(select(oauth_tokens))).all()
+    stored = " ".join(str(v) for v in row)
+    [access] = fake.access_tokens
+    assert fake.refresh_token not in stored and access not in stored
+    # Readable with the secret, and not with another one (a rotated client secret): then
+    # the row counts as absent and the configured token is tried (spent here: refused).
+    assert await OAuthTokenStore(oauth.engine, fake.client_secret).current() is not None
+    assert await OAuthTokenStore(oauth.engine, "another-secret").current() is None

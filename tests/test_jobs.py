@@ -139,7 +139,9 @@ async def test_ninety_days_of_ticks_never_let_a_webhook_lapse(
     if fake.mode == "oauth":
         # Every tick's grant rotated the refresh token; the newest one is the stored one.
         assert fake.token_grants > 50
-        token_row = await OAuthTokenStore(world.engine).current()
+        token_row = await OAuthTokenStore(
+            world.engine, world.settings.jira_client_secret or ""
+        ).current()
         assert token_row is not None and token_row.refresh_token == fake.refresh_token
         assert fake.refused_grants == 0
         assert fake.refresh_token not in caplog.text

@@ -315,7 +315,7 @@ class SharedOAuthTokens:
                 rotated if isinstance(rotated, str) and rotated else refresh_token,
                 token.value,
                 int(token.refresh_at_s * 1000),
-                (slot.state.generation + 1) if slot.state else 1,
+                slot.next_generation,
             )
             if not await slot.save(new):
                 # Only SQLite gets here: another process refreshed meanwhile, and the
