@@ -7,6 +7,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -16,9 +17,12 @@ from bot.db.models import oauth_tokens
 from bot.db.oauth_tokens import OAuthTokenStore
 from bot.errors import ActionError
 from bot.jobs import JiraAccess, JiraActionClients
+from bot.rules import load_rules
+from bot.rules.dryrun import dry_run
 from bot.services.actions import ActionRunner, Done, Wait
 from bot.services.adf import plain_text, to_adf
 from bot.services.jira import MARKER_PROPERTY, marker
+from tests.fakes.jira import issue_updated_payload
 from tests.test_jobs import QUICK, World, make_world, tenant_of
 
 
@@ -365,3 +369,35 @@ async def test_the_stored_tokens_are_sealed_with_the_client_secret(oauth: World)
     # the row counts as absent and the configured token is tried (spent here: refused).
     assert await OAuthTokenStore(oauth.engine, fake.client_secret).current() is not None
     assert await OAuthTokenStore(oauth.engine, "another-secret").current() is None
+
+
+DRY_RULES = """
+rules:
+  - name: tell-jira
+    on: {events: [jira:issue_updated]}
+    do:
+      - id: note
+        action: jira.add_comment
+        with: {issue: "{{ issue.fields.summary }}", body: "Rolling out **{{ issue.key }}**"}
+      - action: jira.transition_issue
+        with: {issue: "{{ issue.key }}", transition: Start deploy, comment: "{{ steps.note.id }}"}
+      - action: jira.search_issues
+        with: {jql: "project = {{ issue.fields.project.key }}", fields: [summary]}
+      - action: http.request
+        with: {url: "https://hooks.slack.com/services/x?a=1", json: {text: hi}}
+"""
+
+
+def test_the_dry_run_shows_each_actions_main_call(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(DRY_RULES)
+    ruleset = load_rules(tmp_path)
+    hostile = issue_updated_payload(key="OPS-4", fields={"summary": "../../webhook"})
+    text = dry_run(ruleset, hostile)
+    # The issue key rendered from a field is refused before anything would be sent.
+    assert "error: jira.add_comment: '../../webhook' is not an issue key" in text
+    assert "POST /rest/api/3/issue/OPS-4/transitions" in text
+    assert "<the id of 'Start deploy', from GET .../transitions>" in text
+    assert "GET /rest/api/3/search/jql?jql=project = OPS&maxResults=100&fields=summary" in text
+    assert "POST https://hooks.slack.com/services/x?a=1" in text
+    text = dry_run(ruleset, issue_updated_payload(key="OPS-4", fields={"summary": "OPS-4"}))
+    assert "POST /rest/api/3/issue/OPS-4/comment" in text and '"marks": [' in text

@@ -18,6 +18,7 @@ from bot.errors import ActionError, ServiceDisabled
 from bot.services.catalog import (
     Operation,
     Param,
+    PlannedRequest,
     check_params,
     find_existing,
     lookup_params,
@@ -82,6 +83,10 @@ KeyedActionFn = Callable[
 ]
 
 
+# The main call an action would make with these parameters, for the dry run.
+PreviewFn = Callable[[Mapping[str, Any]], PlannedRequest]
+
+
 @dataclass(frozen=True, slots=True)
 class KeyedAction:
     """A high-level action that needs to know its run (e.g. jira.add_comment's marker)."""
@@ -90,6 +95,7 @@ class KeyedAction:
     name: str
     params: tuple[Param, ...]
     run: KeyedActionFn
+    preview: PreviewFn | None = None
 
     @property
     def full_name(self) -> str:
@@ -104,6 +110,7 @@ class HighLevelAction:
     name: str
     params: tuple[Param, ...]
     run: ActionFn
+    preview: PreviewFn | None = None
 
     @property
     def full_name(self) -> str:

@@ -680,6 +680,20 @@ async def _status(jira: JiraClient, issue: str) -> str | None:
     return str(status) if status is not None else None
 
 
+def _transition_body(params: Mapping[str, Any], transition_id: str) -> dict[str, Any]:
+    body: dict[str, Any] = {"transition": {"id": transition_id}}
+    if params.get("fields") is not None:
+        body["fields"] = params["fields"]
+    update = dict(params.get("update") or {})
+    if params.get("comment") is not None:
+        comment = params["comment"]
+        doc = dict(comment) if isinstance(comment, Mapping) else to_adf(str(comment))
+        update["comment"] = [*update.get("comment", []), {"add": {"body": doc}}]
+    if update:
+        body["update"] = update
+    return body
+
+
 async def transition_issue(
     client: Any, params: Mapping[str, Any], state: dict[str, Any] | None, run: RunInfo
 ) -> Outcome:
@@ -722,17 +736,9 @@ async def transition_issue(
             return Done(
                 {"issue": issue, "status": status, "transition": transition, "already": True}
             )
-    body: dict[str, Any] = {"transition": {"id": transition["id"]}}
-    if params.get("fields") is not None:
-        body["fields"] = params["fields"]
-    update = dict(params.get("update") or {})
-    if params.get("comment") is not None:
-        comment = params["comment"]
-        doc = dict(comment) if isinstance(comment, Mapping) else to_adf(str(comment))
-        update["comment"] = [*update.get("comment", []), {"add": {"body": doc}}]
-    if update:
-        body["update"] = update
-    await jira.send(PlannedRequest("POST", path, json_body=body))
+    await jira.send(
+        PlannedRequest("POST", path, json_body=_transition_body(params, str(state["id"])))
+    )
     return Done(
         _no_nul({"issue": issue, "transition": transition, "status": target, "already": False})
     )
@@ -806,6 +812,50 @@ async def search_issues(
     return Done(_no_nul({"issues": issues, "count": len(issues), "complete": bool(complete)}))
 
 
+# --- what the dry run shows: each action's main call ---
+
+
+def _preview_comment(params: Mapping[str, Any]) -> PlannedRequest:
+    issue = _issue(params, "add_comment")
+    body = {
+        "body": comment_body(params, "add_comment"),
+        "properties": [{"key": MARKER_PROPERTY, "value": {"marker": "<this run's marker>"}}],
+    }
+    return PlannedRequest("POST", f"/rest/api/3/issue/{issue}/comment", json_body=body)
+
+
+def _preview_transition(params: Mapping[str, Any]) -> PlannedRequest:
+    issue = _issue(params, "transition_issue")
+    wanted = str(params.get("transition", "")).strip()
+    body = _transition_body(params, f"<the id of {wanted!r}, from GET .../transitions>")
+    return PlannedRequest("POST", f"/rest/api/3/issue/{issue}/transitions", json_body=body)
+
+
+def _preview_edit(params: Mapping[str, Any]) -> PlannedRequest:
+    issue = _issue(params, "edit_issue")
+    body = {k: params[k] for k in ("fields", "update") if params.get(k) is not None}
+    return PlannedRequest("PUT", f"/rest/api/3/issue/{issue}", json_body=body)
+
+
+def _preview_get(params: Mapping[str, Any]) -> PlannedRequest:
+    issue = _issue(params, "get_issue")
+    query = tuple(
+        (wire, value)
+        for wire in ("fields", "expand")
+        if (value := _names(params.get(wire), wire, "get_issue")) is not None
+    )
+    return PlannedRequest("GET", f"/rest/api/3/issue/{issue}", query)
+
+
+def _preview_search(params: Mapping[str, Any]) -> PlannedRequest:
+    query = [("jql", str(params.get("jql", ""))), ("maxResults", str(SEARCH_PAGE))]
+    fields = _names(params.get("fields"), "fields", "search_issues")
+    if fields is not None:
+        query.append(("fields", fields))
+    return PlannedRequest("GET", "/rest/api/3/search/jql", tuple(query))
+
+
+# Params are named as the rule writes them; `fields` and `expand` take a list or a text.
 ACTIONS: tuple[KeyedAction, ...] = (
     KeyedAction(
         SERVICE,
@@ -817,6 +867,7 @@ ACTIONS: tuple[KeyedAction, ...] = (
             Param("visibility", "body"),
         ),
         add_comment,
+        _preview_comment,
     ),
     KeyedAction(
         SERVICE,
@@ -829,6 +880,7 @@ ACTIONS: tuple[KeyedAction, ...] = (
             Param("comment", "body"),
         ),
         transition_issue,
+        _preview_transition,
     ),
     KeyedAction(
         SERVICE,
@@ -840,25 +892,28 @@ ACTIONS: tuple[KeyedAction, ...] = (
             Param("notify_users", "query"),
         ),
         edit_issue,
+        _preview_edit,
     ),
     KeyedAction(
         SERVICE,
         "get_issue",
         (
             Param("issue", "path", required=True),
-            Param("fields", "query"),
-            Param("expand", "query"),
+            Param("fields", "body"),
+            Param("expand", "body"),
         ),
         get_issue,
+        _preview_get,
     ),
     KeyedAction(
         SERVICE,
         "search_issues",
         (
             Param("jql", "query", required=True),
-            Param("fields", "query"),
+            Param("fields", "body"),
             Param("max_results", "query"),
         ),
         search_issues,
+        _preview_search,
     ),
 )

@@ -136,6 +136,19 @@ async def request(client: Any, params: Mapping[str, Any], _state: dict[str, Any]
     return Done(await client.call("request", params))
 
 
+def preview(params: Mapping[str, Any]) -> PlannedRequest:
+    """The request as the dry run shows it (the host is checked against the setting when
+    it runs, and by `rules check` for a literal URL)."""
+    url = str(params.get("url", ""))
+    parts = urlsplit(url)
+    return PlannedRequest(
+        str(params.get("method") or "POST").upper(),
+        f"{parts.scheme}://{parts.netloc}{parts.path}",
+        tuple(parse_qsl(parts.query, keep_blank_values=True)),
+        json_body=params.get("json"),
+    )
+
+
 PARAMS = (
     Param("method", "body"),
     Param("url", "body", required=True),
@@ -143,4 +156,6 @@ PARAMS = (
     Param("headers", "body"),
     Param("expect_status", "body"),
 )
-ACTIONS: tuple[HighLevelAction, ...] = (HighLevelAction(SERVICE, "request", PARAMS, request),)
+ACTIONS: tuple[HighLevelAction, ...] = (
+    HighLevelAction(SERVICE, "request", PARAMS, request, preview),
+)
