@@ -62,7 +62,7 @@ class TenantClients(Protocol):
 
     async def client(self, tenant: str) -> ServiceClient | None:
         """The tenant's client, or None when the tenant cannot be reached (unknown,
-        disabled, or not a Connect installation)."""
+        disabled, or not reachable in this auth mode)."""
         ...
 
 
@@ -181,8 +181,8 @@ class ActionRunner:
             client = await self._per_tenant[service].client(tenant)
             if client is None:
                 raise ServiceDisabled(
-                    f"{action_name}: no {service} client for tenant {tenant!r} (not"
-                    " installed, disabled, or not a Connect installation)"
+                    f"{action_name}: no {service} client for tenant {tenant!r} (Connect: not"
+                    " installed, or disabled; OAuth: settings incomplete, or not the app's site)"
                 )
         if client is None:
             raise ServiceDisabled(f"{action_name}: service {service} is not configured")
