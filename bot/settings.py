@@ -58,6 +58,8 @@ class Settings:
     retry_base_delay_s: float = 5.0  # first wait between attempts, doubling with jitter
     retry_max_delay_s: float = 900.0
     retention_days: int = 30
+    # http.request may call these hosts ("host" any port, "host:port" that one); empty: none
+    http_allowed_hosts: tuple[str, ...] = ()
     shutdown_timeout_s: float = 10.0
     scheduler_interval_s: float = 60.0
     webhooks_interval_s: float = 3600.0
@@ -206,6 +208,10 @@ def _csv(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
+def _hosts(raw: str) -> tuple[str, ...]:
+    return tuple(h.strip().lower().rstrip(".") for h in raw.split(",") if h.strip())
+
+
 # attribute -> (environment variable, parser)
 _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "database_url": ("DEPLOYBOT_DATABASE_URL", _database_url),
@@ -231,6 +237,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
         "DEPLOYBOT_RETRY_MAX_DELAY_S",
         _float("DEPLOYBOT_RETRY_MAX_DELAY_S", 0.01),
     ),
+    "http_allowed_hosts": ("DEPLOYBOT_HTTP_ALLOWED_HOSTS", _hosts),
     "retention_days": ("DEPLOYBOT_RETENTION_DAYS", _int("DEPLOYBOT_RETENTION_DAYS", 1, 3650)),
     "shutdown_timeout_s": (
         "DEPLOYBOT_SHUTDOWN_TIMEOUT_S",

@@ -270,6 +270,14 @@ async def test_retry_queues_a_dead_run_and_the_steps_it_skipped(
     event_id = await dead_event(client, "OPS-60")
     dead, skipped = (await get_event_api(client, event_id))["action_runs"]
     assert "Deployment" in dead["last_error"] and dead["attempts"] == 1
+
+    async def by_outcome(outcome: str) -> list[int]:
+        resp = await client.get(f"/api/events?outcome={outcome}", headers=BEARER)
+        assert resp.status == 200, await resp.text()
+        return [e["id"] for e in (await resp.json())["events"]]
+
+    assert await by_outcome("failed") == [event_id]
+    assert (await client.get("/api/events?outcome=broken", headers=BEARER)).status == 400
     assert (
         await client.post(f"/api/action-runs/{skipped['id'] + 99}/retry", headers=BEARER)
     ).status == 404
@@ -303,6 +311,7 @@ async def test_retry_queues_a_dead_run_and_the_steps_it_skipped(
 
     await wait_for(succeeded)
     assert fake.version_names("ml-prod", "churn") == ["ops-60"]
+    assert await by_outcome("failed") == [] and await by_outcome("succeeded") == [event_id]
     resp = await client.post(f"/api/action-runs/{dead['id']}/retry", headers=BEARER)
     assert resp.status == 409
     assert "succeeded" in (await resp.json())["error"]

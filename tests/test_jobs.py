@@ -18,9 +18,9 @@ from bot.core.backoff import RetryPolicy
 from bot.core.delivery import parse_delivery
 from bot.db.engine import create_engine, upgrade
 from bot.db.models import action_runs, events
+from bot.db.oauth_tokens import OAuthTokenStore
 from bot.db.queries import get_event
 from bot.db.registrations import (
-    OAUTH_REFRESH_TOKEN_KEY,
     Registrations,
     failed_cursor_key,
     kv_get,
@@ -146,8 +146,11 @@ async def test_ninety_days_of_ticks_never_let_a_webhook_lapse(
     if fake.mode == "oauth":
         # Every tick's grant rotated the refresh token; the newest one is the stored one.
         assert fake.token_grants > 50
-        stored_token = await kv_get(world.engine, OAUTH_REFRESH_TOKEN_KEY)
-        assert stored_token is not None and stored_token.endswith(":" + fake.refresh_token)
+        token_row = await OAuthTokenStore(
+            world.engine, world.settings.jira_client_secret or ""
+        ).current()
+        assert token_row is not None and token_row.refresh_token == fake.refresh_token
+        assert fake.refused_grants == 0
         assert fake.refresh_token not in caplog.text
 
 
@@ -370,10 +373,11 @@ async def test_a_jira_action_calls_the_jira_of_its_events_tenant(
         assert [h["id"] for h in run["result"]["values"]] == [7]
         [call] = fake.api_requests()
         assert call.auth_error is None and ("maxResults", "50") in call.query
-    else:  # the scheduler owns the rotating OAuth refresh token: no second holder
-        assert run["status"] == "dead"
-        assert "not a Connect installation" in run["last_error"]
-        assert fake.api_requests() == []
+    else:  # the OAuth app's token, shared with the scheduler through the database
+        assert run["status"] == "succeeded", run["last_error"]
+        assert [h["id"] for h in run["result"]["values"]] == [7]
+        [call] = fake.api_requests()
+        assert call.auth_error is None and call.headers["Authorization"].startswith("Bearer ")
 
 
 async def test_a_jira_action_of_an_unknown_or_disabled_tenant_is_refused(connect: World) -> None:

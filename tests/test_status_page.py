@@ -100,6 +100,12 @@ async def test_login_cookie_csrf_and_escaping(
     assert HOSTILE not in body and "&lt;script&gt;" in body  # Jira's values are escaped
     assert "default-src 'none'" in page.headers["Content-Security-Policy"]
     assert (await client.get("/", headers=BEARER, cookies={})).status == 200
+    # Filtered by outcome: the hostile event matched no rule (ignored), OPS-70 failed.
+    failed = await (await client.get("/?outcome=failed")).text()
+    ignored = await (await client.get("/?outcome=ignored")).text()
+    row_failed = '<td>failed</td><td class="err">'  # the outcome cell of an event row
+    assert row_failed in failed and "&lt;script&gt;" not in failed
+    assert "&lt;script&gt;" in ignored and row_failed not in ignored
 
     retry = f"/api/action-runs/{dead_id}/retry"
     for form in ({}, {"csrf": "0" * 64}):

@@ -19,7 +19,7 @@ from bot import logs
 from bot import settings as settings_mod
 from bot.db import queries
 from bot.db.engine import create_engine, upgrade
-from bot.db.models import utcnow
+from bot.db.models import ACTION_STATUSES, EVENT_OUTCOMES, utcnow
 from bot.errors import SettingsError
 from bot.settings import Settings
 
@@ -133,13 +133,16 @@ def _redact_url(url: str) -> str:
 
 def _events_list(settings: Settings, args: argparse.Namespace) -> int:
     async def work(engine: Any) -> int:
-        rows = await queries.list_events(engine, status=args.status, limit=args.limit)
+        rows = await queries.list_events(
+            engine, status=args.status, limit=args.limit, outcome=args.outcome
+        )
         for row in rows:
             if args.json:
                 _print_json(row)
             else:
                 print(
-                    f"{row['id']:>8}  {row['status']:<10}  {row['received_at']}  "
+                    f"{row['id']:>8}  {row['status']:<10}  {row['outcome'] or '-':<9}  "
+                    f"{row['received_at']}  "
                     f"{row['webhook_event']:<24}  {row['issue_key'] or '-':<12}  "
                     f"{row['delivery_id']}"
                 )
@@ -166,6 +169,7 @@ def _events_show(settings: Settings, args: argparse.Namespace) -> int:
             "webhook_event",
             "issue_key",
             "status",
+            "outcome",
             "received_at",
             "processed_at",
             "attempts",
@@ -212,10 +216,52 @@ def _events_replay(settings: Settings, args: argparse.Namespace) -> int:
     return _with_engine(work)(settings, args)
 
 
+def _runs_list(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(engine: Any) -> int:
+        rows = await queries.list_action_runs(engine, status=args.status, limit=args.limit)
+        for row in rows:
+            if args.json:
+                _print_json(row)
+                continue
+            error = f"  {row['last_error']}" if row["last_error"] else ""
+            print(
+                f"{row['id']:>8}  {row['status']:<9}  event {row['event_id']:<8}"
+                f"  {row['issue_key'] or '-':<12}  {row['rule']}#{row['step'] + 1}"
+                f"  {row['action']}  attempts {row['attempts']}{error}"
+            )
+        if not args.json:
+            print(f"{len(rows)} action run(s)", file=sys.stderr)
+        return 0
+
+    return _with_engine(work)(settings, args)
+
+
+def _runs_retry(settings: Settings, args: argparse.Namespace) -> int:
+    from bot.db.outcomes import set_outcomes
+    from bot.errors import RetryRefused
+
+    async def work(engine: Any) -> int:
+        now = utcnow()
+        try:
+            result = await queries.retry_action_run(engine, args.id, now)
+        except RetryRefused as exc:  # not dead/skipped, or behind an earlier step's failure
+            print(f"deploybot: {exc}", file=sys.stderr)
+            return 1
+        if result is None:
+            print(f"deploybot: no action run {args.id}", file=sys.stderr)
+            return 1
+        old_status, queued = result
+        await set_outcomes(engine, queued, now)
+        print(f"action run(s) {', '.join(map(str, queued))} back to pending (was {old_status})")
+        return 0
+
+    return _with_engine(work)(settings, args)
+
+
 def _rules_check(settings: Settings, args: argparse.Namespace) -> int:
     from bot.cli.rules import cmd_check
 
-    return cmd_check(args.dir or settings.rules_dir)
+    return cmd_check(args.dir or settings.rules_dir, http_allowed_hosts=settings.http_allowed_hosts)
 
 
 def _rules_test(settings: Settings, args: argparse.Namespace) -> int:
@@ -263,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev_list = ev.add_parser("list", help="list stored events, newest first")
     ev_list.add_argument("--status", choices=["received", "processing", "processed", "failed"])
+    ev_list.add_argument("--outcome", choices=EVENT_OUTCOMES)
     ev_list.add_argument("--limit", type=int, default=None)
     ev_list.add_argument("--json", action="store_true", help="one JSON object per line")
     ev_list.set_defaults(run=_events_list)
@@ -275,6 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev_replay.add_argument("--status", choices=["received", "processed", "failed"])
     ev_replay.add_argument("--since", help="received at or after: ISO 8601 time, or 30m, 2h, 7d")
     ev_replay.set_defaults(run=_events_replay)
+
+    runs = commands.add_parser("runs", help="action runs").add_subparsers(
+        dest="runs_command", required=True
+    )
+    runs_list = runs.add_parser("list", help="action runs, most recently changed first")
+    runs_list.add_argument("--status", choices=ACTION_STATUSES)
+    runs_list.add_argument("--limit", type=int, default=None)
+    runs_list.add_argument("--json", action="store_true", help="one JSON object per line")
+    runs_list.set_defaults(run=_runs_list)
+    runs_retry = runs.add_parser("retry", help="a dead run and the skipped steps after it")
+    runs_retry.add_argument("id", type=int)
+    runs_retry.set_defaults(run=_runs_retry)
 
     hooks = commands.add_parser("webhooks", help="Jira dynamic webhooks").add_subparsers(
         dest="webhooks_command", required=True

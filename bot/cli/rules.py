@@ -10,9 +10,14 @@ from bot.rules.dryrun import dry_run
 from bot.rules.loader import ActionSpec, check_rules
 
 
-def cmd_check(rules_dir: Path, *, registry: Mapping[str, ActionSpec] | None = None) -> int:
+def cmd_check(
+    rules_dir: Path,
+    *,
+    registry: Mapping[str, ActionSpec] | None = None,
+    http_allowed_hosts: tuple[str, ...] | None = None,
+) -> int:
     """Print every error as `file:line: message` and return 1, or a summary and return 0."""
-    ruleset, errors = check_rules(rules_dir, registry)
+    ruleset, errors = check_rules(rules_dir, registry, http_allowed_hosts=http_allowed_hosts)
     if ruleset is None:
         for error in errors:
             print(error)

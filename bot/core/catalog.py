@@ -23,7 +23,12 @@ from bot.errors import ActionError
 ParamLocation = Literal["path", "query", "header", "body", "file", "form", "download"]
 
 # Adapter modules whose `OPERATIONS` tables make up the registry.
-SERVICE_MODULES = ("bot.services.ubiops", "bot.services.genesys", "bot.services.jira")
+SERVICE_MODULES = (
+    "bot.services.ubiops",
+    "bot.services.genesys",
+    "bot.services.jira",
+    "bot.services.outbound",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +60,7 @@ class PlannedRequest:
     form: tuple[tuple[str, str], ...] = ()  # multipart fields sent beside (or instead of) the file
     download_path: str | None = None  # save the response body to this local file
     headers: tuple[tuple[str, str], ...] = ()  # request headers from `header` params
+    follow_redirects: bool = True  # http.request: a redirect could leave the allowed hosts
 
     @property
     def multipart(self) -> bool:

@@ -97,9 +97,13 @@ events = Table(
     # The rules the event missed and why: [{"rule": name, "reason": text}, ...] (one
     # value per event; only matched rules get a rule_matches row).
     Column("rule_misses", JSON),
+    # What the operator sees: ignored | running | waiting | succeeded | failed (None: not
+    # processed yet). Kept up to date where runs change state, indexed for filtering.
+    Column("outcome", String(16)),
     UniqueConstraint("tenant", "delivery_id"),
     Index(None, "status", "id"),
     Index(None, "received_at"),
+    Index(None, "outcome", "id"),
 )
 
 rule_matches = Table(
@@ -176,8 +180,24 @@ kv = Table(
     Column("updated_at", UTCDateTime, nullable=False),
 )
 
+# The OAuth app's access token, shared by every worker and replica, and the refresh token
+# it rotates; refreshed by one holder at a time (bot/db/oauth_tokens.py). `seed` says which
+# configured JIRA_REFRESH_TOKEN the row descends from.
+oauth_tokens = Table(
+    "oauth_tokens",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("seed", String(64), nullable=False),
+    Column("refresh_token", Text, nullable=False),
+    Column("access_token", Text),
+    Column("refresh_at_ms", BigInteger, nullable=False),
+    Column("generation", Integer, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
 EVENT_STATUSES = ("received", "processing", "processed", "failed")
 ACTION_STATUSES = ("pending", "running", "succeeded", "retrying", "dead", "skipped")
+EVENT_OUTCOMES = ("ignored", "running", "waiting", "succeeded", "failed")
 
 
 def upsert(table: Table, dialect: str) -> postgresql.Insert | sqlite.Insert:

@@ -34,6 +34,7 @@ def event_summary(row: Row[Any]) -> dict[str, Any]:
         "webhook_event": row.webhook_event,
         "issue_key": row.issue_key,
         "status": row.status,
+        "outcome": row.outcome,
         "source": row.source,
         "retry_count": row.retry_count,
         "received_at": _iso(row.received_at),
@@ -45,14 +46,20 @@ def event_summary(row: Row[Any]) -> dict[str, Any]:
 
 
 async def list_events(
-    engine: AsyncEngine, *, status: str | None = None, limit: int | None = None
+    engine: AsyncEngine,
+    *,
+    status: str | None = None,
+    limit: int | None = None,
+    outcome: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Return stored events, newest first."""
+    """Return stored events, newest first (by the (outcome, id) index when filtered on it)."""
     query = select(*(c for c in events.c if c.name not in ("body", "rule_misses"))).order_by(
         events.c.id.desc()
     )
     if status:
         query = query.where(events.c.status == status)
+    if outcome:
+        query = query.where(events.c.outcome == outcome)
     if limit is not None:
         query = query.limit(limit)
     async with engine.connect() as conn:
@@ -128,6 +135,7 @@ class EventFilter:
     """Which events to list; None means any. `since` is inclusive, `until` exclusive."""
 
     status: str | None = None
+    outcome: str | None = None
     webhook_event: str | None = None
     issue_key: str | None = None
     since: datetime | None = None
@@ -146,6 +154,7 @@ async def search_events(
     c = events.c
     wanted = (
         (c.status, operator.eq, where.status),
+        (c.outcome, operator.eq, where.outcome),
         (c.webhook_event, operator.eq, where.webhook_event),
         (c.issue_key, operator.eq, where.issue_key),
         (c.received_at, operator.ge, where.since),
@@ -175,9 +184,10 @@ async def status_counts(engine: AsyncEngine) -> dict[str, dict[str, int]]:
 
 
 async def list_action_runs(
-    engine: AsyncEngine, *, status: str, limit: int = 100
+    engine: AsyncEngine, *, status: str | None, limit: int | None = 100
 ) -> list[dict[str, Any]]:
-    """Return action runs in `status` with their event's issue key, most recent first."""
+    """Return action runs (in `status`, or all) with their event's issue key, most recent
+    first."""
     r, e = action_runs.c, events.c
     query = (
         select(
@@ -194,7 +204,7 @@ async def list_action_runs(
             e.webhook_event,
         )
         .join(events, e.id == r.event_id)
-        .where(r.status == status)
+        .where(*([r.status == status] if status else []))
         .order_by(r.updated_at.desc(), r.id.desc())
         .limit(limit)
     )

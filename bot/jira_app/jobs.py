@@ -7,7 +7,6 @@ What is due is decided in `bot.core.due` (pure); these functions only read, call
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import sys
 import time
@@ -26,6 +25,7 @@ from bot.core.due import failed_after_ms, prune_before, refresh_due
 from bot.core.webhook_plan import Need, RegisteredWebhook, plan_sync
 from bot.db.engine import create_engine, upgrade
 from bot.db.models import action_runs, events
+from bot.db.oauth_tokens import OAuthTokenStore
 from bot.db.registrations import (
     OAUTH_REFRESH_TOKEN_KEY,
     Registrations,
@@ -38,7 +38,13 @@ from bot.db.tenants import Tenant, Tenants
 from bot.errors import ActionError, PayloadError, RuleError
 from bot.rules.loader import load_rules
 from bot.rules.model import RuleSet
-from bot.services.jira import DEFAULT_POLICY, ConnectAuth, JiraClient, OAuthTokens
+from bot.services.jira import (
+    DEFAULT_POLICY,
+    ConnectAuth,
+    JiraClient,
+    SharedOAuthTokens,
+    token_seed,
+)
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -74,12 +80,6 @@ class Target:
     client: JiraClient
 
 
-def _seed(refresh_token: str) -> str:
-    # Which configured token a stored (rotated) one descends from; a new JIRA_REFRESH_TOKEN
-    # (the app was consented again) then wins over tokens rotated from the old one.
-    return hashlib.sha256(refresh_token.encode()).hexdigest()[:16]
-
-
 @dataclass(frozen=True, slots=True)
 class JiraAccess:
     """How to reach Jira: settings, database, HTTP session, and the clock tokens use."""
@@ -96,7 +96,7 @@ class JiraAccess:
         public_url = self.settings.public_url
         return None if not public_url else public_url.rstrip("/") + DELIVERY_PATH
 
-    def _client(self, base_url: str, auth: ConnectAuth | OAuthTokens) -> JiraClient:
+    def _client(self, base_url: str, auth: ConnectAuth | SharedOAuthTokens) -> JiraClient:
         return JiraClient(self.session, base_url, auth, policy=self.policy, clock=self.clock)
 
     def connect_client(self, tenant: Tenant) -> JiraClient:
@@ -112,36 +112,44 @@ class JiraAccess:
                 Target(t.client_key, self.connect_client(t))
                 for t in await Tenants(self.engine).all_enabled()
             ]
+        client = await self.oauth_client()
+        return [] if client is None else [Target("", client)]
+
+    async def oauth_client(self) -> JiraClient | None:
+        """The OAuth app's client, its access token shared through the database (None when
+        the OAuth settings are incomplete)."""
+        s = self.settings
         if not (s.jira_base_url and s.jira_client_id and s.jira_client_secret):
-            return []
-        token = await self.refresh_token()
-        if token is None:
-            return []
-        seed = _seed(s.jira_refresh_token or "")
-
-        async def keep(rotated: str) -> None:
-            # Persist before use: the previous refresh token no longer works.
-            await kv_set(self.engine, OAUTH_REFRESH_TOKEN_KEY, f"{seed}:{rotated}")
-
-        tokens = OAuthTokens(
+            return None
+        configured = s.jira_refresh_token
+        initial = await self.refresh_token()
+        if not configured and initial is None:
+            return None
+        tokens = SharedOAuthTokens(
             self.session,
+            OAuthTokenStore(self.engine, s.jira_client_secret),
             s.jira_token_url,
             s.jira_client_id,
             s.jira_client_secret,
-            token,
-            on_rotate=keep,
+            configured or "",
+            initial_refresh_token=initial,
             policy=self.policy,
             clock=self.clock,
         )
-        return [Target("", self._client(s.jira_base_url, tokens))]
+        return self._client(s.jira_base_url, tokens)
 
     async def refresh_token(self) -> str | None:
         """Return the newest OAuth refresh token: the stored rotated one, else the setting."""
         configured = self.settings.jira_refresh_token
+        seed = token_seed(configured or "")
+        state = await OAuthTokenStore(self.engine, self.settings.jira_client_secret or "").current()
+        if state is not None and state.seed == seed:
+            return state.refresh_token
+        # Where versions before the shared token kept it.
         stored = await kv_get(self.engine, OAUTH_REFRESH_TOKEN_KEY)
         if stored is not None:
-            seed, _, token = stored.partition(":")
-            if token and seed == _seed(configured or ""):
+            stored_seed, _, token = stored.partition(":")
+            if token and stored_seed == seed:
                 return token
         return configured
 
@@ -149,18 +157,25 @@ class JiraAccess:
 class JiraActionClients:
     """The clients `jira.*` actions use: the Jira of the event's tenant.
 
-    Connect mode only: each installed, enabled tenant is its own site, reached with
-    requests signed by its shared secret. In OAuth mode the app's refresh token rotates on
-    every grant and the scheduler's jobs own it; a second holder in every worker would
-    spend it under their feet, so `jira.*` actions are not offered there.
+    Connect mode: each installed, enabled tenant is its own site, reached with requests
+    signed by its shared secret. OAuth mode: the app's one site (tenant ""), its access
+    token shared with every worker, replica and the scheduler through the database.
     """
 
     def __init__(self, access: JiraAccess) -> None:
         self._access = access
         self._tenants = Tenants(access.engine)  # its lookups are cached
+        self._oauth: JiraClient | None = None
 
     async def client(self, tenant: str) -> JiraClient | None:
-        if self._access.settings.jira_auth_mode != "connect":
+        mode = self._access.settings.jira_auth_mode
+        if mode == "oauth":
+            if tenant != "":
+                return None
+            if self._oauth is None:
+                self._oauth = await self._access.oauth_client()
+            return self._oauth
+        if mode != "connect":
             return None
         found = await self._tenants.get(tenant)
         if found is None or not found.enabled:

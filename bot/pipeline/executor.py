@@ -34,6 +34,7 @@ from bot.db.clean import clean_text, clean_value
 from bot.db.engine import never_succeeds, save_until_done
 from bot.db.group_commit import GroupCommit
 from bot.db.models import UTCDateTime, action_attempts, action_runs, events, utcnow
+from bot.db.outcomes import update_outcomes
 from bot.db.store import database_error
 from bot.db.writers import writer_for
 from bot.errors import ActionError, ServiceDisabled, TemplateRenderError
@@ -68,6 +69,7 @@ class _Run:
     resumed: bool  # claimed back from a worker whose lease ran out: outcome unknown
     context: dict[str, Any]  # template context: payload, `event`, earlier steps' results
     tenant: str  # the event's Jira tenant: whose Jira `jira.*` actions call
+    key: str = ""  # the idempotency key: keyed actions mark what they make with it
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +182,8 @@ class ActionExecutor:
         self._claims: dict[int, Any] = {}  # claim statements by size
         # Called with (action, new run status) after each recorded attempt (metrics).
         self.on_attempt: Callable[[str, str], None] | None = None
+        # Called with the event id when an event's outcome turns `failed` (metrics).
+        self.on_event_failed: Callable[[int], None] | None = None
 
     async def claim(self, limit: int) -> list[_Run]:
         """Lease up to `limit` due runs."""
@@ -220,6 +224,7 @@ class ActionExecutor:
                 resumed=r.attempts > 1,
                 tenant=sources[r.id][0],
                 context=sources[r.id][1],
+                key=r.idempotency_key,
             )
             for r in rows
         ]
@@ -285,7 +290,12 @@ class ActionExecutor:
         try:
             params = render_params(self._step(run), run.context)
             outcome = await self._runner.run(
-                run.action, params, state=run.state, lookup_first=run.resumed, tenant=run.tenant
+                run.action,
+                params,
+                state=run.state,
+                lookup_first=run.resumed,
+                tenant=run.tenant,
+                key=run.key,
             )
         except TemplateRenderError as exc:
             return await self._failed(run, started, str(exc), None, retryable=False)
@@ -379,6 +389,16 @@ class ActionExecutor:
         )
         if not written:
             return "lost"  # the lease ran out and another worker owns the run now
+        if status == "dead":
+            # What an operator must act on: `deploybot runs list --status dead`, then retry.
+            log.warning(
+                "dead run %s (event %s, rule %s, step %s, %s) after %s attempt(s): %s",
+                run.id, run.event_id, run.rule_name, run.step_index + 1, run.action,
+                run.attempts, error,
+                extra={"event_id": run.event_id, "rule": run.rule_name, "action": run.action,
+                       "action_run_id": run.id, "attempt": run.attempts, "status": status,
+                       "error": error},
+            )  # fmt: skip
         logs.info(
             log,
             f"action {outcome}",
@@ -402,7 +422,7 @@ class ActionExecutor:
         batch: then each is written alone, and one refused alone ends its run dead.
         """
         try:
-            return await self._writes.run_relaxed(self._write_outcomes, batch)
+            return await self._write_batch(batch)
         except Exception as error:
             if not never_succeeds(error):
                 raise
@@ -411,7 +431,7 @@ class ActionExecutor:
         written: list[bool] = []
         for item in batch:
             try:
-                written += await self._writes.run_relaxed(self._write_outcomes, [item])
+                written += await self._write_batch([item])
             except Exception as error:
                 if not never_succeeds(error):
                     raise
@@ -433,7 +453,7 @@ class ActionExecutor:
         }
         dead = replace(item, outcome="failed", values=values)
         try:
-            [written] = await self._writes.run_relaxed(self._write_outcomes, [dead])
+            [written] = await self._write_batch([dead])
         except Exception as again:
             if not never_succeeds(again):
                 raise
@@ -441,11 +461,22 @@ class ActionExecutor:
             return False
         return written
 
-    def _write_outcomes(self, conn: Connection, batch: list[_AttemptRecord]) -> list[bool]:
+    async def _write_batch(self, batch: list[_AttemptRecord]) -> list[bool]:
+        """Write attempts' outcomes in one transaction; False where a lease was lost."""
+        written, failed = await self._writes.run_relaxed(self._write_outcomes, batch)
+        for event_id in failed:  # counted once committed (a retried write counts once)
+            if self.on_event_failed is not None:
+                self.on_event_failed(event_id)
+        return written
+
+    def _write_outcomes(
+        self, conn: Connection, batch: list[_AttemptRecord]
+    ) -> tuple[list[bool], list[int]]:
         """Write outcomes in `conn`'s transaction; False where a lease was lost.
 
-        Four statements whatever the batch size. The first is a write, so that SQLite
-        takes its write lock at once, and it returns the runs whose lease is still ours.
+        Seven statements at most whatever the batch size (the last three read and set the
+        events' outcomes). The first is a write, so that SQLite takes its write lock at
+        once, and it returns the runs whose lease is still ours.
         """
         now = self._clock()
         ids = [item.run.id for item in batch]
@@ -485,7 +516,8 @@ class ActionExecutor:
                         updated_at=now,
                     )
                 )
-        return [item.run.id in owned for item in batch]
+        failed = update_outcomes(conn, sorted({item.run.event_id for item in mine}), now)
+        return [item.run.id in owned for item in batch], failed
 
     async def run_once(self) -> int:
         """Claim and execute one batch concurrently; return how many runs were executed."""

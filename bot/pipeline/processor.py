@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, bindparam, delete, insert, or_, select, union_all, update
+from sqlalchemy import and_, bindparam, case, delete, insert, or_, select, union_all, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -66,6 +66,12 @@ _FINISH = (
         error=bindparam("b_error"),
         ruleset_version=bindparam("b_version"),
         rule_misses=None,
+        # A replayed event keeps the outcome its runs gave it (`replay` recomputed it).
+        outcome=case(
+            (bindparam("b_outcome") == "failed", "failed"),
+            (events.c.outcome.is_(None), bindparam("b_outcome")),
+            else_=events.c.outcome,
+        ),
     )
     .returning(events.c.id)
 )
@@ -315,11 +321,14 @@ class EventProcessor:
         how many action runs were planned.
         """
         now = self._clock()
-        by_failure: dict[str | None, list[int]] = {}
-        for event_id, _, failure in outcomes:
-            by_failure.setdefault(failure, []).append(event_id)
+        by_failure: dict[tuple[str | None, str], list[int]] = {}
+        for event_id, evaluation, failure in outcomes:
+            # The operator's outcome: `running` once a matched rule planned a step.
+            planned = any(rule.steps for rule in evaluation.matched)
+            outcome = "failed" if failure else "running" if planned else "ignored"
+            by_failure.setdefault((failure, outcome), []).append(event_id)
         stored: set[int] = set()
-        for failure, ids in by_failure.items():
+        for (failure, outcome), ids in by_failure.items():
             marked = conn.execute(
                 _FINISH,
                 {
@@ -329,6 +338,7 @@ class EventProcessor:
                     "b_now": now,
                     "b_error": None if failure is None else clean_text(failure),
                     "b_version": ruleset.version,
+                    "b_outcome": outcome,
                 },
             )
             # An event another worker took over is not ours to finish: its outcome stands.

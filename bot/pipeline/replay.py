@@ -19,6 +19,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.db.models import action_runs, events, utcnow
+from bot.db.outcomes import update_outcomes
 
 CHUNK = 500  # events per transaction: short write locks, steady progress
 PROGRESS_MIN_EVENTS = 20  # below this a bar is noise
@@ -138,6 +139,8 @@ async def reset_events(engine: AsyncEngine, ids: Sequence[int]) -> tuple[int, li
                 updated_at=now,
             )
         )
+        # The outcome from the runs as they are now; processing keeps it (or says failed).
+        await conn.run_sync(lambda sync: update_outcomes(sync, replayed_ids, now))
     return runs.rowcount, replayed_ids
 
 

@@ -49,6 +49,7 @@ class StepPlan:
     request: PlannedRequest | None
     error: str | None
     placeholders: tuple[str, ...]  # steps.X paths filled with placeholders
+    main_call_only: bool = False  # a high-level action's main call; it decides the rest
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,9 +123,12 @@ def _plan_steps(
                 error = f"unknown action {step.action!r}"
             elif isinstance(op, Operation):
                 request = catalog.plan_request(op, params)
+            elif (preview := getattr(op, "preview", None)) is not None:
+                request = preview(params)
         except DeploybotError as exc:
             error = str(exc)
-        plans.append(StepPlan(step, params, request, error, tuple(sorted(used))))
+        main_only = request is not None and not isinstance(op, Operation)
+        plans.append(StepPlan(step, params, request, error, tuple(sorted(used)), main_only))
     return tuple(plans)
 
 
@@ -170,6 +174,8 @@ def _format_step(plan: StepPlan) -> list[str]:
             lines.append(f"    file (multipart field 'file'): {request.file_path}")
         if request.download_path is not None:
             lines.append(f"    response saved to: {request.download_path}")
+        if plan.main_call_only:
+            lines.append("    (its main call; the action makes the others it needs as it runs)")
     lines.append("    parameters (rendered):")
     for name, value in masking.mask_rendered(step.action, plan.params or {}).items():
         lines.append(f"      {name}: {json.dumps(value, ensure_ascii=False, default=str)}")

@@ -22,6 +22,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from bot.core import catalog
 from bot.core.catalog import Param
+from bot.core.hosts import host_problem
 from bot.errors import RuleError
 from bot.rules import templates
 from bot.rules.conditions import (
@@ -97,22 +98,35 @@ class _Error:
         return f"{self.file}:{self.line}: {self.message}"
 
 
-def load_rules(rules_dir: Path, registry: Mapping[str, ActionSpec] | None = None) -> RuleSet:
+def load_rules(
+    rules_dir: Path,
+    registry: Mapping[str, ActionSpec] | None = None,
+    *,
+    http_allowed_hosts: tuple[str, ...] | None = None,
+) -> RuleSet:
     """Load the rules folder, or raise RuleError carrying every error found."""
-    ruleset, errors = check_rules(rules_dir, registry)
+    ruleset, errors = check_rules(rules_dir, registry, http_allowed_hosts=http_allowed_hosts)
     if ruleset is None:
         raise RuleError(errors)
     return ruleset
 
 
 def check_rules(
-    rules_dir: Path, registry: Mapping[str, ActionSpec] | None = None
+    rules_dir: Path,
+    registry: Mapping[str, ActionSpec] | None = None,
+    *,
+    http_allowed_hosts: tuple[str, ...] | None = None,
 ) -> tuple[RuleSet | None, list[str]]:
-    """Check the rules folder; return the rule set (None on any error) and every error."""
+    """Check the rules folder; return the rule set (None on any error) and every error.
+
+    `http_allowed_hosts` (the setting; None: not checked) refuses `http.request` steps
+    when it is empty, and literal URLs on other hosts.
+    """
     ops = default_registry() if registry is None else registry
     if not rules_dir.is_dir():
         return None, [f"{rules_dir}:0: rules folder not found"]
     checker = _Checker(ops, Path(os.path.abspath(rules_dir)))
+    checker.http_allowed_hosts = http_allowed_hosts
     contents: dict[str, bytes] = {}
     for path in sorted(rules_dir.glob("*.yaml")):
         display = str(rules_dir / path.name)
@@ -153,6 +167,7 @@ class _Checker:
         self.rules: list[Rule] = []
         self._names: dict[str, str] = {}  # rule name -> "file:line" of its first definition
         self._file = ""
+        self.http_allowed_hosts: tuple[str, ...] | None = None  # None: http.request unchecked
         self._loader: _Loader = _Loader("")
 
     # --- plumbing -------------------------------------------------------------------
@@ -479,6 +494,8 @@ class _Checker:
         params = self.mapping(with_node, "with", None) if with_node is not None else {}
         if params is not None and op is not None:
             self._check_params(op, params, keys["with"][0] if "with" in keys else node)
+        if action == "http.request" and self.http_allowed_hosts is not None:
+            self._check_http(keys["action"][1], params or {})
         if with_node is not None:
             self._check_templates(with_node, seen, all_ids)
         if step_id is not None and step_id not in seen:
@@ -531,6 +548,20 @@ class _Checker:
         required = {p.name for p in op.params if p.required}
         for name in sorted(required - params.keys()):
             self.error(at, f"{op.full_name} needs parameter {name!r}")
+
+    def _check_http(self, at: Node, params: Mapping[str, tuple[ScalarNode, Node]]) -> None:
+        allowed = self.http_allowed_hosts or ()
+        if not allowed:
+            self.error(at, "http.request is refused: DEPLOYBOT_HTTP_ALLOWED_HOSTS is empty")
+            return
+        url = params.get("url")
+        if url is None or not isinstance(url[1], ScalarNode) or url[1].tag != _STR:
+            return
+        if templates.is_template(url[1].value):
+            return  # its host is only known per event; checked when rendered
+        problem = host_problem(url[1].value, allowed)
+        if problem is not None:
+            self.error(url[1], f"http.request: {problem}")
 
     def _check_file(self, name: str, node: Node, *, must_exist: bool) -> None:
         if not (isinstance(node, ScalarNode) and node.tag == _STR):

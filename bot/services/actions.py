@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from bot.core.catalog import (
     Operation,
     Param,
+    PlannedRequest,
     check_params,
     find_existing,
     lookup_params,
@@ -61,13 +62,46 @@ class TenantClients(Protocol):
 
     async def client(self, tenant: str) -> ServiceClient | None:
         """The tenant's client, or None when the tenant cannot be reached (unknown,
-        disabled, or not a Connect installation)."""
+        disabled, or not reachable in this auth mode)."""
         ...
 
 
 ActionFn = Callable[
     [ServiceClient, Mapping[str, Any], dict[str, Any] | None], Awaitable[ActionResult]
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """Which action run is running: keyed actions mark what they make with `key` and look
+    for it first when `lookup_first` (an earlier attempt's outcome is unknown)."""
+
+    key: str = ""
+    lookup_first: bool = False
+
+
+KeyedActionFn = Callable[
+    [ServiceClient, Mapping[str, Any], dict[str, Any] | None, RunInfo], Awaitable[ActionResult]
+]
+
+
+# The main call an action would make with these parameters, for the dry run.
+PreviewFn = Callable[[Mapping[str, Any]], PlannedRequest]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyedAction:
+    """A high-level action that needs to know its run (e.g. jira.add_comment's marker)."""
+
+    service: str
+    name: str
+    params: tuple[Param, ...]
+    run: KeyedActionFn
+    preview: PreviewFn | None = None
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.service}.{self.name}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +112,7 @@ class HighLevelAction:
     name: str
     params: tuple[Param, ...]
     run: ActionFn
+    preview: PreviewFn | None = None
 
     @property
     def full_name(self) -> str:
@@ -85,7 +120,7 @@ class HighLevelAction:
 
 
 @functools.cache
-def high_level_actions() -> Mapping[str, HighLevelAction]:
+def high_level_actions() -> Mapping[str, HighLevelAction | KeyedAction]:
     """Every adapter's `ACTIONS` table, keyed by `service.action`."""
     return {
         action.full_name: action
@@ -144,11 +179,12 @@ class ActionRunner:
         state: dict[str, Any] | None = None,
         lookup_first: bool = False,
         tenant: str = "",
+        key: str = "",
     ) -> ActionResult:
         """Run (or resume, with `state`) one action; raise ActionError when it fails.
 
         `tenant` is the Jira tenant of the event the action reacts to: a `jira.*` action
-        calls that tenant's Jira.
+        calls that tenant's Jira. `key` is the run's idempotency key.
         """
         service = action_name.partition(".")[0]
         action = high_level_actions().get(action_name)
@@ -160,14 +196,17 @@ class ActionRunner:
             client = await self._per_tenant[service].client(tenant)
             if client is None:
                 raise ServiceDisabled(
-                    f"{action_name}: no {service} client for tenant {tenant!r} (not"
-                    " installed, disabled, or not a Connect installation)"
+                    f"{action_name}: no {service} client for tenant {tenant!r} (Connect: not"
+                    " installed, or disabled; OAuth: settings incomplete, or not the app's site)"
                 )
         if client is None:
             raise ServiceDisabled(f"{action_name}: service {service} is not configured")
         if action is not None:
             check_params(action.full_name, action.params, params)
-            return await action.run(client, self._resolve_paths(action.params, params), state)
+            resolved = self._resolve_paths(action.params, params)
+            if isinstance(action, KeyedAction):
+                return await action.run(client, resolved, state, RunInfo(key, lookup_first))
+            return await action.run(client, resolved, state)
         assert op is not None
         resolved = self._resolve_paths(op.params, params)
         return Done(await self._call(client, op, resolved, lookup_first=lookup_first))

@@ -176,6 +176,7 @@ async def _attempt(
             data=data,
             headers={**dict(req.headers), **headers},
             timeout=aiohttp.ClientTimeout(total=timeout_s),
+            allow_redirects=req.follow_redirects,
         ) as resp:
             resp_headers = CIMultiDict(resp.headers)
             if req.download_path is not None and resp.status < 400:

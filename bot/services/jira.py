@@ -7,7 +7,9 @@ The only I/O is `http.send`; signing, token bookkeeping and answer parsing are p
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -18,11 +20,14 @@ from urllib.parse import parse_qsl, urlsplit
 import aiohttp
 
 from bot.core.backoff import RetryPolicy
-from bot.core.catalog import Operation, Param, PlannedRequest, plan_request
+from bot.core.catalog import Operation, Param, PlannedRequest, dig, plan_request
 from bot.core.verify import sign_connect
 from bot.core.webhook_plan import AuthMode, RegisteredWebhook, SyncPlan, WebhookSpec
+from bot.db.oauth_tokens import OAuthTokenStore, TokenState
 from bot.errors import ActionError
 from bot.services import http
+from bot.services.actions import ActionResult, Done, KeyedAction, RunInfo, Wait
+from bot.services.adf import to_adf
 from bot.services.tokens import AccessToken, CachedToken, parse_token_answer
 
 SERVICE = "jira"
@@ -227,6 +232,137 @@ class OAuthTokens(CachedToken):
         return token
 
 
+def token_seed(refresh_token: str) -> str:
+    """Which configured refresh token a stored (rotated) one descends from; a new
+    JIRA_REFRESH_TOKEN (the app was consented again) then wins over the old chain."""
+    return hashlib.sha256(refresh_token.encode()).hexdigest()[:16]
+
+
+class SharedOAuthTokens:
+    """The OAuth app's access token as every worker and replica shares it (the database).
+
+    A caller takes the stored token while it is fresh; the first to find it due (or
+    rejected with a 401) refreshes it while holding the row, and the others then find the
+    new one there. The rotated refresh token is committed before the access token is
+    handed out, so the next refresher (maybe after a restart) starts from it.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        store: OAuthTokenStore,
+        token_url: str,
+        client_id: str,
+        client_secret: str,
+        configured_refresh_token: str,
+        *,
+        initial_refresh_token: str | None = None,
+        policy: RetryPolicy = DEFAULT_POLICY,
+        clock: Callable[[], float] = time.time,
+        margin_s: float = 60.0,
+    ) -> None:
+        self._session = session
+        self._store = store
+        self._token_url = token_url
+        self._client_id = client_id
+        self._client_secret = client_secret
+        self._seed = token_seed(configured_refresh_token)
+        # Where a chain starts when the table has none: the rotated token an older
+        # version kept (kv), else the configured one.
+        self._initial = initial_refresh_token or configured_refresh_token
+        self._policy = policy
+        self._clock = clock
+        self._margin_s = margin_s
+        self._cached: AccessToken | None = None
+        self.grants = 0  # token calls made by this holder (tests, logs)
+
+    def __repr__(self) -> str:
+        return f"SharedOAuthTokens(token_url={self._token_url!r}, client_id={self._client_id!r})"
+
+    def _usable(self, state: TokenState | None, rejected: str | None) -> AccessToken | None:
+        if state is None or state.seed != self._seed or not state.access_token:
+            return None
+        if state.access_token == rejected or self._clock() * 1000 >= state.refresh_at_ms:
+            return None
+        return AccessToken(state.access_token, state.refresh_at_ms / 1000)
+
+    async def token(self) -> str:
+        """Return a usable access token: cached, stored by another holder, or refreshed."""
+        cached = self._cached
+        if cached is not None and self._clock() < cached.refresh_at_s:
+            return cached.value
+        found = self._usable(await self._store.current(), None)
+        if found is not None:
+            self._cached = found
+            return found.value
+        return await self.refresh(None)
+
+    async def refresh(self, rejected: str | None) -> str:
+        """Replace the token (`rejected` by the API, or due) unless another holder did."""
+        async with self._store.exclusive() as slot:
+            found = self._usable(slot.state, rejected)
+            if found is not None:  # someone refreshed while we waited for the row
+                self._cached = found
+                return found.value
+            state = slot.state if slot.state and slot.state.seed == self._seed else None
+            refresh_token = state.refresh_token if state else self._initial
+            answer = await self._grant(refresh_token)
+            token = parse_token_answer(
+                answer, source="Jira's token endpoint", now_s=self._clock(), margin_s=self._margin_s
+            )
+            rotated = answer.get("refresh_token")
+            new = TokenState(
+                self._seed,
+                rotated if isinstance(rotated, str) and rotated else refresh_token,
+                token.value,
+                int(token.refresh_at_s * 1000),
+                slot.next_generation,
+            )
+            if not await slot.save(new):
+                # Only SQLite gets here: another process refreshed meanwhile, and the
+                # token Jira just rotated is lost with its chain. Say so loudly.
+                raise ActionError(
+                    "the Jira OAuth token row changed during a refresh (another deploybot"
+                    " process on this SQLite file?); run one process per SQLite file",
+                    retryable=True,
+                )
+        self._cached = token
+        return token.value
+
+    async def _grant(self, refresh_token: str) -> dict[str, Any]:
+        body = {
+            "grant_type": "refresh_token",
+            "client_id": self._client_id,
+            "client_secret": self._client_secret,
+            "refresh_token": refresh_token,
+        }
+        self.grants += 1
+        try:
+            answer = (
+                await http.send(
+                    self._session,
+                    PlannedRequest("POST", "", json_body=body),
+                    base_url=self._token_url,
+                    headers={},
+                    limiter=None,
+                    policy=self._policy,
+                )
+            ).json
+        except ActionError as exc:
+            if exc.status in (400, 401, 403):
+                raise ActionError(
+                    f"Jira's token endpoint refused the stored refresh token ({exc}); consent"
+                    " the OAuth app again and set JIRA_REFRESH_TOKEN to the new token",
+                    status=exc.status,
+                ) from None
+            raise
+        if not isinstance(answer, dict):
+            raise ActionError(
+                "Jira's token endpoint answered without a JSON object", retryable=True
+            )
+        return answer
+
+
 # --- client ----------------------------------------------------------------------------
 
 
@@ -237,7 +373,7 @@ class JiraClient:
         self,
         session: aiohttp.ClientSession,
         base_url: str,
-        auth: ConnectAuth | OAuthTokens,
+        auth: ConnectAuth | OAuthTokens | SharedOAuthTokens,
         *,
         policy: RetryPolicy = DEFAULT_POLICY,
         limiter: http.RateLimiter | None = None,
@@ -270,7 +406,7 @@ class JiraClient:
             return {"Authorization": f"Bearer {sent[-1]}"}
 
         async def on_unauthorized() -> bool:
-            assert isinstance(auth, OAuthTokens)
+            assert not isinstance(auth, ConnectAuth)
             await auth.refresh(sent[-1] if sent else None)
             return True
 
@@ -389,3 +525,396 @@ def _id_body(ids: Iterable[int]) -> dict[str, list[int]]:
     if not webhook_ids:
         raise ValueError("no webhook ids given")  # Jira answers 400 to an empty list
     return {"webhookIds": webhook_ids}
+
+
+# --- issue actions (jira.add_comment, ...) ---------------------------------------------
+
+_ISSUE_KEY = re.compile(r"(?i)^(?:[a-z][a-z0-9_]*-[1-9][0-9]*|[1-9][0-9]*)$")
+# A comment property carries the run's marker: invisible to readers, returned with
+# `expand=properties`, so a comment whose answer was lost is found before posting again.
+MARKER_PROPERTY = "deploybot.run"
+COMMENT_PAGE = 100
+COMMENT_PAGES_SEARCHED = 10  # the newest 1,000 comments: a lost answer is recent
+SEARCH_PAGE = 100
+SEARCH_DEFAULT_MAX = 1000
+
+
+def _issue(params: Mapping[str, Any], action: str) -> str:
+    """The issue key or id; anything else (a path segment, `..`) is refused."""
+    value = params.get("issue")
+    text = (
+        str(value).strip() if isinstance(value, str | int) and not isinstance(value, bool) else ""
+    )
+    if not _ISSUE_KEY.match(text):
+        raise ActionError(f"jira.{action}: {value!r} is not an issue key (like OPS-12) or id")
+    return text
+
+
+def _jira(client: Any, action: str) -> JiraClient:
+    if not isinstance(client, JiraClient):
+        raise ActionError(f"jira.{action} needs a Jira client")
+    return client
+
+
+def _names(value: Any, param: str, action: str) -> str | None:
+    """A list of field names (or one comma-separated string) as Jira's query value."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return ",".join(value)
+    raise ActionError(f"jira.{action}: {param} must be a list of names or a comma-separated text")
+
+
+def _no_nul(value: Any) -> Any:
+    """Jira's values as a step result: PostgreSQL refuses a NUL in stored text."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [_no_nul(v) for v in value]
+    if isinstance(value, dict):
+        return {_no_nul(k): _no_nul(v) for k, v in value.items()}
+    return value
+
+
+def marker(key: str) -> str:
+    """The marker of one action run (its idempotency key, hashed: keys hold rule names)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def comment_body(params: Mapping[str, Any], action: str) -> dict[str, Any]:
+    """The ADF document of `body` (plain text / light Markdown) or `adf` (one of them)."""
+    body, doc = params.get("body"), params.get("adf")
+    if (body is None) == (doc is None):
+        raise ActionError(f"jira.{action}: give exactly one of body (text) or adf (a document)")
+    if doc is not None:
+        if not isinstance(doc, Mapping) or doc.get("type") != "doc":
+            raise ActionError(f'jira.{action}: adf must be a document ({{"type": "doc", ...}})')
+        return dict(doc)
+    return to_adf(str(body))
+
+
+async def _find_marked(jira: JiraClient, issue: str, mark: str) -> dict[str, Any] | None:
+    """Look for the comment carrying this run's marker among the newest comments."""
+    start = 0
+    for _ in range(COMMENT_PAGES_SEARCHED):
+        query = (
+            ("startAt", str(start)),
+            ("maxResults", str(COMMENT_PAGE)),
+            ("orderBy", "-created"),
+            ("expand", "properties"),
+        )
+        page = (
+            await jira.send(PlannedRequest("GET", f"/rest/api/3/issue/{issue}/comment", query))
+        ).json
+        comments = page.get("comments") if isinstance(page, Mapping) else None
+        if not isinstance(comments, list):
+            raise ActionError(f"Jira's comment list of {issue} has no comments")
+        for comment in comments:
+            for prop in (comment.get("properties") or []) if isinstance(comment, dict) else []:
+                value = prop.get("value") if isinstance(prop, Mapping) else None
+                if (
+                    prop.get("key") == MARKER_PROPERTY
+                    and isinstance(value, Mapping)
+                    and value.get("marker") == mark
+                ):
+                    return dict(comment)
+        start += len(comments)
+        if not comments or start >= int(page.get("total", start)):
+            return None
+    return None
+
+
+def _comment_result(issue: str, comment: Mapping[str, Any], existing: bool) -> dict[str, Any]:
+    return {
+        "issue": issue,
+        "id": str(comment.get("id", "")),
+        "self": comment.get("self"),
+        "created": comment.get("created"),
+        "existing": existing,  # found by its marker rather than posted by this attempt
+    }
+
+
+async def add_comment(
+    client: Any, params: Mapping[str, Any], _state: dict[str, Any] | None, run: RunInfo
+) -> ActionResult:
+    """Comment on an issue, once per run: look for the run's marker before posting again."""
+    jira, issue = _jira(client, "add_comment"), _issue(params, "add_comment")
+    payload: dict[str, Any] = {"body": comment_body(params, "add_comment")}
+    if params.get("visibility") is not None:
+        payload["visibility"] = params["visibility"]
+    mark = marker(run.key) if run.key else None
+    if mark is not None:
+        payload["properties"] = [{"key": MARKER_PROPERTY, "value": {"marker": mark}}]
+        if run.lookup_first:
+            found = await _find_marked(jira, issue, mark)
+            if found is not None:
+                return Done(_no_nul(_comment_result(issue, found, True)))
+    req = PlannedRequest("POST", f"/rest/api/3/issue/{issue}/comment", json_body=payload)
+    try:
+        answer = (await jira.send(req)).json
+    except ActionError as exc:
+        if mark is None or not exc.retryable:
+            raise
+        # No answer: the comment may be there. Look; if the look fails too, the POST's
+        # failure is the one reported, and the retry looks first.
+        try:
+            found = await _find_marked(jira, issue, mark)
+        except ActionError:
+            raise exc from None
+        if found is None:
+            raise
+        return Done(_no_nul(_comment_result(issue, found, True)))
+    return Done(
+        _no_nul(_comment_result(issue, answer if isinstance(answer, Mapping) else {}, False))
+    )
+
+
+async def _status(jira: JiraClient, issue: str) -> str | None:
+    answer = (
+        await jira.send(
+            PlannedRequest("GET", f"/rest/api/3/issue/{issue}", (("fields", "status"),))
+        )
+    ).json
+    status = dig(answer, "fields.status.name") if isinstance(answer, Mapping) else None
+    return str(status) if status is not None else None
+
+
+def _transition_body(params: Mapping[str, Any], transition_id: str) -> dict[str, Any]:
+    body: dict[str, Any] = {"transition": {"id": transition_id}}
+    if params.get("fields") is not None:
+        body["fields"] = params["fields"]
+    update = dict(params.get("update") or {})
+    if params.get("comment") is not None:
+        comment = params["comment"]
+        doc = dict(comment) if isinstance(comment, Mapping) else to_adf(str(comment))
+        update["comment"] = [*update.get("comment", []), {"add": {"body": doc}}]
+    if update:
+        body["update"] = update
+    return body
+
+
+async def transition_issue(
+    client: Any, params: Mapping[str, Any], state: dict[str, Any] | None, run: RunInfo
+) -> ActionResult:
+    """Move an issue through the transition named (or numbered); already there is done.
+
+    Two calls of the runner: the first resolves the transition and keeps its target status
+    in the run's state; the second moves the issue. A retry after a lost answer then knows
+    where the issue was going, even though that transition is no longer offered.
+    """
+    jira, issue = _jira(client, "transition_issue"), _issue(params, "transition_issue")
+    wanted = str(params.get("transition", "")).strip()
+    if not wanted:
+        raise ActionError("jira.transition_issue: transition is empty")
+    path = f"/rest/api/3/issue/{issue}/transitions"
+    if state is None or "id" not in state:
+        answer = (await jira.send(PlannedRequest("GET", path))).json
+        available = answer.get("transitions") if isinstance(answer, Mapping) else None
+        if not isinstance(available, list):
+            raise ActionError(f"Jira's transitions of {issue} have no transitions list")
+        chosen = next((t for t in available if str(t.get("id")) == wanted), None) or next(
+            (t for t in available if str(t.get("name", "")).casefold() == wanted.casefold()),
+            None,
+        )
+        if chosen is not None:
+            resolved = {"id": str(chosen.get("id")), "name": str(chosen.get("name"))}
+            return Wait(0.0, {**resolved, "to": str(dig(chosen, "to.name") or "")})
+        status = await _status(jira, issue)
+        if status is not None and wanted.casefold() == status.casefold():
+            return Done({"issue": issue, "status": status, "transition": None, "already": True})
+        names = ", ".join(f"{t.get('name')} ({t.get('id')})" for t in available) or "none"
+        raise ActionError(
+            f"jira.transition_issue: {issue} (status {status or 'unknown'}) has no transition"
+            f" {wanted!r}; available: {names}"
+        )
+    transition = {"id": str(state["id"]), "name": state.get("name")}
+    target = str(state.get("to") or "")
+    if run.lookup_first and target:
+        status = await _status(jira, issue)
+        if status is not None and status.casefold() == target.casefold():
+            return Done(
+                {"issue": issue, "status": status, "transition": transition, "already": True}
+            )
+    await jira.send(
+        PlannedRequest("POST", path, json_body=_transition_body(params, str(state["id"])))
+    )
+    return Done(
+        _no_nul({"issue": issue, "transition": transition, "status": target, "already": False})
+    )
+
+
+async def edit_issue(
+    client: Any, params: Mapping[str, Any], _state: dict[str, Any] | None, _run: RunInfo
+) -> ActionResult:
+    """Set fields (`fields`) or apply operations (`update`) on an issue (a PUT: repeatable)."""
+    jira, issue = _jira(client, "edit_issue"), _issue(params, "edit_issue")
+    body = {k: params[k] for k in ("fields", "update") if params.get(k) is not None}
+    if not body:
+        raise ActionError("jira.edit_issue: give fields or update")
+    query = (
+        ()
+        if params.get("notify_users") is None
+        else (("notifyUsers", "true" if params["notify_users"] else "false"),)
+    )
+    await jira.send(PlannedRequest("PUT", f"/rest/api/3/issue/{issue}", query, json_body=body))
+    return Done({"issue": issue, "edited": sorted(body.get("fields", {}) or {})})
+
+
+async def get_issue(
+    client: Any, params: Mapping[str, Any], _state: dict[str, Any] | None, _run: RunInfo
+) -> ActionResult:
+    """Read an issue (optionally only some fields, with `expand`)."""
+    jira, issue = _jira(client, "get_issue"), _issue(params, "get_issue")
+    query = tuple(
+        (wire, value)
+        for wire, value in (
+            ("fields", _names(params.get("fields"), "fields", "get_issue")),
+            ("expand", _names(params.get("expand"), "expand", "get_issue")),
+        )
+        if value is not None
+    )
+    answer = (await jira.send(PlannedRequest("GET", f"/rest/api/3/issue/{issue}", query))).json
+    return Done(_no_nul(answer))
+
+
+async def search_issues(
+    client: Any, params: Mapping[str, Any], _state: dict[str, Any] | None, _run: RunInfo
+) -> ActionResult:
+    """Every issue the JQL finds, following `nextPageToken`, up to `max_results`."""
+    jira = _jira(client, "search_issues")
+    jql = params.get("jql")
+    if not isinstance(jql, str) or not jql.strip():
+        raise ActionError("jira.search_issues: jql is empty")
+    limit = params.get("max_results", SEARCH_DEFAULT_MAX)
+    if isinstance(limit, str) and limit.isdigit():
+        limit = int(limit)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ActionError("jira.search_issues: max_results must be a positive number")
+    fields = _names(params.get("fields"), "fields", "search_issues")
+    issues: list[Any] = []
+    token: str | None = None
+    while len(issues) < limit:
+        query = [("jql", jql), ("maxResults", str(min(SEARCH_PAGE, limit - len(issues))))]
+        if fields is not None:
+            query.append(("fields", fields))
+        if token:
+            query.append(("nextPageToken", token))
+        page = (await jira.send(PlannedRequest("GET", "/rest/api/3/search/jql", tuple(query)))).json
+        found = page.get("issues") if isinstance(page, Mapping) else None
+        if not isinstance(found, list):
+            raise ActionError("Jira's search answer has no issues")
+        issues.extend(found[: limit - len(issues)])
+        token = page.get("nextPageToken")
+        if not token or page.get("isLast") or not found:
+            break
+    complete = not token or len(issues) < limit
+    return Done(_no_nul({"issues": issues, "count": len(issues), "complete": bool(complete)}))
+
+
+# --- what the dry run shows: each action's main call ---
+
+
+def _preview_comment(params: Mapping[str, Any]) -> PlannedRequest:
+    issue = _issue(params, "add_comment")
+    body = {
+        "body": comment_body(params, "add_comment"),
+        "properties": [{"key": MARKER_PROPERTY, "value": {"marker": "<this run's marker>"}}],
+    }
+    return PlannedRequest("POST", f"/rest/api/3/issue/{issue}/comment", json_body=body)
+
+
+def _preview_transition(params: Mapping[str, Any]) -> PlannedRequest:
+    issue = _issue(params, "transition_issue")
+    wanted = str(params.get("transition", "")).strip()
+    body = _transition_body(params, f"<the id of {wanted!r}, from GET .../transitions>")
+    return PlannedRequest("POST", f"/rest/api/3/issue/{issue}/transitions", json_body=body)
+
+
+def _preview_edit(params: Mapping[str, Any]) -> PlannedRequest:
+    issue = _issue(params, "edit_issue")
+    body = {k: params[k] for k in ("fields", "update") if params.get(k) is not None}
+    return PlannedRequest("PUT", f"/rest/api/3/issue/{issue}", json_body=body)
+
+
+def _preview_get(params: Mapping[str, Any]) -> PlannedRequest:
+    issue = _issue(params, "get_issue")
+    query = tuple(
+        (wire, value)
+        for wire in ("fields", "expand")
+        if (value := _names(params.get(wire), wire, "get_issue")) is not None
+    )
+    return PlannedRequest("GET", f"/rest/api/3/issue/{issue}", query)
+
+
+def _preview_search(params: Mapping[str, Any]) -> PlannedRequest:
+    query = [("jql", str(params.get("jql", ""))), ("maxResults", str(SEARCH_PAGE))]
+    fields = _names(params.get("fields"), "fields", "search_issues")
+    if fields is not None:
+        query.append(("fields", fields))
+    return PlannedRequest("GET", "/rest/api/3/search/jql", tuple(query))
+
+
+# Params are named as the rule writes them; `fields` and `expand` take a list or a text.
+ACTIONS: tuple[KeyedAction, ...] = (
+    KeyedAction(
+        SERVICE,
+        "add_comment",
+        (
+            Param("issue", "path", required=True),
+            Param("body", "body"),
+            Param("adf", "body"),
+            Param("visibility", "body"),
+        ),
+        add_comment,
+        _preview_comment,
+    ),
+    KeyedAction(
+        SERVICE,
+        "transition_issue",
+        (
+            Param("issue", "path", required=True),
+            Param("transition", "body", required=True),
+            Param("fields", "body"),
+            Param("update", "body"),
+            Param("comment", "body"),
+        ),
+        transition_issue,
+        _preview_transition,
+    ),
+    KeyedAction(
+        SERVICE,
+        "edit_issue",
+        (
+            Param("issue", "path", required=True),
+            Param("fields", "body"),
+            Param("update", "body"),
+            Param("notify_users", "query"),
+        ),
+        edit_issue,
+        _preview_edit,
+    ),
+    KeyedAction(
+        SERVICE,
+        "get_issue",
+        (
+            Param("issue", "path", required=True),
+            Param("fields", "body"),
+            Param("expand", "body"),
+        ),
+        get_issue,
+        _preview_get,
+    ),
+    KeyedAction(
+        SERVICE,
+        "search_issues",
+        (
+            Param("jql", "query", required=True),
+            Param("fields", "body"),
+            Param("max_results", "query"),
+        ),
+        search_issues,
+        _preview_search,
+    ),
+)

@@ -14,7 +14,8 @@ from typing import Any
 
 from aiohttp import web
 
-from bot.db.models import EVENT_STATUSES
+from bot.db.models import EVENT_OUTCOMES, EVENT_STATUSES
+from bot.db.outcomes import set_outcomes
 from bot.db.queries import EventFilter, get_event, retry_action_run, search_events
 from bot.errors import RetryRefused
 from bot.pipeline.replay import Selection, reset_events, select_events
@@ -123,6 +124,7 @@ async def events_list(request: web.Request) -> web.StreamResponse:
         raise _error(web.HTTPBadRequest, "give cursor or offset, not both")
     where = EventFilter(
         status=_choice(q.get("status"), "status", EVENT_STATUSES),
+        outcome=_choice(q.get("outcome"), "outcome", EVENT_OUTCOMES),
         webhook_event=q.get("webhook_event"),
         issue_key=q.get("issue_key"),
         since=_time(q.get("since"), "since"),
@@ -204,6 +206,7 @@ async def run_retry(request: web.Request) -> web.StreamResponse:
     if outcome is None:
         raise _error(web.HTTPNotFound, f"no action run {run_id}")
     previous, queued = outcome
+    await set_outcomes(request.app[ENGINE], queued, status.now_utc(request))
     request.app[EXECUTOR].wakeup.set()
     body = {"action_run_id": run_id, "previous_status": previous, "queued": queued}
     return _answer(request, {**body, "status": "pending"})

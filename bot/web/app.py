@@ -24,6 +24,7 @@ from bot.pipeline.processor import EventProcessor
 from bot.rules.watcher import RuleWatcher
 from bot.services.actions import ActionRunner, ServiceClient
 from bot.services.genesys import GenesysClient
+from bot.services.outbound import OutboundClient
 from bot.services.ubiops import UbiOpsClient
 from bot.settings import Settings
 from bot.web import admin, jira, metrics
@@ -126,7 +127,12 @@ def service_clients(
         if settings.genesys_client_id and settings.genesys_client_secret
         else None
     )
-    return {"ubiops": ubiops, "genesys": genesys}
+    outbound = (
+        OutboundClient(session, settings.http_allowed_hosts, policy=policy)
+        if settings.http_allowed_hosts
+        else None
+    )
+    return {"ubiops": ubiops, "genesys": genesys, "http": outbound}
 
 
 def jira_action_clients(app: web.Application) -> JiraActionClients:

@@ -182,6 +182,11 @@ class Metrics:
             ["service", "operation"],
             registry=self.registry,
         )
+        self.events_failed = Counter(
+            "deploybot_events_failed",
+            "events whose outcome turned failed (an action run is dead)",
+            registry=self.registry,
+        )
         self._by_status: dict[int, Counter] = {}
         self._snapshot = _SnapshotCollector(clock)
         self.registry.register(self._snapshot)
@@ -244,6 +249,7 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 async def _observe_executor(app: web.Application) -> AsyncIterator[None]:
     if EXECUTOR in app:
         app[EXECUTOR].on_attempt = app[METRICS].observe_attempt
+        app[EXECUTOR].on_event_failed = lambda _event_id: app[METRICS].events_failed.inc()
     yield
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import jinja2
 from aiohttp import web
 
+from bot.db.models import EVENT_OUTCOMES
 from bot.db.queries import EventFilter, list_action_runs, search_events, status_counts
 from bot.db.registrations import Registrations
 from bot.web.errors import read_form
@@ -99,13 +100,16 @@ _PAGE = """{% extends "layout" %}{% block body %}
 </tr>{% endfor %}</table>
 {% else %}<p class="ok">none</p>{% endif %}
 
-<h2>Recent events</h2>
+<h2>Recent events{% if outcome %} ({{ outcome }}){% endif %}</h2>
+<p>outcome: <a href="/">all</a>{% for o in outcomes %}
+ · <a href="/?outcome={{ o }}">{{ o }}</a>{% endfor %}</p>
 {% if events %}<table><tr><th>id</th><th>received</th><th>event</th><th>issue</th>
-<th>status</th><th>error</th></tr>
+<th>status</th><th>outcome</th><th>error</th></tr>
 {% for e in events %}<tr><td><a href="/api/events/{{ e.id }}">{{ e.id }}</a></td>
 <td>{{ e.received_at | when }}</td><td>{{ e.webhook_event }}</td><td>{{ e.issue_key or "" }}</td>
-<td>{{ e.status }}</td><td class="err">{{ e.error or "" }}</td></tr>
-{% endfor %}</table>{% else %}<p class="muted">no events yet</p>{% endif %}
+<td>{{ e.status }}</td><td>{{ e.outcome or "" }}</td><td class="err">{{ e.error or "" }}</td></tr>
+{% endfor %}</table>{% else %}<p class="muted">no events
+{%- if outcome %} with this outcome{% else %} yet{% endif %}</p>{% endif %}
 
 <h2>Jira webhook registrations</h2>
 {% if webhooks %}<table><tr><th>tenant</th><th>id</th><th>events</th><th>JQL</th>
@@ -187,15 +191,19 @@ async def page(request: web.Request) -> web.Response:
     engine, rules = request.app[ENGINE], request.app[RULES]
     token = request.app[SETTINGS].admin_token
     assert token is not None  # the routes exist only with a token
+    outcome = request.query.get("outcome")
+    outcome = outcome if outcome in EVENT_OUTCOMES else None  # anything else: all events
     return html(
         "page",
+        outcome=outcome,
+        outcomes=EVENT_OUTCOMES,
         now=now_utc(request).strftime("%Y-%m-%d %H:%M:%S UTC"),
         rules_version=rules.current.version,
         rule_count=len(rules.current.rules),
         rule_errors=rules.errors,
         counts=await status_counts(engine),
         dead_runs=await list_action_runs(engine, status="dead", limit=DEAD_RUNS_SHOWN),
-        events=await search_events(engine, EventFilter(), limit=RECENT_EVENTS),
+        events=await search_events(engine, EventFilter(outcome=outcome), limit=RECENT_EVENTS),
         webhooks=await webhook_rows(request),
         csrf=csrf_token(token),
     )

@@ -148,6 +148,30 @@ class FakeFailure:
 
 
 @dataclass
+class FakeIssue:
+    """An issue held by the fake: fields, comments (with properties) and its workflow."""
+
+    key: str
+    id: str
+    fields: dict[str, Any]
+    comments: list[dict[str, Any]] = field(default_factory=list)
+    # status name -> transitions available from it: (id, name, target status)
+    workflow: dict[str, list[tuple[str, str, str]]] = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        return str(self.fields["status"]["name"])
+
+
+DEFAULT_WORKFLOW: dict[str, list[tuple[str, str, str]]] = {
+    "Ready to deploy": [("21", "Start deploy", "Deploying"), ("31", "Deploy failed", "Failed")],
+    "Deploying": [("41", "Done", "Done"), ("31", "Deploy failed", "Failed")],
+    "Failed": [("51", "Reopen", "Ready to deploy")],
+    "Done": [],
+}
+
+
+@dataclass
 class Recorded:
     """One request the fake received."""
 
@@ -195,6 +219,10 @@ class FakeJira:
     requests: list[Recorded] = field(default_factory=list)
     access_tokens: dict[str, float] = field(default_factory=dict)  # token -> expiry
     token_grants: int = 0
+    refused_grants: int = 0  # grants with a spent (or unknown) refresh token: invalid_grant
+    issues: dict[str, FakeIssue] = field(default_factory=dict)
+    lose_comment_answers: int = 0  # comments stored whose answer is then lost (a 502)
+    search_page_cap: int = 100
     origin: str = ""
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(10000))
     _runner: web.AppRunner | None = None
@@ -211,6 +239,14 @@ class FakeJira:
         app.router.add_put(base + REST + "/refresh", self._refresh)
         app.router.add_get(base + REST + "/failed", self._failed)
         app.router.add_post(TOKEN_PATH, self._token)
+        issue = base + "/rest/api/3/issue/{key}"
+        app.router.add_get(issue, self._get_issue)
+        app.router.add_put(issue, self._edit_issue)
+        app.router.add_get(issue + "/comment", self._comments)
+        app.router.add_post(issue + "/comment", self._add_comment)
+        app.router.add_get(issue + "/transitions", self._transitions)
+        app.router.add_post(issue + "/transitions", self._transition)
+        app.router.add_get(base + "/rest/api/3/search/jql", self._search)
         return app
 
     async def start(self) -> str:
@@ -259,6 +295,32 @@ class FakeJira:
     def revoke_access_tokens(self) -> None:
         """Invalidate every access token (the next call answers 401)."""
         self.access_tokens.clear()
+
+    def add_issue(
+        self, key: str, *, status: str = "Ready to deploy", fields: dict[str, Any] | None = None
+    ) -> FakeIssue:
+        """Create an issue (with the default deployment workflow)."""
+        issue = FakeIssue(
+            key,
+            str(10000 + len(self.issues)),
+            {
+                "summary": f"Deploy {key}",
+                "status": {"name": status},
+                "project": {"key": key.split("-")[0]},
+            }
+            | (fields or {}),
+            workflow={k: list(v) for k, v in DEFAULT_WORKFLOW.items()},
+        )
+        self.issues[key] = issue
+        return issue
+
+    def issue_requests(self) -> list[Recorded]:
+        """Return the recorded issue and search calls."""
+        return [
+            r
+            for r in self.requests
+            if r.path.startswith(("/rest/api/3/issue", "/rest/api/3/search"))
+        ]
 
     def api_requests(self) -> list[Recorded]:
         """Return the recorded REST calls (not the token endpoint)."""
@@ -322,7 +384,14 @@ class FakeJira:
         if body.get("grant_type") != "refresh_token" or body.get("refresh_token") != (
             self.refresh_token
         ):
-            return web.json_response({"error": "invalid_grant"}, status=403)
+            self.refused_grants += 1
+            return web.json_response(
+                {
+                    "error": "invalid_grant",
+                    "error_description": "Unknown or invalid refresh token.",
+                },
+                status=403,
+            )
         # Rotating refresh tokens: the one just used is spent, a new one is issued.
         self.refresh_token = secrets.token_urlsafe(16)
         access = secrets.token_urlsafe(24)
@@ -457,6 +526,150 @@ class FakeJira:
         if len(page) < len(pending):
             last = page[-1].failure_time_ms
             answer["next"] = f"{self.base_url}{REST}/failed?after={last}&maxResults={size}"
+        return web.json_response(answer)
+
+    # -- issues ------------------------------------------------------------------------
+
+    def _find(self, request: web.Request) -> FakeIssue | None:
+        key = request.match_info["key"]
+        return self.issues.get(key) or next((i for i in self.issues.values() if i.id == key), None)
+
+    def _issue_json(self, issue: FakeIssue, fields: str | None) -> dict[str, Any]:
+        wanted = None if fields in (None, "", "*all") else set(fields.split(","))
+        shown = {k: v for k, v in issue.fields.items() if wanted is None or k in wanted}
+        return {
+            "id": issue.id,
+            "key": issue.key,
+            "self": f"{self.base_url}/rest/api/3/issue/{issue.id}",
+            "fields": shown,
+        }
+
+    async def _get_issue(self, request: web.Request) -> web.Response:
+        issue = self._find(request)
+        if issue is None:
+            return _error(404, "Issue does not exist or you do not have permission to see it.")
+        answer = self._issue_json(issue, request.query.get("fields"))
+        if "expand" in request.query:
+            answer["expand"] = request.query["expand"]
+        return web.json_response(answer)
+
+    async def _edit_issue(self, request: web.Request) -> web.Response:
+        issue = self._find(request)
+        if issue is None:
+            return _error(404, "Issue does not exist or you do not have permission to see it.")
+        body = await request.json()
+        for name, value in (body.get("fields") or {}).items():
+            if name == "status":
+                return _error(
+                    400, "Field 'status' cannot be set. It is not on the appropriate screen."
+                )
+            issue.fields[name] = value
+        for name, operations in (body.get("update") or {}).items():
+            for operation in operations:
+                if "add" in operation:
+                    issue.fields.setdefault(name, []).append(operation["add"])
+                elif "remove" in operation:
+                    issue.fields[name] = [
+                        v for v in issue.fields.get(name, []) if v != operation["remove"]
+                    ]
+                elif "set" in operation:
+                    issue.fields[name] = operation["set"]
+        return web.Response(status=204)
+
+    def _store_comment(self, issue: FakeIssue, body: dict[str, Any]) -> dict[str, Any]:
+        doc = body.get("body")
+        if not isinstance(doc, dict) or doc.get("type") != "doc" or doc.get("version") != 1:
+            raise web.HTTPBadRequest(
+                text=json.dumps({"errorMessages": ["Comment body is not valid!"]}),
+                content_type="application/json",
+            )
+        comment = {
+            "id": str(next(self._ids)),
+            "self": f"{self.base_url}/rest/api/3/issue/{issue.id}/comment/{len(issue.comments)}",
+            "body": doc,
+            "created": _iso(self.now),
+            "properties": list(body.get("properties") or []),
+        }
+        issue.comments.append(comment)
+        return comment
+
+    async def _add_comment(self, request: web.Request) -> web.Response:
+        issue = self._find(request)
+        if issue is None:
+            return _error(404, "Issue does not exist or you do not have permission to see it.")
+        comment = self._store_comment(issue, await request.json())
+        if self.lose_comment_answers > 0:
+            self.lose_comment_answers -= 1
+            return _error(502, "Bad Gateway")  # stored, but deploybot never hears of it
+        return web.json_response(
+            {k: v for k, v in comment.items() if k != "properties"}, status=201
+        )
+
+    async def _comments(self, request: web.Request) -> web.Response:
+        issue = self._find(request)
+        if issue is None:
+            return _error(404, "Issue does not exist or you do not have permission to see it.")
+        start = int(request.query.get("startAt", 0))
+        size = min(int(request.query.get("maxResults", 50)), 100)
+        ordered = list(issue.comments)
+        if request.query.get("orderBy") == "-created":
+            ordered.reverse()
+        expand = "properties" in request.query.get("expand", "").split(",")
+        page = [
+            c if expand else {k: v for k, v in c.items() if k != "properties"}
+            for c in ordered[start : start + size]
+        ]
+        return web.json_response(
+            {"startAt": start, "maxResults": size, "total": len(ordered), "comments": page}
+        )
+
+    async def _transitions(self, request: web.Request) -> web.Response:
+        issue = self._find(request)
+        if issue is None:
+            return _error(404, "Issue does not exist or you do not have permission to see it.")
+        return web.json_response(
+            {
+                "expand": "transitions",
+                "transitions": [
+                    {"id": tid, "name": name, "to": {"name": to, "id": str(abs(hash(to)) % 1000)}}
+                    for tid, name, to in issue.workflow.get(issue.status, [])
+                ],
+            }
+        )
+
+    async def _transition(self, request: web.Request) -> web.Response:
+        issue = self._find(request)
+        if issue is None:
+            return _error(404, "Issue does not exist or you do not have permission to see it.")
+        body = await request.json()
+        wanted = str((body.get("transition") or {}).get("id"))
+        found = next((t for t in issue.workflow.get(issue.status, []) if t[0] == wanted), None)
+        if found is None:
+            return _error(400, f"Transition id '{wanted}' is not valid for this issue.")
+        issue.fields.update(body.get("fields") or {})
+        for operation in (body.get("update") or {}).get("comment", []):
+            self._store_comment(issue, operation["add"])
+        issue.fields["status"] = {"name": found[2]}
+        return web.Response(status=204)
+
+    async def _search(self, request: web.Request) -> web.Response:
+        jql = request.query.get("jql", "")
+        match = re.fullmatch(r"\s*project\s*=\s*(\w+)\s*(?:ORDER BY key)?\s*", jql, re.I)
+        if match is None:
+            return _error(400, f"The fake searches only 'project = X': {jql!r}")
+        found = sorted(
+            (i for i in self.issues.values() if i.fields["project"]["key"] == match[1]),
+            key=lambda i: (i.key.split("-")[0], int(i.key.split("-")[1])),
+        )
+        start = int(request.query.get("nextPageToken", "0") or 0)
+        size = min(int(request.query.get("maxResults", 50)), self.search_page_cap)
+        page = found[start : start + size]
+        answer: dict[str, Any] = {
+            "issues": [self._issue_json(i, request.query.get("fields")) for i in page],
+            "isLast": start + size >= len(found),
+        }
+        if not answer["isLast"]:
+            answer["nextPageToken"] = str(start + size)
         return web.json_response(answer)
 
     # -- deliveries --------------------------------------------------------------------
