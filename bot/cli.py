@@ -39,6 +39,8 @@ def _serve(settings: Settings, _args: argparse.Namespace) -> int:
 
     for warning in settings.disabled_features():
         log.warning("%s", warning)
+    for note in settings.startup_notes():
+        log.info("%s", note)
     app = create_app(settings)
     app.on_shutdown.append(_exit_deadline(settings.shutdown_timeout_s))
     # The event loop shares the GIL with the SQLite write thread: after each socket call

@@ -348,7 +348,7 @@ async def _with_access(settings: Settings, work: Callable[[JiraAccess], Awaitabl
     engine = create_engine(settings.database_url)
     try:
         await upgrade(engine)
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        async with http.client_session(proxy=settings.proxy) as session:
             return await work(JiraAccess(settings, engine, session))
     finally:
         await engine.dispose()

@@ -130,6 +130,10 @@ def check_rules(
     return RuleSet.build(checker.rules, content_version(contents), checker.base_dir), []
 
 
+def _is_null(node: Node) -> bool:
+    return isinstance(node, ScalarNode) and node.tag == _NULL
+
+
 def _kind(node: Node) -> str:
     if isinstance(node, MappingNode):
         return "a mapping"
@@ -518,6 +522,14 @@ class _Checker:
                 self.error(
                     key_node, f"{op.full_name} takes no parameter {name!r} (it takes: {takes})"
                 )
+            elif param.many and isinstance(value_node, SequenceNode):
+                for item in value_node.value:
+                    if not isinstance(item, ScalarNode):
+                        self.error(
+                            item,
+                            f"{op.full_name}: each entry of {name} must be a single value,"
+                            f" not {_kind(item)}",
+                        )
             elif param.location in ("path", "query", "file", "form", "download") and not isinstance(
                 value_node, ScalarNode
             ):
@@ -531,6 +543,10 @@ class _Checker:
         required = {p.name for p in op.params if p.required}
         for name in sorted(required - params.keys()):
             self.error(at, f"{op.full_name} needs parameter {name!r}")
+        given = frozenset(name for name, (_, value) in params.items() if not _is_null(value))
+        groups: tuple[tuple[str, ...], ...] = getattr(op, "one_of", ())
+        if (problem := catalog.one_of_problem(op.full_name, groups, given)) is not None:
+            self.error(at, problem)
 
     def _check_file(self, name: str, node: Node, *, must_exist: bool) -> None:
         if not (isinstance(node, ScalarNode) and node.tag == _STR):

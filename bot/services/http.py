@@ -8,6 +8,8 @@ for the adapters. Secrets from request headers never reach an error message or a
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 import json
 import logging
 import math
@@ -20,9 +22,10 @@ from typing import IO, Any
 
 import aiohttp
 from multidict import CIMultiDict
+from yarl import URL
 
 from bot.errors import ActionError
-from bot.services.catalog import PlannedRequest
+from bot.services.catalog import JSON, PlannedRequest
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +75,33 @@ def _seconds(value: str | None) -> float | None:
     try:
         seconds = float(value.strip())
     except ValueError:
-        return None  # an HTTP-date Retry-After falls back to our own backoff
+        return None
     return max(seconds, 0.0) if math.isfinite(seconds) else None
 
 
-def server_wait_s(status: int | None, headers: Mapping[str, str]) -> float | None:
-    """Return how long the service asked us to wait, or None if it did not say."""
+def _retry_after_s(value: str | None, now_s: float) -> float | None:
+    """Parse Retry-After in both of its forms (RFC 9110 10.2.3): seconds or an HTTP date."""
+    seconds = _seconds(value)
+    if seconds is not None or value is None:
+        return seconds
+    try:
+        when = email.utils.parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # "-0000" and obsolete zones: HTTP dates are in GMT
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(when.timestamp() - now_s, 0.0)
+
+
+def server_wait_s(
+    status: int | None, headers: Mapping[str, str], now_s: float | None = None
+) -> float | None:
+    """Return how long the service asked us to wait, or None if it did not say.
+
+    `now_s` (epoch seconds, default the wall clock) turns an HTTP-date Retry-After into
+    a wait."""
     lower = {k.lower(): v for k, v in headers.items()}
-    told = _seconds(lower.get("retry-after"))
+    told = _retry_after_s(lower.get("retry-after"), time.time() if now_s is None else now_s)
     if told is not None:
         return told
     if status == 429:
@@ -97,6 +119,7 @@ def retry_delay_s(
     status: int | None,
     headers: Mapping[str, str],
     rng: random.Random,
+    now_s: float | None = None,
 ) -> float | None:
     """Return the wait before the next attempt after `attempt` failed, or None to stop.
 
@@ -107,7 +130,7 @@ def retry_delay_s(
     """
     if attempt >= policy.max_attempts or not is_retryable(status):
         return None
-    told = server_wait_s(status, headers)
+    told = server_wait_s(status, headers, now_s)
     if told is not None:
         return told if told <= policy.max_delay_s else None
     cap_s = min(policy.max_delay_s, policy.base_delay_s * 2 ** (attempt - 1))
@@ -145,6 +168,23 @@ class RateLimiter:
                     self._tokens -= 1.0
                     return
                 await self._sleep((1.0 - self._tokens) / self._rate_per_s)
+
+
+def client_session(
+    *,
+    proxy: str | None = None,
+    timeout_s: float = 30.0,
+) -> aiohttp.ClientSession:
+    """The HTTP session of every outgoing call (UbiOps, Genesys, Jira, Connect keys).
+
+    An explicit proxy carries every call (its credentials, from the URL, go as
+    Proxy-Authorization); without one, aiohttp's `trust_env` applies the standard
+    HTTP_PROXY / HTTPS_PROXY / NO_PROXY variables, as the official clients do.
+    """
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    if proxy is not None:
+        return aiohttp.ClientSession(timeout=timeout, proxy=proxy)
+    return aiohttp.ClientSession(timeout=timeout, trust_env=True)
 
 
 def secret_values(headers: Mapping[str, str]) -> list[str]:
@@ -190,6 +230,13 @@ def _parse_json(body: bytes) -> Any:
         return None
 
 
+def request_url(url: str, req: PlannedRequest) -> URL:
+    """The full URL, already encoded: the catalog quoted the path, the query is encoded
+    as the clients encode it (yarl would leave `:` and `,` raw)."""
+    query = req.query_string
+    return URL(f"{url}?{query}" if query else url, encoded=True)
+
+
 def _open_binary(path: str, mode: str) -> IO[bytes]:
     if "w" in mode:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -220,10 +267,13 @@ async def _attempt(
 ) -> Response:
     """Make one HTTP request and read its whole answer within the timeout."""
     upload: IO[bytes] | None = None
-    data: aiohttp.FormData | None = None
+    data: aiohttp.FormData | bytes | None = None
+    content_headers: dict[str, str] = {}
     try:
         if req.multipart:
-            data = aiohttp.FormData()
+            # multipart even without a file (source_deployment + source_version): aiohttp
+            # would send form fields alone URL-encoded, the client sends multipart.
+            data = aiohttp.FormData(default_to_multipart=True)
             for name, value in req.form:
                 data.add_field(name, value)
             if req.file_path is not None:
@@ -235,13 +285,18 @@ async def _attempt(
                     filename=os.path.basename(req.file_path),
                     content_type="application/octet-stream",
                 )
+        elif req.json_body is not None:
+            data = json.dumps(req.json_body).encode()
+            content_headers["Content-Type"] = JSON
+        elif req.content_type == JSON:
+            # a body method without a body: JSON as the clients say, not octet-stream
+            data = req.empty_json
+            content_headers["Content-Type"] = JSON
         async with session.request(
             req.method,
-            url,
-            params=list(req.query),
-            json=None if data is not None else req.json_body,
+            request_url(url, req),
             data=data,
-            headers={**dict(req.headers), **headers},
+            headers={**dict(req.headers), **content_headers, **headers},
             timeout=aiohttp.ClientTimeout(total=timeout_s),
         ) as resp:
             resp_headers = CIMultiDict(resp.headers)

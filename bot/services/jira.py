@@ -1,6 +1,6 @@
 """Jira dynamic webhooks adapter: operation table, auth (Connect JWT or OAuth) and client.
 
-Operations are the five of Jira's WebhooksApi (`/work/shared/reference/jira-webhooks-api.md`).
+Operations are the five of Jira's WebhooksApi (`docs/reference/jira-webhooks-api.md`).
 The only I/O is `http.send`; signing, token bookkeeping and answer parsing are pure.
 """
 

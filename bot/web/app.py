@@ -23,7 +23,7 @@ from bot.rules import RuleWatcher
 from bot.scheduler import scheduler_ctx
 from bot.services.actions import ActionRunner, ServiceClient
 from bot.services.genesys import GenesysClient
-from bot.services.http import RetryPolicy
+from bot.services.http import RetryPolicy, client_session
 from bot.services.ubiops import UbiOpsClient
 from bot.settings import Settings
 from bot.web import admin, jira
@@ -115,18 +115,15 @@ def service_clients(
         if settings.ubiops_api_token
         else None
     )
-    genesys = (
-        GenesysClient(
-            session,
-            settings.genesys_api_url,
-            settings.genesys_login_url,
-            settings.genesys_client_id,
-            settings.genesys_client_secret,
-            policy=policy,
-            per_minute=settings.genesys_per_minute,
-        )
-        if settings.genesys_client_id and settings.genesys_client_secret
-        else None
+    # Always built: the guest operations need no credentials; the others refuse without.
+    genesys = GenesysClient(
+        session,
+        settings.genesys_api_url,
+        settings.genesys_login_url,
+        settings.genesys_client_id,
+        settings.genesys_client_secret,
+        policy=policy,
+        per_minute=settings.genesys_per_minute,
     )
     return {"ubiops": ubiops, "genesys": genesys}
 
@@ -183,7 +180,7 @@ async def _workers(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _http_session(app: web.Application) -> AsyncIterator[None]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+    async with client_session(proxy=app[SETTINGS].proxy) as session:
         app[HTTP] = session
         yield
 
