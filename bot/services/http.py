@@ -13,6 +13,7 @@ import email.utils
 import json
 import logging
 import math
+import mimetypes
 import os
 import random
 import time
@@ -279,11 +280,13 @@ async def _attempt(
             if req.file_path is not None:
                 # reopened on every attempt: a retried upload must start from byte 0
                 upload = await asyncio.to_thread(_open_binary, req.file_path, "rb")
+                filename = os.path.basename(req.file_path)
                 data.add_field(
                     "file",
                     upload,
-                    filename=os.path.basename(req.file_path),
-                    content_type="application/octet-stream",
+                    filename=filename,
+                    # as the UbiOps client labels the part: by the file name's type
+                    content_type=mimetypes.guess_type(filename)[0] or "application/octet-stream",
                 )
         elif req.json_body is not None:
             data = json.dumps(req.json_body).encode()
