@@ -218,13 +218,19 @@ def _events_replay(settings: Settings, args: argparse.Namespace) -> int:
 def _rules_check(settings: Settings, args: argparse.Namespace) -> int:
     from bot.rules.cli import cmd_check
 
-    return cmd_check(args.dir or settings.rules_dir)
+    return cmd_check(
+        args.dir or settings.rules_dir, epic_label_field=settings.jira_epic_label_field
+    )
 
 
 def _rules_test(settings: Settings, args: argparse.Namespace) -> int:
     from bot.rules.cli import cmd_test
 
-    return cmd_test(args.event, args.rules or settings.rules_dir)
+    return cmd_test(
+        args.event,
+        args.rules or settings.rules_dir,
+        epic_label_field=settings.jira_epic_label_field,
+    )
 
 
 def _webhooks_sync(settings: Settings, _args: argparse.Namespace) -> int:

@@ -393,7 +393,7 @@ async def run_sync_command(access: JiraAccess, ruleset: RuleSet, now: datetime) 
 def cmd_sync(settings: Settings) -> int:
     """`deploybot webhooks sync`: register what the rules need, delete what they do not."""
     try:
-        ruleset = load_rules(settings.rules_dir)
+        ruleset = load_rules(settings.rules_dir, epic_label_field=settings.jira_epic_label_field)
     except RuleError as exc:
         for error in exc.errors:
             print(f"error: {error}", file=sys.stderr)

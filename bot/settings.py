@@ -87,6 +87,8 @@ class Settings:
     jira_token_url: str = "https://auth.atlassian.com/oauth/token"
     jira_connect_keys_url: str = "https://connect-install-keys.atlassian.com"
     jira_app_key: str = "deploybot"
+    # The site's epic label custom field: the one `cf[id]` Jira's webhook filter takes.
+    jira_epic_label_field: str | None = None
     ubiops_api_url: str = "https://api.ubiops.com/v2.1"
     ubiops_api_token: str | None = field(default=None, repr=False)
     genesys_region: str = "mypurecloud.com"
@@ -269,6 +271,15 @@ def _str(raw: str) -> str:
     return raw
 
 
+def _epic_label_field(raw: str) -> str:
+    if not re.fullmatch(r"(?:customfield_|cf\[)?\d+\]?", raw, re.IGNORECASE):
+        raise SettingsError(
+            f"JIRA_EPIC_LABEL_FIELD must be a custom field id such as customfield_10011,"
+            f" got {raw!r}"
+        )
+    return raw
+
+
 # attribute -> (environment variable, parser)
 _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "database_url": ("DEPLOYBOT_DATABASE_URL", _database_url),
@@ -317,6 +328,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "jira_token_url": ("JIRA_TOKEN_URL", _url("JIRA_TOKEN_URL")),
     "jira_connect_keys_url": ("JIRA_CONNECT_KEYS_URL", _url("JIRA_CONNECT_KEYS_URL")),
     "jira_app_key": ("JIRA_APP_KEY", _str),
+    "jira_epic_label_field": ("JIRA_EPIC_LABEL_FIELD", _epic_label_field),
     "ubiops_api_url": ("UBIOPS_API_URL", _url("UBIOPS_API_URL")),
     "ubiops_api_token": ("UBIOPS_API_TOKEN", _str),
     "genesys_region": ("GENESYS_REGION", _region),

@@ -93,7 +93,8 @@ ERROR_CASES = [
         [
             "r.yaml:5: on.jql: Jira's webhook filter cannot take this: column 19: field "
             "'priority' is not supported in a webhook filter (supported: issueKey, project, "
-            "issuetype, status, assignee, reporter, issue.property[...], cf[NNNNN])"
+            "issuetype, status, assignee, reporter, issue.property[...], and cf[NNNNN] for the "
+            "epic label field)"
         ],
     ),
     (

@@ -10,9 +10,14 @@ from bot.rules.dryrun import dry_run
 from bot.rules.loader import ActionSpec, check_rules
 
 
-def cmd_check(rules_dir: Path, *, registry: Mapping[str, ActionSpec] | None = None) -> int:
+def cmd_check(
+    rules_dir: Path,
+    *,
+    registry: Mapping[str, ActionSpec] | None = None,
+    epic_label_field: str | None = None,
+) -> int:
     """Print every error as `file:line: message` and return 1, or a summary and return 0."""
-    ruleset, errors = check_rules(rules_dir, registry)
+    ruleset, errors = check_rules(rules_dir, registry, epic_label_field=epic_label_field)
     if ruleset is None:
         for error in errors:
             print(error)
@@ -27,10 +32,14 @@ def cmd_check(rules_dir: Path, *, registry: Mapping[str, ActionSpec] | None = No
 
 
 def cmd_test(
-    event_path: Path, rules_dir: Path, *, registry: Mapping[str, ActionSpec] | None = None
+    event_path: Path,
+    rules_dir: Path,
+    *,
+    registry: Mapping[str, ActionSpec] | None = None,
+    epic_label_field: str | None = None,
 ) -> int:
     """Print the dry run of the event in `event_path`; 1 when the rules or event are bad."""
-    ruleset, errors = check_rules(rules_dir, registry)
+    ruleset, errors = check_rules(rules_dir, registry, epic_label_field=epic_label_field)
     if ruleset is None:
         for error in errors:
             print(error)

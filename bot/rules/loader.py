@@ -97,22 +97,33 @@ class _Error:
         return f"{self.file}:{self.line}: {self.message}"
 
 
-def load_rules(rules_dir: Path, registry: Mapping[str, ActionSpec] | None = None) -> RuleSet:
-    """Load the rules folder, or raise RuleError carrying every error found."""
-    ruleset, errors = check_rules(rules_dir, registry)
+def load_rules(
+    rules_dir: Path,
+    registry: Mapping[str, ActionSpec] | None = None,
+    *,
+    epic_label_field: str | None = None,
+) -> RuleSet:
+    """Load the rules folder, or raise RuleError carrying every error found.
+
+    `epic_label_field` is the site's epic label custom field (JIRA_EPIC_LABEL_FIELD), the
+    one custom field a JQL filter may name."""
+    ruleset, errors = check_rules(rules_dir, registry, epic_label_field=epic_label_field)
     if ruleset is None:
         raise RuleError(errors)
     return ruleset
 
 
 def check_rules(
-    rules_dir: Path, registry: Mapping[str, ActionSpec] | None = None
+    rules_dir: Path,
+    registry: Mapping[str, ActionSpec] | None = None,
+    *,
+    epic_label_field: str | None = None,
 ) -> tuple[RuleSet | None, list[str]]:
     """Check the rules folder; return the rule set (None on any error) and every error."""
     ops = default_registry() if registry is None else registry
     if not rules_dir.is_dir():
         return None, [f"{rules_dir}:0: rules folder not found"]
-    checker = _Checker(ops, Path(os.path.abspath(rules_dir)))
+    checker = _Checker(ops, Path(os.path.abspath(rules_dir)), epic_label_field)
     contents: dict[str, bytes] = {}
     for path in sorted(rules_dir.glob("*.yaml")):
         display = str(rules_dir / path.name)
@@ -150,9 +161,15 @@ def _line(node: Node) -> int:
 class _Checker:
     """Walk YAML nodes of rule files, collecting rules and errors."""
 
-    def __init__(self, registry: Mapping[str, ActionSpec], base_dir: Path) -> None:
+    def __init__(
+        self,
+        registry: Mapping[str, ActionSpec],
+        base_dir: Path,
+        epic_label_field: str | None = None,
+    ) -> None:
         self.registry = registry
         self.base_dir = base_dir
+        self.epic_label_field = epic_label_field
         self.errors: list[_Error] = []
         self.rules: list[Rule] = []
         self._names: dict[str, str] = {}  # rule name -> "file:line" of its first definition
@@ -312,7 +329,10 @@ class _Checker:
         if events == ():
             self.error(keys["events"][1], "on.events must name at least one event")
         jql = self._optional(keys, "jql", lambda n: self.string(n, "on.jql"))
-        if jql is not None and (problem := check_jql(jql)) is not None:
+        problem = (
+            check_jql(jql, epic_label_field=self.epic_label_field) if jql is not None else None
+        )
+        if problem is not None:
             self.error(keys["jql"][1], f"on.jql: Jira's webhook filter cannot take this: {problem}")
         fields = self._optional(keys, "fields", lambda n: self.strings(n, "on.fields"))
         if not events:

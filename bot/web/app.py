@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -139,7 +140,11 @@ def jira_action_clients(app: web.Application) -> JiraActionClients:
 async def _workers(app: web.Application) -> AsyncIterator[None]:
     """Rule reloads, event processing and action execution, as background tasks."""
     settings = app[SETTINGS]
-    watcher = await asyncio.to_thread(RuleWatcher, settings.rules_dir)
+    watcher = await asyncio.to_thread(
+        functools.partial(
+            RuleWatcher, settings.rules_dir, epic_label_field=settings.jira_epic_label_field
+        )
+    )
     executor = ActionExecutor(
         app[ENGINE],
         ActionRunner(
