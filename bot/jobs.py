@@ -61,7 +61,9 @@ def needs_from_rules(ruleset: RuleSet) -> tuple[list[Need], list[str]]:
                 " only with a JQL filter, so this rule receives no events"
             )
             continue
-        needs.append(Need(rule.name, rule.events, rule.jql, rule.fields or None))
+        needs.append(
+            Need(rule.name, rule.events, rule.jql, rule.fields or None, rule.property_keys or None)
+        )
     return needs, problems
 
 
@@ -418,6 +420,8 @@ def cmd_list(settings: Settings, as_json: bool) -> int:
                 continue
             expires = row.expires_at.isoformat(timespec="seconds") if row.expires_at else "-"
             fields = f"  fields {','.join(row.spec.fields)}" if row.spec.fields else ""
+            if row.spec.property_keys:
+                fields += f"  property keys {','.join(row.spec.property_keys)}"
             print(
                 f"{row.tenant or '-':<24} {row.webhook_id:>10}  expires {expires}"
                 f"  events {','.join(row.spec.events)}  jql {row.spec.jql}{fields}"

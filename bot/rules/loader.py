@@ -48,7 +48,9 @@ JIRA_EVENTS: Final = (
     "issue_property_deleted",
 )
 _RULE_KEYS: Final = ("name", "description", "enabled", "on", "when", "do")
-_ON_KEYS: Final = ("events", "jql", "fields")
+_ON_KEYS: Final = ("events", "jql", "fields", "property_keys")
+# The events Jira's issuePropertyKeysFilter narrows.
+_PROPERTY_EVENTS: Final = ("issue_property_set", "issue_property_deleted")
 _STEP_KEYS: Final = ("id", "action", "with")
 _HEADS: Final = ("field", "changed", "all", "any", "not")
 # Local paths (an upload's file, a download's target) are relative to the rules folder.
@@ -291,7 +293,7 @@ class _Checker:
         steps = self._steps(keys["do"][1]) if "do" in keys else None
         if name is None or on is None or steps is None:
             return
-        events, jql, fields = on
+        events, jql, fields, property_keys = on
         self.rules.append(
             Rule(
                 name=name,
@@ -300,6 +302,7 @@ class _Checker:
                 events=events,
                 jql=jql,
                 fields=fields,
+                property_keys=property_keys,
                 conditions=conditions,
                 steps=steps,
                 source_file=self._file,
@@ -315,7 +318,9 @@ class _Checker:
     ) -> Any:
         return read(keys[key][1]) if key in keys else None
 
-    def _on(self, node: Node) -> tuple[tuple[str, ...], str | None, tuple[str, ...]] | None:
+    def _on(
+        self, node: Node
+    ) -> tuple[tuple[str, ...], str | None, tuple[str, ...], tuple[str, ...]] | None:
         keys = self.mapping(node, "on", _ON_KEYS, required=("events",))
         if keys is None or "events" not in keys:
             return None
@@ -335,9 +340,22 @@ class _Checker:
         if problem is not None:
             self.error(keys["jql"][1], f"on.jql: Jira's webhook filter cannot take this: {problem}")
         fields = self._optional(keys, "fields", lambda n: self.strings(n, "on.fields"))
+        property_keys = self._optional(
+            keys, "property_keys", lambda n: self.strings(n, "on.property_keys")
+        )
+        if property_keys is not None:
+            if not property_keys:
+                self.error(keys["property_keys"][1], "on.property_keys must name at least one key")
+            elif events and not set(events) & set(_PROPERTY_EVENTS):
+                self.error(
+                    keys["property_keys"][1],
+                    "on.property_keys narrows only the events "
+                    + " and ".join(_PROPERTY_EVENTS)
+                    + "; add one of them to on.events",
+                )
         if not events:
             return None
-        return events, jql, fields or ()
+        return events, jql, fields or (), property_keys or ()
 
     # --- conditions -----------------------------------------------------------------
 

@@ -118,6 +118,7 @@ def _registered(item: Mapping[str, Any]) -> RegisteredWebhook:
             tuple(item.get("events") or ()),
             str(item.get("jqlFilter", "")),
             item.get("fieldIdsFilter"),
+            item.get("issuePropertyKeysFilter"),
         ),
         expires_at=None if expires is None else parse_jira_time(expires),
     )

@@ -137,6 +137,7 @@ class FakeWebhook:
     fields: list[str] | None
     url: str
     expires_at: float
+    property_keys: list[str] | None = None
 
 
 @dataclass
@@ -380,6 +381,7 @@ class FakeJira:
                 entry.get("fieldIdsFilter"),
                 url,
                 self.now + LIFETIME_S,
+                entry.get("issuePropertyKeysFilter"),
             )
             self.webhooks[hook.id] = hook
             count += 1
@@ -399,6 +401,7 @@ class FakeJira:
                 "expirationDate": _ms(h.expires_at),
             }
             | ({"fieldIdsFilter": h.fields} if h.fields is not None else {})
+            | ({"issuePropertyKeysFilter": h.property_keys} if h.property_keys is not None else {})
             for h in page
         ]
         return web.json_response(
