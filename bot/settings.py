@@ -3,35 +3,56 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from dotenv import dotenv_values
 
 from bot.errors import SettingsError
 
-GENESYS_REGIONS = frozenset(
-    {
-        "mypurecloud.com",
-        "mypurecloud.ie",
-        "mypurecloud.de",
-        "mypurecloud.jp",
-        "mypurecloud.com.au",
-        "usw2.pure.cloud",
-        "use2.us-gov-pure.cloud",
-        "cac1.pure.cloud",
-        "euw2.pure.cloud",
-        "euc2.pure.cloud",
-        "aps1.pure.cloud",
-        "apne2.pure.cloud",
-        "apne3.pure.cloud",
-        "sae1.pure.cloud",
-        "mec1.pure.cloud",
-    }
-)
+# The Genesys Cloud regions, by the names of the Python SDK's PureCloudRegionHosts enum
+# (219.0.0, plus mx_central_1, ap_southeast_1 and eusc_de_east_1 of later releases).
+GENESYS_REGION_NAMES: Mapping[str, str] = {
+    "us_east_1": "mypurecloud.com",
+    "eu_west_1": "mypurecloud.ie",
+    "ap_southeast_2": "mypurecloud.com.au",
+    "ap_northeast_1": "mypurecloud.jp",
+    "eu_central_1": "mypurecloud.de",
+    "us_west_2": "usw2.pure.cloud",
+    "ca_central_1": "cac1.pure.cloud",
+    "ap_northeast_2": "apne2.pure.cloud",
+    "eu_west_2": "euw2.pure.cloud",
+    "ap_south_1": "aps1.pure.cloud",
+    "us_east_2": "use2.us-gov-pure.cloud",
+    "sa_east_1": "sae1.pure.cloud",
+    "me_central_1": "mec1.pure.cloud",
+    "ap_northeast_3": "apne3.pure.cloud",
+    "eu_central_2": "euc2.pure.cloud",
+    "mx_central_1": "mxc1.pure.cloud",
+    "ap_southeast_1": "apse1.pure.cloud",
+    "eusc_de_east_1": "edee1.eusc-pure.cloud",
+}
+GENESYS_REGIONS = frozenset(GENESYS_REGION_NAMES.values())
+
+
+def genesys_region(raw: str) -> str | None:
+    """Return the region's domain for a domain or an SDK region name (`eu_west_1`,
+    `eu-west-1`), or None when it is not a Genesys Cloud region."""
+    name = raw.strip().lower()
+    if name in GENESYS_REGIONS:
+        return name
+    return GENESYS_REGION_NAMES.get(name.replace("-", "_"))
+
+
+def genesys_login_url(api_url: str) -> str | None:
+    """Derive the login URL from an API URL as the SDK does (`//api.` -> `//login.`);
+    None when the URL has no `api.` host to replace (a gateway)."""
+    login, replaced = re.subn(r"//api\.", "//login.", api_url, count=1)
+    return login if replaced else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +98,8 @@ class Settings:
     # install at all (client keys or base URLs; empty: any).
     jira_allowed_base_url_hosts: tuple[str, ...] = ("*.atlassian.net",)
     jira_allowed_tenants: tuple[str, ...] = ()
+    # The site's epic label custom field: the one `cf[id]` Jira's webhook filter takes.
+    jira_epic_label_field: str | None = None
     ubiops_api_url: str = "https://api.ubiops.com/v2.1"
     ubiops_api_token: str | None = field(default=None, repr=False)
     genesys_region: str = "mypurecloud.com"
@@ -87,6 +110,11 @@ class Settings:
     # Client-side limits under the accounts' per-minute quotas (429s are handled on top).
     ubiops_per_minute: int = 240
     genesys_per_minute: int = 300
+    # An explicit proxy for every outgoing call (credentials in the URL or separately);
+    # without it the standard HTTP_PROXY / HTTPS_PROXY / NO_PROXY variables apply.
+    http_proxy: str | None = field(default=None, repr=False)
+    http_proxy_user: str | None = None
+    http_proxy_password: str | None = field(default=None, repr=False)
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -97,8 +125,41 @@ class Settings:
             self.jira_refresh_token,
             self.ubiops_api_token,
             self.genesys_client_secret,
+            self.http_proxy_password,
+            urlsplit(self.http_proxy).password if self.http_proxy else None,
         )
         return tuple(v for v in values if v)
+
+    @property
+    def proxy(self) -> str | None:
+        """The explicit proxy as one URL; separate credentials replace those in the URL."""
+        if not self.http_proxy:
+            return None
+        if not self.http_proxy_user:
+            return self.http_proxy
+        parts = urlsplit(self.http_proxy)
+        user = quote(self.http_proxy_user, safe="")
+        password = quote(self.http_proxy_password or "", safe="")
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit(parts._replace(netloc=f"{user}:{password}@{host}"))
+
+    def startup_notes(self) -> list[str]:
+        """Describe how outgoing calls are routed (one start-up line each; no secret)."""
+        notes: list[str] = []
+        if self.http_proxy:
+            notes.append(
+                f"outgoing calls go through the proxy {masked_proxy(self.http_proxy)}"
+                " (DEPLOYBOT_HTTP_PROXY; NO_PROXY does not apply to it)"
+            )
+        if genesys_login_url(self.genesys_api_url) is None and self.genesys_login_url == (
+            f"https://login.{self.genesys_region}"
+        ):
+            notes.append(
+                f"Genesys login stays on {self.genesys_login_url}: GENESYS_API_URL"
+                f" {self.genesys_api_url} has no api. host to derive it from; set"
+                " GENESYS_LOGIN_URL for a gateway"
+            )
+        return notes
 
     @property
     def is_sqlite(self) -> bool:
@@ -121,7 +182,10 @@ class Settings:
         if not self.ubiops_api_token:
             off.append("UbiOps actions are off: UBIOPS_API_TOKEN is not set")
         if not (self.genesys_client_id and self.genesys_client_secret):
-            off.append("Genesys actions are off: set GENESYS_CLIENT_ID and GENESYS_CLIENT_SECRET")
+            off.append(
+                "Genesys actions are off (except the five guest operations, sent without"
+                " credentials): set GENESYS_CLIENT_ID and GENESYS_CLIENT_SECRET"
+            )
         if not self.admin_token:
             off.append("admin API and status page are off: DEPLOYBOT_ADMIN_TOKEN is not set")
         return off
@@ -182,6 +246,26 @@ def _url(name: str, schemes: tuple[str, ...] = ("http", "https")) -> Callable[[s
     return parse
 
 
+def masked_proxy(url: str) -> str:
+    """Show a proxy URL with its credentials masked."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+
+def _proxy(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        # the URL may hold credentials: never echo it
+        raise SettingsError(
+            "DEPLOYBOT_HTTP_PROXY must be an absolute http or https URL such as"
+            " http://user:password@proxy.example:3128 (the value is not shown: it may hold"
+            " credentials)"
+        )
+    return raw.rstrip("/")
+
+
 def _database_url(raw: str) -> str:
     if not raw.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
         raise SettingsError(
@@ -192,12 +276,16 @@ def _database_url(raw: str) -> str:
 
 
 def _region(raw: str) -> str:
-    if raw not in GENESYS_REGIONS:
+    domain = genesys_region(raw)
+    if domain is None:
         raise SettingsError(
             f"GENESYS_REGION {raw!r} is not a Genesys Cloud region; known: "
             + ", ".join(sorted(GENESYS_REGIONS))
+            + " (or the SDK's names: "
+            + ", ".join(GENESYS_REGION_NAMES)
+            + ")"
         )
-    return raw
+    return domain
 
 
 def _str(raw: str) -> str:
@@ -210,6 +298,15 @@ def _csv(raw: str) -> tuple[str, ...]:
 
 def _hosts(raw: str) -> tuple[str, ...]:
     return tuple(h.strip().lower().rstrip(".") for h in raw.split(",") if h.strip())
+
+
+def _epic_label_field(raw: str) -> str:
+    if not re.fullmatch(r"(?:customfield_|cf\[)?\d+\]?", raw, re.IGNORECASE):
+        raise SettingsError(
+            f"JIRA_EPIC_LABEL_FIELD must be a custom field id such as customfield_10011,"
+            f" got {raw!r}"
+        )
+    return raw
 
 
 # attribute -> (environment variable, parser)
@@ -265,6 +362,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "jira_app_key": ("JIRA_APP_KEY", _str),
     "jira_allowed_base_url_hosts": ("JIRA_ALLOWED_BASE_URL_HOSTS", _csv),
     "jira_allowed_tenants": ("JIRA_ALLOWED_TENANTS", _csv),
+    "jira_epic_label_field": ("JIRA_EPIC_LABEL_FIELD", _epic_label_field),
     "ubiops_api_url": ("UBIOPS_API_URL", _url("UBIOPS_API_URL")),
     "ubiops_api_token": ("UBIOPS_API_TOKEN", _str),
     "genesys_region": ("GENESYS_REGION", _region),
@@ -280,6 +378,9 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
         "GENESYS_RATE_LIMIT_PER_MINUTE",
         _int("GENESYS_RATE_LIMIT_PER_MINUTE", 1, 1_000_000),
     ),
+    "http_proxy": ("DEPLOYBOT_HTTP_PROXY", _proxy),
+    "http_proxy_user": ("DEPLOYBOT_HTTP_PROXY_USER", _str),
+    "http_proxy_password": ("DEPLOYBOT_HTTP_PROXY_PASSWORD", _str),
 }
 assert set(_VARIABLES) == {f.name for f in fields(Settings)}, "every setting has a variable"
 
@@ -297,8 +398,9 @@ def from_env(env: Mapping[str, str] | None = None, dotenv: Path | None = Path(".
             values[attr] = parse(raw)
     settings = Settings(**values)  # type: ignore[arg-type]
     region = settings.genesys_region
-    return replace(
-        settings,
-        genesys_api_url=settings.genesys_api_url or f"https://api.{region}",
-        genesys_login_url=settings.genesys_login_url or f"https://login.{region}",
+    api_url = settings.genesys_api_url or f"https://api.{region}"
+    # As the SDK: the login host follows the API host (api. -> login.) unless it is set.
+    login_url = (
+        settings.genesys_login_url or genesys_login_url(api_url) or f"https://login.{region}"
     )
+    return replace(settings, genesys_api_url=api_url, genesys_login_url=login_url)

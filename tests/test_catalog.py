@@ -245,6 +245,8 @@ def _sample(param: Param) -> Any:
 def test_plan_request_fills_every_required_param(name: str) -> None:
     op = ubiops.OPERATIONS_BY_NAME[name]
     params = {p.name: _sample(p) for p in op.params if p.required}
+    # revisions_file_upload: one source of the file is needed (the first: a file)
+    params |= {p.name: _sample(p) for p in op.params if op.one_of and p.name in op.one_of[0]}
     planned = plan_request(op, params)
     expected_path = op.path.format_map({p.name: f"{p.name}-1" for p in op.params})
     assert planned.method == op.method
@@ -252,7 +254,7 @@ def test_plan_request_fills_every_required_param(name: str) -> None:
     assert "{" not in planned.path
     assert planned.query == ()
     assert planned.json_body == params.get("data")
-    assert planned.file_path is None
+    assert planned.file_path == params.get("file")
     for p in op.params:
         if p.required:
             missing = {k: v for k, v in params.items() if k != p.name}
@@ -284,20 +286,26 @@ def test_plan_request_query_skips_none_and_renders_values() -> None:
     assert planned.query == (("limit", "5"), ("offset", "0"))
 
 
-def test_plan_request_repeats_list_query_values_and_lowercases_booleans() -> None:
+def test_plan_request_joins_list_query_values_and_lowercases_booleans() -> None:
     op = Operation(
         "svc",
         "things_list",
         "GET",
         "/things",
         (
-            Param("tag", "query"),
+            Param("tag", "query", many=True),
             Param("deleted", "query"),
             Param("page_size", "query", wire_name="pageSize"),
         ),
     )
     planned = plan_request(op, {"tag": ["a", "b"], "deleted": False, "page_size": 25})
-    assert planned.query == (("tag", "a"), ("tag", "b"), ("deleted", "false"), ("pageSize", "25"))
+    # a list is sent comma-separated, as the SDKs send `expand` (csv collection format)
+    assert planned.query == (("tag", "a,b"), ("deleted", "false"), ("pageSize", "25"))
+    assert planned.query_string == "tag=a%2Cb&deleted=false&pageSize=25"
+    with pytest.raises(ActionError, match="deleted takes a single value, not a list"):
+        plan_request(op, {"deleted": [True, False]})
+    with pytest.raises(ActionError, match="tag takes a list of plain values"):
+        plan_request(op, {"tag": [["a"]]})
 
 
 def test_plan_request_upload_puts_file_and_form_fields() -> None:

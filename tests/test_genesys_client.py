@@ -18,6 +18,7 @@ from bot.core.catalog import registry
 from bot.errors import ActionError, ServiceDisabled
 from bot.services.actions import ActionRunner, Done, high_level_actions
 from bot.services.genesys import (
+    GUEST_OPERATIONS,
     MAX_BODY_BYTES,
     OPERATIONS_BY_NAME,
     GenesysClient,
@@ -112,7 +113,10 @@ async def test_every_operation_once(fake: FakeGenesys, client: GenesysClient) ->
         answer = await client.call(name, params)
         seen = fake.api_requests[-1]
         assert (seen.method, seen.path) == (method, path), name
-        assert seen.headers["Authorization"].startswith("Bearer ")
+        if name in GUEST_OPERATIONS:  # sent as the SDK sends them: without the org's token
+            assert "Authorization" not in seen.headers, name
+        else:
+            assert seen.headers["Authorization"].startswith("Bearer ")
         called.append(name)
         return answer
 

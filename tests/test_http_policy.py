@@ -51,7 +51,7 @@ RETRY_TABLE: list[tuple[int, int | None, dict[str, str], float | None]] = [
     (1, 503, {"Retry-After": "4"}, 4.0),
     (1, 500, {"x-ratelimit-reset": "50"}, 0.5),  # reset only means "wait" on a 429
     (1, 429, {}, 0.5),  # a 429 without a hint: backoff
-    (1, 429, {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}, 0.5),  # date: backoff
+    (1, 429, {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}, 0.0),  # a date gone by
     (1, 429, {"Retry-After": "-5"}, 0.0),
     (1, 429, {"x-ratelimit-reset": "120"}, None),  # too long to hold a worker
     (4, 429, {"x-ratelimit-reset": "1"}, None),  # attempts used up

@@ -397,7 +397,7 @@ def test_the_dry_run_shows_each_actions_main_call(tmp_path: Path) -> None:
     assert "error: jira.add_comment: '../../webhook' is not an issue key" in text
     assert "POST /rest/api/3/issue/OPS-4/transitions" in text
     assert "<the id of 'Start deploy', from GET .../transitions>" in text
-    assert "GET /rest/api/3/search/jql?jql=project = OPS&maxResults=100&fields=summary" in text
+    assert "GET /rest/api/3/search/jql?jql=project+%3D+OPS&maxResults=100&fields=summary" in text
     assert "POST https://hooks.slack.com/services/x?a=1" in text
     text = dry_run(ruleset, issue_updated_payload(key="OPS-4", fields={"summary": "OPS-4"}))
     assert "POST /rest/api/3/issue/OPS-4/comment" in text and '"marks": [' in text

@@ -113,7 +113,7 @@ async def oauth() -> AsyncIterator[Jira]:
 async def test_register_reports_each_entry_and_creates_only_good_ones(jira: Jira) -> None:
     bad_field = WebhookSpec(("jira:issue_updated",), "summary ~ deploy")
     bad_op = WebhookSpec(("jira:issue_created",), "project > 3")
-    fielded = WebhookSpec(("jira:issue_updated",), "cf[10050] IN (a, b)", ("status", "labels"))
+    fielded = WebhookSpec(("jira:issue_updated",), "cf[10011] IN (a, b)", ("status", "labels"))
     results = await jira.client.register([GOOD, bad_field, fielded, bad_op], DELIVERY_URL)
 
     assert [r.spec for r in results] == [GOOD, bad_field, fielded, bad_op]

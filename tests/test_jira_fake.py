@@ -11,7 +11,7 @@ from aiohttp import web
 from bot.core.verify import relative_path, verify_connect, verify_oauth
 from bot.errors import VerificationError
 from bot.rules.jql import check_jql
-from tests.fakes.jira import FakeJira, issue_updated_payload, jql_error
+from tests.fakes.jira import EPIC_LABEL_FIELD_ID, FakeJira, issue_updated_payload, jql_error
 
 ACCEPTED = [
     "project = OPS",
@@ -19,7 +19,7 @@ ACCEPTED = [
     "status != Done",
     "project IN (OPS, EXP) AND status = 'Ready to deploy'",
     'issueKey NOT IN ("OPS-1", OPS-2)',
-    "(assignee = abc OR reporter = def) AND cf[10050] = model-x",
+    "(assignee = abc OR reporter = def) AND cf[10011] = model-x",  # the epic label field
     "issue.property[deploy].env = prod",
     "PROJECT = ops",
 ]
@@ -34,6 +34,7 @@ REFUSED = [
     "(project = OPS",
     "project = OPS AND",
     "labels = model-x",
+    "cf[10050] = model-x",  # a custom field other than the epic label field
 ]
 
 
@@ -50,7 +51,8 @@ def test_fake_refuses_jql_outside_the_subset(jql: str) -> None:
 @pytest.mark.parametrize("jql", ACCEPTED + REFUSED)
 def test_rule_checker_agrees_with_the_fake(jql: str) -> None:
     """What `rules check` passes, the (fake) Jira registers: two independent parsers agree."""
-    assert (check_jql(jql) is None) == (jql_error(jql) is None)
+    epic_label = f"customfield_{EPIC_LABEL_FIELD_ID}"
+    assert (check_jql(jql, epic_label_field=epic_label) is None) == (jql_error(jql) is None)
 
 
 class Receiver:

@@ -1,4 +1,4 @@
-"""Migration 0003_h20 gives stored events their outcome from their runs, and goes back."""
+"""Migration 0003 gives stored events their outcome from their runs, and goes back."""
 
 from __future__ import annotations
 

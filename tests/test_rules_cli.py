@@ -70,6 +70,7 @@ event: jira:issue_updated (OPS-42)
 MATCH deploy-model-when-ready  (rules/ubiops-rollout.yaml:10)
   step 1 [version]: ubiops.deployment_versions_create
     POST /projects/ml-prod/deployments/churn-model/versions
+    content-type: application/json
     json body:
       {{
         "version": "ops-42",
@@ -86,6 +87,7 @@ MATCH deploy-model-when-ready  (rules/ubiops-rollout.yaml:10)
 "labels": {{"jira": "OPS-42"}}}}
   step 2: ubiops.revisions_file_upload
     POST /projects/ml-prod/deployments/churn-model/versions/~steps.version.version~/revisions
+    content-type: multipart/form-data
     file (multipart field 'file'): {model}
     parameters (rendered):
       project_name: "ml-prod"

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from bot.errors import SettingsError
 from bot.rules.jql import check_jql
+from bot.rules.loader import check_rules
+from bot.settings import from_env
 
 ACCEPTED = [
     "project = OPS",
@@ -13,7 +18,6 @@ ACCEPTED = [
     "issueKey = OPS-42 OR issuekey IN (OPS-1, OPS-2)",
     "(project = OPS OR project = ML) AND status NOT IN (Done, Closed)",
     "assignee = 5b10ac8d82e05b22cc7d4ef5 and reporter != 5b10a2844c20165700ede21g",
-    "cf[10050] = churn-model",
     "issue.property[deploy].target = prod",
     "issue.property[deploy] = yes",
     "project=OPS AND status='Ready to deploy'",
@@ -25,6 +29,36 @@ ACCEPTED = [
 @pytest.mark.parametrize("jql", ACCEPTED)
 def test_accepted(jql: str) -> None:
     assert check_jql(jql) is None
+
+
+@pytest.mark.parametrize("named", ["customfield_10011", "cf[10011]", "10011", "CF[10011]"])
+def test_the_epic_label_custom_field_is_accepted_once_named(named: str) -> None:
+    jql = 'project = OPS AND cf[10011] IN ("Q3 models", churn)'
+    assert check_jql(jql, epic_label_field=named) is None
+
+
+@pytest.mark.parametrize(
+    ("jql", "epic_label", "message"),
+    [
+        # Jira's webhook filter documents cf[id] only for the epic label field
+        (
+            "cf[10050] = churn-model",
+            None,
+            "column 1: custom field 'cf[10050]': Jira's webhook filter takes only the epic"
+            " label custom field (set JIRA_EPIC_LABEL_FIELD to its id if this is it)",
+        ),
+        (
+            "project = OPS AND cf[10050] = churn-model",
+            "customfield_10011",
+            "column 19: custom field 'cf[10050]': Jira's webhook filter takes only the epic"
+            " label custom field (the epic label field is cf[10011])",
+        ),
+        ("cf[10011] = x", "summary", "column 1: custom field 'cf[10011]'"),
+    ],
+)
+def test_other_custom_fields_are_refused(jql: str, epic_label: str | None, message: str) -> None:
+    problem = check_jql(jql, epic_label_field=epic_label)
+    assert problem is not None and problem.startswith(message), problem
 
 
 REFUSED = [
@@ -55,3 +89,25 @@ REFUSED = [
 def test_refused(jql: str, message: str) -> None:
     problem = check_jql(jql)
     assert problem is not None and problem.startswith(message), problem
+
+
+def test_rules_check_takes_the_epic_label_field_from_the_settings(tmp_path: Path) -> None:
+    rule = (
+        "rules:\n  - name: epic\n    on:\n      events: [jira:issue_updated]\n"
+        "      jql: project = OPS AND cf[10011] = churn\n"
+        "    do:\n      - action: ubiops.deployments_list\n        with: {project_name: p}\n"
+    )
+    (tmp_path / "r.yaml").write_text(rule)
+    ruleset, errors = check_rules(tmp_path)
+    assert ruleset is None
+    assert errors == [
+        f"{tmp_path / 'r.yaml'}:5: on.jql: Jira's webhook filter cannot take this: column 19:"
+        " custom field 'cf[10011]': Jira's webhook filter takes only the epic label custom"
+        " field (set JIRA_EPIC_LABEL_FIELD to its id if this is it); test other fields in"
+        " `when:`"
+    ]
+    settings = from_env({"JIRA_EPIC_LABEL_FIELD": "customfield_10011"}, dotenv=None)
+    ruleset, errors = check_rules(tmp_path, epic_label_field=settings.jira_epic_label_field)
+    assert errors == [] and ruleset is not None
+    with pytest.raises(SettingsError, match="JIRA_EPIC_LABEL_FIELD"):
+        from_env({"JIRA_EPIC_LABEL_FIELD": "Epic Name"}, dotenv=None)

@@ -93,7 +93,8 @@ ERROR_CASES = [
         [
             "r.yaml:5: on.jql: Jira's webhook filter cannot take this: column 19: field "
             "'priority' is not supported in a webhook filter (supported: issueKey, project, "
-            "issuetype, status, assignee, reporter, issue.property[...], cf[NNNNN])"
+            "issuetype, status, assignee, reporter, issue.property[...], and cf[NNNNN] for the "
+            "epic label field)"
         ],
     ),
     (
@@ -257,6 +258,26 @@ ERROR_CASES = [
         + "               save_to: /etc/cron.d/x}\n",
         ["r.yaml:11: save_to: '/etc/cron.d/x' is outside the rules folder"],
     ),
+    (
+        "property keys without a property event",
+        HEAD + "      property_keys: [deploy-env]\n" + STEP,
+        [
+            "r.yaml:5: on.property_keys narrows only the events issue_property_set and "
+            "issue_property_deleted; add one of them to on.events"
+        ],
+    ),
+    (
+        "no property keys",
+        "rules:\n  - name: r\n    on:\n      events: [issue_property_set]\n"
+        "      property_keys: []\n" + STEP,
+        ["r.yaml:5: on.property_keys must name at least one key"],
+    ),
+    (
+        "property keys not strings",
+        "rules:\n  - name: r\n    on:\n      events: [issue_property_set]\n"
+        "      property_keys: [{a: b}]\n" + STEP,
+        ["r.yaml:5: each entry of on.property_keys must be a string, not a mapping"],
+    ),
 ]
 
 
@@ -398,3 +419,13 @@ def test_yaml_error_names_where_the_unclosed_part_started(tmp_path: Path) -> Non
         "r.yaml:13: YAML syntax error: found unexpected end of stream "
         "(while scanning a quoted scalar at line 5)"
     ]
+
+
+def test_property_keys_are_read_for_property_events(tmp_path: Path) -> None:
+    text = (
+        "rules:\n  - name: r\n    on:\n      events: [issue_property_set, jira:issue_updated]\n"
+        "      jql: project = OPS\n      property_keys: [deploy-env, deploy-target]\n" + STEP
+    )
+    write_rules(tmp_path, {"r.yaml": text})
+    [rule] = load_rules(tmp_path, REGISTRY).rules
+    assert rule.property_keys == ("deploy-env", "deploy-target")

@@ -83,6 +83,25 @@ def test_spec_is_canonical_and_serializes_like_jira() -> None:
         "fieldIdsFilter": ["a", "b"],
     }
     assert "fieldIdsFilter" not in WebhookSpec((UPD,), "project = OPS").to_json()
+    assert "issuePropertyKeysFilter" not in WebhookSpec((UPD,), "project = OPS").to_json()
+
+
+def test_property_keys_are_the_issue_property_keys_filter_and_keep_webhooks_apart() -> None:
+    prop = "issue_property_set"
+    keyed = Need("a", (prop,), "project = OPS", None, ("env", "target", "env"))
+    plain = Need("b", (prop,), "project = OPS")
+    desired = desired_webhooks([keyed, plain])
+    assert [d.rules for d in desired] == [("a",), ("b",)]
+    assert desired[0].spec.to_json() == {
+        "events": [prop],
+        "jqlFilter": "project = OPS",
+        "issuePropertyKeysFilter": ["env", "target"],
+    }
+    held = RegisteredWebhook(
+        3, WebhookSpec((prop,), "project = OPS", None, ("target", "env")), None
+    )
+    plan = plan_sync([keyed], [held], "connect")
+    assert (plan.register, plan.delete, plan.keep) == ((), (), (held,))
 
 
 @pytest.mark.parametrize(

@@ -133,3 +133,47 @@ async def test_sync_refuses_broken_rules_and_a_missing_public_url(
     write_rules(rules_dir, GOOD)
     code, _, err = await deploybot(tmp_path, env, "webhooks", "sync")
     assert code == 2 and "DEPLOYBOT_PUBLIC_URL" in err
+
+
+PROPERTY_RULE = """
+  - name: on-deploy-property
+    on:
+      events: [issue_property_set]
+      jql: project = OPS
+      property_keys: [deploy-target, deploy-env]
+    do: [{action: ubiops.deployments_list, with: {project_name: p}}]
+"""
+
+
+async def test_property_keys_are_registered_as_the_issue_property_keys_filter(
+    fake: FakeJira, database_url: str, tmp_path: Path
+) -> None:
+    engine = create_engine(database_url)
+    await upgrade(engine)
+    await Tenants(engine).install(fake.client_key, fake.shared_secret, fake.base_url)
+    await engine.dispose()
+    rules_dir = tmp_path / "rules"
+    write_rules(rules_dir, PROPERTY_RULE)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "DEPLOYBOT_DATABASE_URL": database_url,
+        "DEPLOYBOT_RULES_DIR": str(rules_dir),
+        "DEPLOYBOT_PUBLIC_URL": PUBLIC_URL,
+        "JIRA_AUTH_MODE": "connect",
+        "JIRA_APP_KEY": fake.app_key,
+    }
+    code, out, err = await deploybot(tmp_path, env, "webhooks", "sync")
+    assert code == 0, out + err
+    (created,) = fake.live()
+    assert created.property_keys == ["deploy-env", "deploy-target"]
+    [registration] = [r for r in fake.api_requests() if r.method == "POST"]
+    [entry] = json.loads(registration.body)["webhooks"]
+    assert entry["issuePropertyKeysFilter"] == ["deploy-env", "deploy-target"]
+    # Jira lists it back: the same filter, kept as it is
+    code, out, err = await deploybot(tmp_path, env, "webhooks", "sync")
+    assert code == 0, out + err
+    assert f"registered [], deleted [], kept [{created.id}]" in out
+    code, out, err = await deploybot(tmp_path, env, "webhooks", "list", "--json")
+    assert code == 0, err
+    (row,) = [json.loads(line) for line in out.splitlines()]
+    assert row["property_keys"] == ["deploy-env", "deploy-target"]

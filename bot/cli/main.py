@@ -39,6 +39,8 @@ def _serve(settings: Settings, _args: argparse.Namespace) -> int:
 
     for warning in settings.disabled_features():
         log.warning("%s", warning)
+    for note in settings.startup_notes():
+        log.info("%s", note)
     app = create_app(settings)
     app.on_shutdown.append(_exit_deadline(settings.shutdown_timeout_s))
     # The event loop shares the GIL with the SQLite write thread: after each socket call
@@ -261,13 +263,21 @@ def _runs_retry(settings: Settings, args: argparse.Namespace) -> int:
 def _rules_check(settings: Settings, args: argparse.Namespace) -> int:
     from bot.cli.rules import cmd_check
 
-    return cmd_check(args.dir or settings.rules_dir, http_allowed_hosts=settings.http_allowed_hosts)
+    return cmd_check(
+        args.dir or settings.rules_dir,
+        http_allowed_hosts=settings.http_allowed_hosts,
+        epic_label_field=settings.jira_epic_label_field,
+    )
 
 
 def _rules_test(settings: Settings, args: argparse.Namespace) -> int:
     from bot.cli.rules import cmd_test
 
-    return cmd_test(args.event, args.rules or settings.rules_dir)
+    return cmd_test(
+        args.event,
+        args.rules or settings.rules_dir,
+        epic_label_field=settings.jira_epic_label_field,
+    )
 
 
 def _webhooks_sync(settings: Settings, _args: argparse.Namespace) -> int:

@@ -15,9 +15,15 @@ def cmd_check(
     *,
     registry: Mapping[str, ActionSpec] | None = None,
     http_allowed_hosts: tuple[str, ...] | None = None,
+    epic_label_field: str | None = None,
 ) -> int:
     """Print every error as `file:line: message` and return 1, or a summary and return 0."""
-    ruleset, errors = check_rules(rules_dir, registry, http_allowed_hosts=http_allowed_hosts)
+    ruleset, errors = check_rules(
+        rules_dir,
+        registry,
+        http_allowed_hosts=http_allowed_hosts,
+        epic_label_field=epic_label_field,
+    )
     if ruleset is None:
         for error in errors:
             print(error)
@@ -32,10 +38,14 @@ def cmd_check(
 
 
 def cmd_test(
-    event_path: Path, rules_dir: Path, *, registry: Mapping[str, ActionSpec] | None = None
+    event_path: Path,
+    rules_dir: Path,
+    *,
+    registry: Mapping[str, ActionSpec] | None = None,
+    epic_label_field: str | None = None,
 ) -> int:
     """Print the dry run of the event in `event_path`; 1 when the rules or event are bad."""
-    ruleset, errors = check_rules(rules_dir, registry)
+    ruleset, errors = check_rules(rules_dir, registry, epic_label_field=epic_label_field)
     if ruleset is None:
         for error in errors:
             print(error)

@@ -6,8 +6,11 @@ Every adapter's calls and the executor's action attempts share it (`bot.services
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import math
 import random
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -38,14 +41,33 @@ def _seconds(value: str | None) -> float | None:
     try:
         seconds = float(value.strip())
     except ValueError:
-        return None  # an HTTP-date Retry-After falls back to our own backoff
+        return None
     return max(seconds, 0.0) if math.isfinite(seconds) else None
 
 
-def server_wait_s(status: int | None, headers: Mapping[str, str]) -> float | None:
-    """Return how long the service asked us to wait, or None if it did not say."""
+def _retry_after_s(value: str | None, now_s: float) -> float | None:
+    """Parse Retry-After in both of its forms (RFC 9110 10.2.3): seconds or an HTTP date."""
+    seconds = _seconds(value)
+    if seconds is not None or value is None:
+        return seconds
+    try:
+        when = email.utils.parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # "-0000" and obsolete zones: HTTP dates are in GMT
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(when.timestamp() - now_s, 0.0)
+
+
+def server_wait_s(
+    status: int | None, headers: Mapping[str, str], now_s: float | None = None
+) -> float | None:
+    """Return how long the service asked us to wait, or None if it did not say.
+
+    `now_s` (epoch seconds, default the wall clock) turns an HTTP-date Retry-After into
+    a wait."""
     lower = {k.lower(): v for k, v in headers.items()}
-    told = _seconds(lower.get("retry-after"))
+    told = _retry_after_s(lower.get("retry-after"), time.time() if now_s is None else now_s)
     if told is not None:
         return told
     if status == 429:
@@ -63,6 +85,7 @@ def retry_delay_s(
     status: int | None,
     headers: Mapping[str, str],
     rng: random.Random,
+    now_s: float | None = None,
 ) -> float | None:
     """Return the wait before the next attempt after `attempt` failed, or None to stop.
 
@@ -73,7 +96,7 @@ def retry_delay_s(
     """
     if attempt >= policy.max_attempts or not is_retryable(status):
         return None
-    told = server_wait_s(status, headers)
+    told = server_wait_s(status, headers, now_s)
     if told is not None:
         return told if told <= policy.max_delay_s else None
     cap_s = min(policy.max_delay_s, policy.base_delay_s * 2 ** (attempt - 1))

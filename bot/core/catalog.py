@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Literal
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from bot.errors import ActionError
 
@@ -39,6 +39,7 @@ class Param:
     location: ParamLocation
     required: bool = False
     wire_name: str = ""  # name on the wire (path placeholder or query key); defaults to name
+    many: bool = False  # a query list (`expand`): sent comma-separated, as the SDKs send it
 
     @property
     def wire(self) -> str:
@@ -46,6 +47,9 @@ class Param:
 
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+JSON = "application/json"
+MULTIPART = "multipart/form-data"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +65,32 @@ class PlannedRequest:
     download_path: str | None = None  # save the response body to this local file
     headers: tuple[tuple[str, str], ...] = ()  # request headers from `header` params
     follow_redirects: bool = True  # http.request: a redirect could leave the allowed hosts
+    # False for the operations the official client sends without credentials (Genesys
+    # guest operations): the service's token is not sent with them.
+    authorized: bool = True
+    # What a body method without a body sends: nothing (UbiOps' client) or `null`
+    # (Genesys' client serialises the absent body); either way as application/json.
+    empty_json: bytes = b""
 
     @property
     def multipart(self) -> bool:
         return self.file_path is not None or bool(self.form)
+
+    @property
+    def content_type(self) -> str | None:
+        """The request's Content-Type: multipart for uploads (a file or form fields only,
+        as the client sends them), JSON for every other body method, none without a body."""
+        if self.multipart:
+            return MULTIPART
+        if self.json_body is not None or self.method in BODY_METHODS:
+            return JSON
+        return None
+
+    @property
+    def query_string(self) -> str:
+        """The query as sent: every reserved character percent-encoded, as both official
+        clients encode it (`urlencode`), not left raw as aiohttp/yarl would."""
+        return urlencode(self.query)
 
     @property
     def repeatable(self) -> bool:
@@ -102,6 +128,11 @@ class Operation:
     path: str  # template with {wire_name} placeholders
     params: tuple[Param, ...] = field(default=())
     creates: CreateSpec | None = None  # set on creates: how to look the object up first
+    authorized: bool = True  # False: sent without the service's credentials (guest calls)
+    empty_json: bytes = b""  # the body of a body method called without one (see PlannedRequest)
+    # Groups of parameters of which exactly one must be given, each group whole
+    # (ubiops.revisions_file_upload: a file, or source_deployment with source_version).
+    one_of: tuple[tuple[str, ...], ...] = ()
 
     @property
     def full_name(self) -> str:
@@ -146,6 +177,19 @@ def _query_value(value: Any) -> str:
     return str(value)
 
 
+def _query_param(full_name: str, param: Param, value: Any) -> str:
+    """Render a query parameter; a list (for a `many` parameter) joins with commas."""
+    if isinstance(value, list | tuple):
+        if not param.many:
+            raise ActionError(f"{full_name}: {param.name} takes a single value, not a list")
+        if any(isinstance(v, list | tuple | Mapping) for v in value):
+            raise ActionError(f"{full_name}: {param.name} takes a list of plain values")
+        return ",".join(_query_value(v) for v in value if v is not None)
+    if isinstance(value, Mapping):
+        raise ActionError(f"{full_name}: {param.name} takes a single value, not a mapping")
+    return _query_value(value)
+
+
 def check_params(full_name: str, spec: tuple[Param, ...], params: Mapping[str, Any]) -> None:
     """Refuse unknown parameters and missing required ones with a clear, final error."""
     names = {p.name for p in spec}
@@ -177,9 +221,33 @@ def path_segment(full_name: str, name: str, value: Any) -> str:
     return quote(text, safe="")
 
 
+def one_of_problem(
+    full_name: str, groups: tuple[tuple[str, ...], ...], given: frozenset[str]
+) -> str | None:
+    """Say what is wrong with the given parameter names against `one_of` groups, if anything."""
+    if not groups:
+        return None
+    listed = " or ".join(" with ".join(group) for group in groups)
+    for group in groups:
+        present = [name for name in group if name in given]
+        if present and len(present) != len(group):
+            missing = ", ".join(name for name in group if name not in given)
+            return f"{full_name}: {', '.join(present)} needs {missing} too"
+    complete = [group for group in groups if all(name in given for name in group)]
+    if not complete:
+        return f"{full_name} needs {listed}"
+    if len(complete) > 1:
+        given_groups = "; ".join(" with ".join(group) for group in complete)
+        return f"{full_name} takes only one of {listed} (given: {given_groups})"
+    return None
+
+
 def plan_request(op: Operation, params: Mapping[str, Any]) -> PlannedRequest:
     """Turn an operation and its named parameters into the exact HTTP request."""
     check_params(op.full_name, op.params, params)
+    given = frozenset(name for name, value in params.items() if value is not None)
+    if (problem := one_of_problem(op.full_name, op.one_of, given)) is not None:
+        raise ActionError(problem)
     path_values: dict[str, str] = {}
     query: list[tuple[str, str]] = []
     json_body: Any = None
@@ -194,8 +262,7 @@ def plan_request(op: Operation, params: Mapping[str, Any]) -> PlannedRequest:
         if p.location == "path":
             path_values[p.wire] = path_segment(op.full_name, p.name, value)
         elif p.location == "query":
-            values = value if isinstance(value, list | tuple) else [value]
-            query.extend((p.wire, _query_value(v)) for v in values if v is not None)
+            query.append((p.wire, _query_param(op.full_name, p, value)))
         elif p.location == "body":
             json_body = value
         elif p.location == "form":
@@ -215,6 +282,8 @@ def plan_request(op: Operation, params: Mapping[str, Any]) -> PlannedRequest:
         form=tuple(form),
         download_path=download_path,
         headers=tuple(headers),
+        authorized=op.authorized,
+        empty_json=op.empty_json,
     )
 
 

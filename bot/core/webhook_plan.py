@@ -29,12 +29,14 @@ def _fields_key(fields: Iterable[str] | None) -> tuple[str, ...] | None:
 
 @dataclass(frozen=True, slots=True)
 class Need:
-    """What one rule asks Jira to send: events, a JQL filter, optional fieldIdsFilter."""
+    """What one rule asks Jira to send: events, a JQL filter, optional fieldIdsFilter and
+    issuePropertyKeysFilter."""
 
     rule_name: str
     events: tuple[str, ...]
     jql: str
     fields: tuple[str, ...] | None = None
+    property_keys: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,18 +46,22 @@ class WebhookSpec:
     events: tuple[str, ...]
     jql: str
     fields: tuple[str, ...] | None = None
+    property_keys: tuple[str, ...] | None = None  # issuePropertyKeysFilter
 
     def __post_init__(self) -> None:
         # Canonical form, so filters that differ only in order or layout compare equal.
         object.__setattr__(self, "events", tuple(sorted(set(self.events))))
         object.__setattr__(self, "jql", normalize_jql(self.jql))
         object.__setattr__(self, "fields", _fields_key(self.fields))
+        object.__setattr__(self, "property_keys", _fields_key(self.property_keys))
 
     def to_json(self) -> dict[str, Any]:
         """Return the entry of `webhooks` in Jira's registration body."""
         body: dict[str, Any] = {"events": list(self.events), "jqlFilter": self.jql}
         if self.fields is not None:
             body["fieldIdsFilter"] = list(self.fields)
+        if self.property_keys is not None:
+            body["issuePropertyKeysFilter"] = list(self.property_keys)
         return body
 
 
@@ -89,16 +95,17 @@ class SyncPlan:
 
 def desired_webhooks(needs: Iterable[Need]) -> list[Desired]:
     """Group needs with the same JQL and fields into one webhook, uniting their events."""
-    events: dict[tuple[str, tuple[str, ...] | None], set[str]] = {}
-    rules: dict[tuple[str, tuple[str, ...] | None], list[str]] = {}
+    Key = tuple[str, tuple[str, ...] | None, tuple[str, ...] | None]
+    events: dict[Key, set[str]] = {}
+    rules: dict[Key, list[str]] = {}
     for need in needs:  # dicts keep first-appearance order: rule file order decides
-        key = (normalize_jql(need.jql), _fields_key(need.fields))
+        key = (normalize_jql(need.jql), _fields_key(need.fields), _fields_key(need.property_keys))
         events.setdefault(key, set()).update(need.events)
         names = rules.setdefault(key, [])
         if need.rule_name not in names:
             names.append(need.rule_name)
     return [
-        Desired(WebhookSpec(tuple(events[key]), key[0], key[1]), tuple(rules[key]))
+        Desired(WebhookSpec(tuple(events[key]), key[0], key[1], key[2]), tuple(rules[key]))
         for key in events
     ]
 

@@ -166,6 +166,7 @@ webhook_registrations = Table(
     Column("jql", Text, nullable=False),
     Column("events", JSON, nullable=False),
     Column("fields", JSON),
+    Column("property_keys", JSON),  # issuePropertyKeysFilter
     Column("expires_at", UTCDateTime),
     Column("registered_at", UTCDateTime, nullable=False),
     Column("refreshed_at", UTCDateTime),

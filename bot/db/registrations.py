@@ -42,10 +42,15 @@ class Registration:
             "jql": self.spec.jql,
             "events": list(self.spec.events),
             "fields": None if self.spec.fields is None else list(self.spec.fields),
+            "property_keys": _listed(self.spec.property_keys),
             "expires_at": self.expires_at.isoformat() if self.expires_at else None,
             "registered_at": self.registered_at.isoformat(),
             "refreshed_at": self.refreshed_at.isoformat() if self.refreshed_at else None,
         }
+
+
+def _listed(values: tuple[str, ...] | None) -> list[str] | None:
+    return None if values is None else list(values)
 
 
 class Registrations:
@@ -66,7 +71,12 @@ class Registrations:
             Registration(
                 r.tenant,
                 int(r.webhook_id),
-                WebhookSpec(tuple(r.events), r.jql, None if r.fields is None else tuple(r.fields)),
+                WebhookSpec(
+                    tuple(r.events),
+                    r.jql,
+                    None if r.fields is None else tuple(r.fields),
+                    None if r.property_keys is None else tuple(r.property_keys),
+                ),
                 r.expires_at,
                 r.registered_at,
                 r.refreshed_at,
@@ -99,6 +109,7 @@ class Registrations:
                     "jql": hook.spec.jql,
                     "events": list(hook.spec.events),
                     "fields": None if hook.spec.fields is None else list(hook.spec.fields),
+                    "property_keys": _listed(hook.spec.property_keys),
                     "expires_at": hook.expires_at,
                 } | ({"refreshed_at": now} if hook.id in refreshed else {})
                 if hook.id in known:

@@ -38,6 +38,7 @@ from bot.db.tenants import Tenant, Tenants
 from bot.errors import ActionError, PayloadError, RuleError
 from bot.rules.loader import load_rules
 from bot.rules.model import RuleSet
+from bot.services import http
 from bot.services.jira import (
     DEFAULT_POLICY,
     ConnectAuth,
@@ -68,7 +69,9 @@ def needs_from_rules(ruleset: RuleSet) -> tuple[list[Need], list[str]]:
                 " only with a JQL filter, so this rule receives no events"
             )
             continue
-        needs.append(Need(rule.name, rule.events, rule.jql, rule.fields or None))
+        needs.append(
+            Need(rule.name, rule.events, rule.jql, rule.fields or None, rule.property_keys or None)
+        )
     return needs, problems
 
 
@@ -364,7 +367,7 @@ async def _with_access(settings: Settings, work: Callable[[JiraAccess], Awaitabl
     engine = create_engine(settings.database_url)
     try:
         await upgrade(engine)
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        async with http.client_session(proxy=settings.proxy) as session:
             return await work(JiraAccess(settings, engine, session))
     finally:
         await engine.dispose()
@@ -409,7 +412,7 @@ async def run_sync_command(access: JiraAccess, ruleset: RuleSet, now: datetime) 
 def cmd_sync(settings: Settings) -> int:
     """`deploybot webhooks sync`: register what the rules need, delete what they do not."""
     try:
-        ruleset = load_rules(settings.rules_dir)
+        ruleset = load_rules(settings.rules_dir, epic_label_field=settings.jira_epic_label_field)
     except RuleError as exc:
         for error in exc.errors:
             print(f"error: {error}", file=sys.stderr)
@@ -434,6 +437,8 @@ def cmd_list(settings: Settings, as_json: bool) -> int:
                 continue
             expires = row.expires_at.isoformat(timespec="seconds") if row.expires_at else "-"
             fields = f"  fields {','.join(row.spec.fields)}" if row.spec.fields else ""
+            if row.spec.property_keys:
+                fields += f"  property keys {','.join(row.spec.property_keys)}"
             print(
                 f"{row.tenant or '-':<24} {row.webhook_id:>10}  expires {expires}"
                 f"  events {','.join(row.spec.events)}  jql {row.spec.jql}{fields}"

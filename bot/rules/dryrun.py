@@ -162,8 +162,12 @@ def _format_step(plan: StepPlan) -> list[str]:
     if request is None:
         lines.append("    a high-level action: several calls, decided as it runs")
     else:
-        query = "&".join(f"{k}={v}" for k, v in request.query)
+        query = request.query_string
         lines.append(f"    {request.method} {request.path}{'?' + query if query else ''}")
+        if request.content_type is not None:
+            lines.append(f"    content-type: {request.content_type}")
+        if not request.authorized:
+            lines.append("    sent without credentials (a guest operation, as the SDK sends it)")
         if request.json_body is not None:
             lines.append("    json body:")
             shown = masking.mask_rendered(step.action, {"data": request.json_body})["data"]

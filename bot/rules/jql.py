@@ -2,8 +2,10 @@
 
 Jira's dynamic-webhook `jqlFilter` takes only the fields issueKey, project, issuetype,
 status, assignee, reporter, issue.property[...] and cf[id], the operators = != IN NOT IN,
-AND / OR and parentheses. Anything else is refused at registration time, so we refuse
-it when the rule file is checked. Pure: no I/O.
+AND / OR and parentheses; of custom fields (`cf[id]`) only the epic label field, whose id
+differs per site, so a `cf[id]` is accepted only when it is named as that field
+(JIRA_EPIC_LABEL_FIELD). Anything else is refused at registration time, so we refuse it
+when the rule file is checked. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -12,13 +14,12 @@ import re
 from dataclasses import dataclass
 
 SUPPORTED_FIELDS_TEXT = (
-    "issueKey, project, issuetype, status, assignee, reporter, issue.property[...], cf[NNNNN]"
+    "issueKey, project, issuetype, status, assignee, reporter, issue.property[...], and cf[NNNNN]"
+    " for the epic label field"
 )
+_CUSTOM_FIELD = re.compile(r"cf\[(\d+)\]", re.IGNORECASE)
 _PLAIN_FIELDS = frozenset({"issuekey", "project", "issuetype", "status", "assignee", "reporter"})
-_FIELD_PATTERNS = (
-    re.compile(r"cf\[\d+\]", re.IGNORECASE),
-    re.compile(r"issue\.property\[[^\[\]\s]+\](\.[\w-]+)*", re.IGNORECASE),
-)
+_FIELD_PATTERNS = (re.compile(r"issue\.property\[[^\[\]\s]+\](\.[\w-]+)*", re.IGNORECASE),)
 # Words that end a value or start something the webhook filter cannot take.
 _KEYWORDS = frozenset({"and", "or", "not", "in", "order", "by", "is", "was", "changed"})
 _TOKEN = re.compile(
@@ -44,10 +45,22 @@ class JqlError(ValueError):
     """A JQL string Jira's webhook filter would refuse."""
 
 
-def check_jql(jql: str) -> str | None:
-    """Return why Jira's webhook filter cannot take `jql`, or None when it can."""
+def epic_label_id(field: str | None) -> str | None:
+    """The numeric id of the epic label field from `customfield_10011`, `cf[10011]` or
+    `10011`; None when not set or not such a name."""
+    if not field:
+        return None
+    found = re.fullmatch(r"(?:customfield_|cf\[)?(\d+)\]?", field.strip(), re.IGNORECASE)
+    return found[1] if found else None
+
+
+def check_jql(jql: str, *, epic_label_field: str | None = None) -> str | None:
+    """Return why Jira's webhook filter cannot take `jql`, or None when it can.
+
+    `epic_label_field` names the site's epic label custom field, the one `cf[id]` the
+    filter takes."""
     try:
-        _Parser(_tokenize(jql)).parse()
+        _Parser(_tokenize(jql), epic_label_id(epic_label_field)).parse()
     except JqlError as exc:
         return str(exc)
     return None
@@ -75,9 +88,10 @@ def _tokenize(jql: str) -> list[_Token]:
 class _Parser:
     """Recursive descent over: expr := term (OR term)*; term := atom (AND atom)*."""
 
-    def __init__(self, tokens: list[_Token]) -> None:
+    def __init__(self, tokens: list[_Token], epic_label: str | None = None) -> None:
         self._tokens = tokens
         self._pos = 0
+        self._epic_label = epic_label
 
     def parse(self) -> None:
         if self._peek().kind == "end":
@@ -115,7 +129,19 @@ class _Parser:
             raise self._error(token, "a leading NOT is not supported (use != or NOT IN)")
         if token.kind != "word" or token.text.lower() in _KEYWORDS:
             raise self._error(token, f"expected a field, found {_describe(token)}")
-        if not _is_supported_field(token.text):
+        custom = _CUSTOM_FIELD.fullmatch(token.text)
+        if custom is not None and custom[1] != self._epic_label:
+            known = (
+                f"the epic label field is cf[{self._epic_label}]"
+                if self._epic_label
+                else "set JIRA_EPIC_LABEL_FIELD to its id if this is it"
+            )
+            raise self._error(
+                token,
+                f"custom field {token.text!r}: Jira's webhook filter takes only the epic"
+                f" label custom field ({known}); test other fields in `when:`",
+            )
+        if custom is None and not _is_supported_field(token.text):
             raise self._error(
                 token,
                 f"field {token.text!r} is not supported in a webhook filter "

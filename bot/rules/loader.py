@@ -49,7 +49,9 @@ JIRA_EVENTS: Final = (
     "issue_property_deleted",
 )
 _RULE_KEYS: Final = ("name", "description", "enabled", "on", "when", "do")
-_ON_KEYS: Final = ("events", "jql", "fields")
+_ON_KEYS: Final = ("events", "jql", "fields", "property_keys")
+# The events Jira's issuePropertyKeysFilter narrows.
+_PROPERTY_EVENTS: Final = ("issue_property_set", "issue_property_deleted")
 _STEP_KEYS: Final = ("id", "action", "with")
 _HEADS: Final = ("field", "changed", "all", "any", "not")
 # Local paths (an upload's file, a download's target) are relative to the rules folder.
@@ -103,9 +105,18 @@ def load_rules(
     registry: Mapping[str, ActionSpec] | None = None,
     *,
     http_allowed_hosts: tuple[str, ...] | None = None,
+    epic_label_field: str | None = None,
 ) -> RuleSet:
-    """Load the rules folder, or raise RuleError carrying every error found."""
-    ruleset, errors = check_rules(rules_dir, registry, http_allowed_hosts=http_allowed_hosts)
+    """Load the rules folder, or raise RuleError carrying every error found.
+
+    `epic_label_field` is the site's epic label custom field (JIRA_EPIC_LABEL_FIELD), the
+    one custom field a JQL filter may name."""
+    ruleset, errors = check_rules(
+        rules_dir,
+        registry,
+        http_allowed_hosts=http_allowed_hosts,
+        epic_label_field=epic_label_field,
+    )
     if ruleset is None:
         raise RuleError(errors)
     return ruleset
@@ -116,6 +127,7 @@ def check_rules(
     registry: Mapping[str, ActionSpec] | None = None,
     *,
     http_allowed_hosts: tuple[str, ...] | None = None,
+    epic_label_field: str | None = None,
 ) -> tuple[RuleSet | None, list[str]]:
     """Check the rules folder; return the rule set (None on any error) and every error.
 
@@ -125,7 +137,7 @@ def check_rules(
     ops = default_registry() if registry is None else registry
     if not rules_dir.is_dir():
         return None, [f"{rules_dir}:0: rules folder not found"]
-    checker = _Checker(ops, Path(os.path.abspath(rules_dir)))
+    checker = _Checker(ops, Path(os.path.abspath(rules_dir)), epic_label_field)
     checker.http_allowed_hosts = http_allowed_hosts
     contents: dict[str, bytes] = {}
     for path in sorted(rules_dir.glob("*.yaml")):
@@ -144,6 +156,10 @@ def check_rules(
     return RuleSet.build(checker.rules, content_version(contents), checker.base_dir), []
 
 
+def _is_null(node: Node) -> bool:
+    return isinstance(node, ScalarNode) and node.tag == _NULL
+
+
 def _kind(node: Node) -> str:
     if isinstance(node, MappingNode):
         return "a mapping"
@@ -160,9 +176,15 @@ def _line(node: Node) -> int:
 class _Checker:
     """Walk YAML nodes of rule files, collecting rules and errors."""
 
-    def __init__(self, registry: Mapping[str, ActionSpec], base_dir: Path) -> None:
+    def __init__(
+        self,
+        registry: Mapping[str, ActionSpec],
+        base_dir: Path,
+        epic_label_field: str | None = None,
+    ) -> None:
         self.registry = registry
         self.base_dir = base_dir
+        self.epic_label_field = epic_label_field
         self.errors: list[_Error] = []
         self.rules: list[Rule] = []
         self._names: dict[str, str] = {}  # rule name -> "file:line" of its first definition
@@ -285,7 +307,7 @@ class _Checker:
         steps = self._steps(keys["do"][1]) if "do" in keys else None
         if name is None or on is None or steps is None:
             return
-        events, jql, fields = on
+        events, jql, fields, property_keys = on
         self.rules.append(
             Rule(
                 name=name,
@@ -294,6 +316,7 @@ class _Checker:
                 events=events,
                 jql=jql,
                 fields=fields,
+                property_keys=property_keys,
                 conditions=conditions,
                 steps=steps,
                 source_file=self._file,
@@ -309,7 +332,9 @@ class _Checker:
     ) -> Any:
         return read(keys[key][1]) if key in keys else None
 
-    def _on(self, node: Node) -> tuple[tuple[str, ...], str | None, tuple[str, ...]] | None:
+    def _on(
+        self, node: Node
+    ) -> tuple[tuple[str, ...], str | None, tuple[str, ...], tuple[str, ...]] | None:
         keys = self.mapping(node, "on", _ON_KEYS, required=("events",))
         if keys is None or "events" not in keys:
             return None
@@ -323,12 +348,28 @@ class _Checker:
         if events == ():
             self.error(keys["events"][1], "on.events must name at least one event")
         jql = self._optional(keys, "jql", lambda n: self.string(n, "on.jql"))
-        if jql is not None and (problem := check_jql(jql)) is not None:
+        problem = (
+            check_jql(jql, epic_label_field=self.epic_label_field) if jql is not None else None
+        )
+        if problem is not None:
             self.error(keys["jql"][1], f"on.jql: Jira's webhook filter cannot take this: {problem}")
         fields = self._optional(keys, "fields", lambda n: self.strings(n, "on.fields"))
+        property_keys = self._optional(
+            keys, "property_keys", lambda n: self.strings(n, "on.property_keys")
+        )
+        if property_keys is not None:
+            if not property_keys:
+                self.error(keys["property_keys"][1], "on.property_keys must name at least one key")
+            elif events and not set(events) & set(_PROPERTY_EVENTS):
+                self.error(
+                    keys["property_keys"][1],
+                    "on.property_keys narrows only the events "
+                    + " and ".join(_PROPERTY_EVENTS)
+                    + "; add one of them to on.events",
+                )
         if not events:
             return None
-        return events, jql, fields or ()
+        return events, jql, fields or (), property_keys or ()
 
     # --- conditions -----------------------------------------------------------------
 
@@ -535,6 +576,14 @@ class _Checker:
                 self.error(
                     key_node, f"{op.full_name} takes no parameter {name!r} (it takes: {takes})"
                 )
+            elif param.many and isinstance(value_node, SequenceNode):
+                for item in value_node.value:
+                    if not isinstance(item, ScalarNode):
+                        self.error(
+                            item,
+                            f"{op.full_name}: each entry of {name} must be a single value,"
+                            f" not {_kind(item)}",
+                        )
             elif param.location in ("path", "query", "file", "form", "download") and not isinstance(
                 value_node, ScalarNode
             ):
@@ -548,6 +597,10 @@ class _Checker:
         required = {p.name for p in op.params if p.required}
         for name in sorted(required - params.keys()):
             self.error(at, f"{op.full_name} needs parameter {name!r}")
+        given = frozenset(name for name, (_, value) in params.items() if not _is_null(value))
+        groups: tuple[tuple[str, ...], ...] = getattr(op, "one_of", ())
+        if (problem := catalog.one_of_problem(op.full_name, groups, given)) is not None:
+            self.error(at, problem)
 
     def _check_http(self, at: Node, params: Mapping[str, tuple[ScalarNode, Node]]) -> None:
         allowed = self.http_allowed_hosts or ()

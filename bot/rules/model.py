@@ -41,6 +41,7 @@ class Rule:
     steps: tuple[Step, ...]
     source_file: str
     source_line: int
+    property_keys: tuple[str, ...] = ()  # on.property_keys: Jira's issuePropertyKeysFilter
 
     @property
     def source(self) -> str:

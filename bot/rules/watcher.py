@@ -20,9 +20,16 @@ _Snapshot = tuple[tuple[str, int, int, int], ...]
 class RuleWatcher:
     """Hold the last good RuleSet of `rules_dir`; `check()` reloads it after an edit."""
 
-    def __init__(self, rules_dir: Path, registry: Mapping[str, ActionSpec] | None = None) -> None:
+    def __init__(
+        self,
+        rules_dir: Path,
+        registry: Mapping[str, ActionSpec] | None = None,
+        *,
+        epic_label_field: str | None = None,
+    ) -> None:
         self.rules_dir = rules_dir
         self.registry = registry
+        self.epic_label_field = epic_label_field
         self.current: RuleSet = RuleSet.empty(rules_dir)
         self.errors: list[str] = []
         self.loaded = False  # whether a good set was ever installed (readiness)
@@ -36,7 +43,9 @@ class RuleWatcher:
             return False
         self._snapshot = snapshot
         try:
-            ruleset = load_rules(self.rules_dir, self.registry)
+            ruleset = load_rules(
+                self.rules_dir, self.registry, epic_label_field=self.epic_label_field
+            )
         except RuleError as exc:
             self.errors = list(exc.errors)
             for error in self.errors:

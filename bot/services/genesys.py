@@ -1,7 +1,7 @@
 """Genesys Cloud adapter: operation table, client-credentials tokens and the typed client.
 
 Operations are those of the Python SDK's WebDeploymentsApi and of the WidgetsApi (see
-`/work/shared/reference/genesys-*.md`), named as the SDK names them. The only I/O of this
+`docs/reference/genesys-*.md`), named as the SDK names them. The only I/O of this
 module is the login call and `http.send`; everything else is pure.
 """
 
@@ -28,11 +28,12 @@ from bot.core.catalog import (
     check_params,
     plan_request,
 )
-from bot.errors import ActionError, SettingsError
+from bot.errors import ActionError, ServiceDisabled, SettingsError
 from bot.services.actions import ActionResult, Done, HighLevelAction, ServiceClient
 from bot.services.http import RateLimiter, Sleep, send
 from bot.services.tokens import AccessToken, CachedToken, parse_token_answer
 from bot.settings import GENESYS_REGIONS as REGIONS
+from bot.settings import genesys_login_url, genesys_region
 
 SERVICE = "genesys"
 MAX_BODY_BYTES = 512_000  # Genesys refuses larger request bodies with 413
@@ -50,17 +51,18 @@ class GenesysUrls:
 def resolve_urls(
     region: str = DEFAULT_REGION, *, api_url: str | None = None, login_url: str | None = None
 ) -> GenesysUrls:
-    """Return the API and login base URLs of a region; explicit URLs win (gateways, tests)."""
+    """Return the API and login base URLs of a region (a domain or an SDK region name);
+    explicit URLs win (gateways, tests), and the login URL follows an explicit API URL
+    as the SDK derives it (`api.` -> `login.`)."""
     if api_url and login_url:
         return GenesysUrls(api_url.rstrip("/"), login_url.rstrip("/"))
-    name = region.strip().lower()
-    if name not in REGIONS:
+    name = genesys_region(region)
+    if name is None:
         known = ", ".join(sorted(REGIONS))
         raise SettingsError(f"GENESYS_REGION {region!r} is not a Genesys Cloud region ({known})")
-    return GenesysUrls(
-        (api_url or f"https://api.{name}").rstrip("/"),
-        (login_url or f"https://login.{name}").rstrip("/"),
-    )
+    api = (api_url or f"https://api.{name}").rstrip("/")
+    login = login_url or genesys_login_url(api) or f"https://login.{name}"
+    return GenesysUrls(api, login.rstrip("/"))
 
 
 # --- operation table -------------------------------------------------------------------
@@ -86,6 +88,21 @@ HEADER_NAMES: Mapping[str, str] = {
 }
 
 
+# Query parameters the reference types as `list[str]` (the SDK joins them with commas).
+LIST_PARAMS = frozenset({"expand"})
+# Operations the SDK sends without credentials (`auth_settings = []`): a web messaging
+# guest's own token calls and cobrowse sessions. The org's token is not theirs to carry.
+GUEST_OPERATIONS = frozenset(
+    {
+        "delete_webdeployments_deployment_cobrowse_session_id",
+        "delete_webdeployments_token_revoke",
+        "get_webdeployments_deployment_cobrowse_session_id",
+        "post_webdeployments_token_oauthcodegrantjwtexchange",
+        "post_webdeployments_token_refresh",
+    }
+)
+
+
 def _op(
     method: str, path: str, name: str, *extra: str, creates: CreateSpec | None = None
 ) -> Operation:
@@ -98,8 +115,17 @@ def _op(
             "body" if loc == "body" else "header" if loc == "header" else "query"
         )
         wire = "" if location == "body" else HEADER_NAMES.get(pname) or _camel(pname)
-        params.append(Param(pname, location, rest.endswith("!"), wire))
-    return Operation(SERVICE, name, method, path, tuple(params), creates)
+        params.append(Param(pname, location, rest.endswith("!"), wire, many=pname in LIST_PARAMS))
+    return Operation(
+        SERVICE,
+        name,
+        method,
+        path,
+        tuple(params),
+        creates,
+        authorized=name not in GUEST_OPERATIONS,
+        empty_json=b"null",  # the SDK sends json.dumps(None) for an absent body
+    )
 
 
 def _named(listing: str, body_param: str) -> CreateSpec:
@@ -303,7 +329,7 @@ class TokenManager(CachedToken):
 
 
 def body_size_bytes(req: PlannedRequest) -> int:
-    """Return the size of the JSON body aiohttp will send for this request."""
+    """Return the size of the JSON body sent for this request."""
     return 0 if req.json_body is None else len(json.dumps(req.json_body).encode())
 
 
@@ -315,8 +341,8 @@ class GenesysClient:
         session: aiohttp.ClientSession,
         api_url: str,
         login_url: str,
-        client_id: str,
-        client_secret: str,
+        client_id: str | None,
+        client_secret: str | None,
         *,
         policy: RetryPolicy,
         per_minute: int,
@@ -329,13 +355,18 @@ class GenesysClient:
         self._policy = policy
         self._sleep = sleep
         self._limiter = RateLimiter(per_minute, clock=clock)
-        self._tokens = TokenManager(
-            session,
-            login_url,
-            ClientCredentials(client_id, client_secret),
-            refresh_margin_s=refresh_margin_s,
-            timeout_s=policy.timeout_s,
-            clock=clock,
+        # Without credentials only the guest operations can be called.
+        self._tokens = (
+            TokenManager(
+                session,
+                login_url,
+                ClientCredentials(client_id, client_secret),
+                refresh_margin_s=refresh_margin_s,
+                timeout_s=policy.timeout_s,
+                clock=clock,
+            )
+            if client_id and client_secret
+            else None
         )
 
     def __repr__(self) -> str:
@@ -353,14 +384,32 @@ class GenesysClient:
                 f"{MAX_BODY_BYTES}",
                 status=413,
             )
+        if not req.authorized:
+            # a guest call: the org's token is not sent (the SDK sends none either)
+            response = await send(
+                self._session,
+                req,
+                base_url=self._api_url,
+                headers={"Accept": "application/json"},
+                limiter=self._limiter,
+                policy=self._policy,
+                sleep=self._sleep,
+            )
+            return response.json
+        tokens = self._tokens
+        if tokens is None:
+            raise ServiceDisabled(
+                f"{op.full_name}: Genesys needs GENESYS_CLIENT_ID and GENESYS_CLIENT_SECRET"
+                " (only the guest operations are sent without them)"
+            )
         sent: list[str] = []  # the token of the latest attempt, to refresh only that one
 
         async def headers() -> dict[str, str]:
-            sent.append(await self._tokens.token())
+            sent.append(await tokens.token())
             return {"Authorization": f"Bearer {sent[-1]}", "Accept": "application/json"}
 
         async def on_unauthorized() -> bool:
-            await self._tokens.refresh(sent[-1])
+            await tokens.refresh(sent[-1])
             return True
 
         response = await send(

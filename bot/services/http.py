@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import mimetypes
 import os
 import random
 import time
@@ -19,9 +20,10 @@ from typing import IO, Any
 
 import aiohttp
 from multidict import CIMultiDict
+from yarl import URL
 
 from bot.core.backoff import RetryPolicy, is_retryable, retry_delay_s, server_wait_s
-from bot.core.catalog import PlannedRequest
+from bot.core.catalog import JSON, PlannedRequest
 from bot.errors import ActionError
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,23 @@ class RateLimiter:
                 await self._sleep((1.0 - self._tokens) / self._rate_per_s)
 
 
+def client_session(
+    *,
+    proxy: str | None = None,
+    timeout_s: float = 30.0,
+) -> aiohttp.ClientSession:
+    """The HTTP session of every outgoing call (UbiOps, Genesys, Jira, Connect keys).
+
+    An explicit proxy carries every call (its credentials, from the URL, go as
+    Proxy-Authorization); without one, aiohttp's `trust_env` applies the standard
+    HTTP_PROXY / HTTPS_PROXY / NO_PROXY variables, as the official clients do.
+    """
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    if proxy is not None:
+        return aiohttp.ClientSession(timeout=timeout, proxy=proxy)
+    return aiohttp.ClientSession(timeout=timeout, trust_env=True)
+
+
 def secret_values(headers: Mapping[str, str]) -> list[str]:
     """List the header values (and their credential part) that must never be shown."""
     out: list[str] = []
@@ -123,6 +142,13 @@ def _parse_json(body: bytes) -> Any:
         return None
 
 
+def request_url(url: str, req: PlannedRequest) -> URL:
+    """The full URL, already encoded: the catalog quoted the path, the query is encoded
+    as the clients encode it (yarl would leave `:` and `,` raw)."""
+    query = req.query_string
+    return URL(f"{url}?{query}" if query else url, encoded=True)
+
+
 def _open_binary(path: str, mode: str) -> IO[bytes]:
     if "w" in mode:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -153,28 +179,38 @@ async def _attempt(
 ) -> Response:
     """Make one HTTP request and read its whole answer within the timeout."""
     upload: IO[bytes] | None = None
-    data: aiohttp.FormData | None = None
+    data: aiohttp.FormData | bytes | None = None
+    content_headers: dict[str, str] = {}
     try:
         if req.multipart:
-            data = aiohttp.FormData()
+            # multipart even without a file (source_deployment + source_version): aiohttp
+            # would send form fields alone URL-encoded, the client sends multipart.
+            data = aiohttp.FormData(default_to_multipart=True)
             for name, value in req.form:
                 data.add_field(name, value)
             if req.file_path is not None:
                 # reopened on every attempt: a retried upload must start from byte 0
                 upload = await asyncio.to_thread(_open_binary, req.file_path, "rb")
+                filename = os.path.basename(req.file_path)
                 data.add_field(
                     "file",
                     upload,
-                    filename=os.path.basename(req.file_path),
-                    content_type="application/octet-stream",
+                    filename=filename,
+                    # as the UbiOps client labels the part: by the file name's type
+                    content_type=mimetypes.guess_type(filename)[0] or "application/octet-stream",
                 )
+        elif req.json_body is not None:
+            data = json.dumps(req.json_body).encode()
+            content_headers["Content-Type"] = JSON
+        elif req.content_type == JSON:
+            # a body method without a body: JSON as the clients say, not octet-stream
+            data = req.empty_json
+            content_headers["Content-Type"] = JSON
         async with session.request(
             req.method,
-            url,
-            params=list(req.query),
-            json=None if data is not None else req.json_body,
+            request_url(url, req),
             data=data,
-            headers={**dict(req.headers), **headers},
+            headers={**dict(req.headers), **content_headers, **headers},
             timeout=aiohttp.ClientTimeout(total=timeout_s),
             allow_redirects=req.follow_redirects,
         ) as resp:

@@ -1,6 +1,6 @@
 """Jira dynamic webhooks adapter: operation table, auth (Connect JWT or OAuth) and client.
 
-Operations are the five of Jira's WebhooksApi (`/work/shared/reference/jira-webhooks-api.md`).
+Operations are the five of Jira's WebhooksApi (`docs/reference/jira-webhooks-api.md`).
 The only I/O is `http.send`; signing, token bookkeeping and answer parsing are pure.
 """
 
@@ -124,6 +124,7 @@ def _registered(item: Mapping[str, Any]) -> RegisteredWebhook:
             tuple(item.get("events") or ()),
             str(item.get("jqlFilter", "")),
             item.get("fieldIdsFilter"),
+            item.get("issuePropertyKeysFilter"),
         ),
         expires_at=None if expires is None else parse_jira_time(expires),
     )

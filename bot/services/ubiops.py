@@ -33,11 +33,16 @@ DATA = Param("data", "body", required=True)
 
 
 def _op(
-    name: str, method: str, path: str, *extra: Param, creates: CreateSpec | None = None
+    name: str,
+    method: str,
+    path: str,
+    *extra: Param,
+    creates: CreateSpec | None = None,
+    one_of: tuple[tuple[str, ...], ...] = (),
 ) -> Operation:
     """Build an operation; every `{placeholder}` of the path is a required path param."""
     path_params = tuple(Param(n, "path", required=True) for n in re.findall(r"{(\w+)}", path))
-    return Operation(SERVICE, name, method, path, path_params + extra, creates)
+    return Operation(SERVICE, name, method, path, path_params + extra, creates, one_of=one_of)
 
 
 def _same(*names: str) -> tuple[tuple[str, str], ...]:
@@ -131,6 +136,9 @@ OPERATIONS: tuple[Operation, ...] = (
         Param("source_deployment", "form"),
         Param("source_version", "form"),
         Param("template_deployment_id", "form"),
+        # "Either file or source_deployment and source_version must be provided" (the
+        # reference); a template deployment is the third source of the file.
+        one_of=(("file",), ("source_deployment", "source_version"), ("template_deployment_id",)),
     ),
     _op("revisions_get", "GET", _VERSION + "/revisions/{revision_id}"),
     _op("revisions_list", "GET", _VERSION + "/revisions"),

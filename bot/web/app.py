@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,6 +25,7 @@ from bot.pipeline.processor import EventProcessor
 from bot.rules.watcher import RuleWatcher
 from bot.services.actions import ActionRunner, ServiceClient
 from bot.services.genesys import GenesysClient
+from bot.services.http import client_session
 from bot.services.outbound import OutboundClient
 from bot.services.ubiops import UbiOpsClient
 from bot.settings import Settings
@@ -114,18 +116,15 @@ def service_clients(
         if settings.ubiops_api_token
         else None
     )
-    genesys = (
-        GenesysClient(
-            session,
-            settings.genesys_api_url,
-            settings.genesys_login_url,
-            settings.genesys_client_id,
-            settings.genesys_client_secret,
-            policy=policy,
-            per_minute=settings.genesys_per_minute,
-        )
-        if settings.genesys_client_id and settings.genesys_client_secret
-        else None
+    # Always built: the guest operations need no credentials; the others refuse without.
+    genesys = GenesysClient(
+        session,
+        settings.genesys_api_url,
+        settings.genesys_login_url,
+        settings.genesys_client_id,
+        settings.genesys_client_secret,
+        policy=policy,
+        per_minute=settings.genesys_per_minute,
     )
     outbound = (
         OutboundClient(session, settings.http_allowed_hosts, policy=policy)
@@ -146,7 +145,11 @@ def jira_action_clients(app: web.Application) -> JiraActionClients:
 async def _workers(app: web.Application) -> AsyncIterator[None]:
     """Rule reloads, event processing and action execution, as background tasks."""
     settings = app[SETTINGS]
-    watcher = await asyncio.to_thread(RuleWatcher, settings.rules_dir)
+    watcher = await asyncio.to_thread(
+        functools.partial(
+            RuleWatcher, settings.rules_dir, epic_label_field=settings.jira_epic_label_field
+        )
+    )
     executor = ActionExecutor(
         app[ENGINE],
         ActionRunner(
@@ -187,7 +190,7 @@ async def _workers(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _http_session(app: web.Application) -> AsyncIterator[None]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+    async with client_session(proxy=app[SETTINGS].proxy) as session:
         app[HTTP] = session
         yield
 

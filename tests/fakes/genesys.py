@@ -2,7 +2,7 @@
 
 Serve `FakeGenesys().app` with aiohttp's test server; use its URL as both the API and the
 login URL. Every request is recorded in `requests` (method, path, query, headers, body).
-Shapes follow the SDK reference in /work/shared/reference/genesys-*.md.
+Shapes follow the SDK reference in docs/reference/genesys-*.md.
 """
 
 from __future__ import annotations

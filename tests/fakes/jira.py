@@ -35,9 +35,11 @@ FAILED_KEPT_S = 72 * 3600
 LIMITS: dict[Mode, int] = {"connect": 100, "oauth": 5}
 ACCESS_TOKEN_TTL_S = 3600
 
-# Jira's webhook JQL subset: these fields, the operators = != IN NOT IN, AND/OR, brackets.
+# Jira's webhook JQL subset: these fields, the operators = != IN NOT IN, AND/OR, brackets;
+# of custom fields only the epic label field (its id is the site's: this fake's is 10011).
+EPIC_LABEL_FIELD_ID = "10011"
 JQL_FIELD = re.compile(
-    r"(?i)(issueKey|project|issuetype|status|assignee|reporter|cf\[\d+\]|issue\.property\[[\w.-]+\](?:\.[\w.]+)*)$"
+    rf"(?i)(issueKey|project|issuetype|status|assignee|reporter|cf\[{EPIC_LABEL_FIELD_ID}\]|issue\.property\[[\w.-]+\](?:\.[\w.]+)*)$"
 )
 JQL_TOKEN = re.compile(
     r'\s*(?:(\()|(\))|(,)|(!=|=)|"((?:[^"\\]|\\.)*)"|\'([^\']*)\'|([^\s(),=!"\']+))'
@@ -135,6 +137,7 @@ class FakeWebhook:
     fields: list[str] | None
     url: str
     expires_at: float
+    property_keys: list[str] | None = None
 
 
 @dataclass
@@ -447,6 +450,7 @@ class FakeJira:
                 entry.get("fieldIdsFilter"),
                 url,
                 self.now + LIFETIME_S,
+                entry.get("issuePropertyKeysFilter"),
             )
             self.webhooks[hook.id] = hook
             count += 1
@@ -466,6 +470,7 @@ class FakeJira:
                 "expirationDate": _ms(h.expires_at),
             }
             | ({"fieldIdsFilter": h.fields} if h.fields is not None else {})
+            | ({"issuePropertyKeysFilter": h.property_keys} if h.property_keys is not None else {})
             for h in page
         ]
         return web.json_response(

@@ -116,6 +116,7 @@ def test_every_operation_refuses_dot_segments_in_path_parameters() -> None:
     for op in [*registry().values(), comment]:
         for param in (p for p in op.params if p.location == "path"):
             params: dict[str, Any] = {p.name: "x" for p in op.params if p.required}
+            params |= dict.fromkeys(op.one_of[0] if op.one_of else (), "x")  # one whole source
             for value in DOT_SEGMENTS:
                 with pytest.raises(ActionError, match=f"path parameter {param.name} is"):
                     plan_request(op, {**params, param.name: value})

@@ -5,7 +5,7 @@ filters on; it is kept up to date where runs change state, so it is a column wit
 index rather than a query over every run. `oauth_tokens` holds the OAuth app's access
 token and the refresh token it rotates, shared by every worker and replica.
 
-Revision ID: 0003_h20
+Revision ID: 0003
 Revises: 0002
 Create Date: 2026-12-04 23:30:00
 """
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0003_h20"
+revision: str = "0003"
 down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
