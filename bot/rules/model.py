@@ -25,6 +25,8 @@ class Step:
     file_params: frozenset[str] = frozenset()
     # `with_` with every template string replaced by its compiled template (templates.py).
     compiled: Any = field(default=None, compare=False, repr=False)
+    # `if`, `until`, `every`, `timeout`, `fail_if` (workflow.Control); None: none given.
+    control: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +43,10 @@ class Rule:
     steps: tuple[Step, ...]
     source_file: str
     source_line: int
+    # The concurrency key's template source; runs whose keys render equal run one at a time.
+    concurrency: str | None = None
+    pending_latest: bool = False  # `pending: latest`: only the newest waiting run is kept
+    on_failure: tuple[Step, ...] = ()  # run once when a step of `do` is dead
 
     @property
     def source(self) -> str:
