@@ -14,13 +14,13 @@ import logging
 import random
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, bindparam, exists, insert, or_, select, update
+from sqlalchemy import and_, bindparam, exists, insert, not_, or_, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -34,7 +34,7 @@ from bot.db.models import UTCDateTime, action_attempts, action_runs, events, utc
 from bot.due import next_attempt_at
 from bot.errors import ActionError, ServiceDisabled, TemplateRenderError
 from bot.processor import claim_statement, wait_until_set
-from bot.rules import Step, build_context, render_params
+from bot.rules import Step, build_context, render_params, workflow
 from bot.services.actions import ActionRunner, Done, Wait, action_params
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ class _Run:
     resumed: bool  # claimed back from a worker whose lease ran out: outcome unknown
     context: dict[str, Any]  # template context: payload, `event`, earlier steps' results
     tenant: str  # the event's Jira tenant: whose Jira `jira.*` actions call
+    control: workflow.Control = field(default_factory=workflow.Control)
+    waiting_since: datetime | None = None  # the first call of a step waiting on `until`
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,26 +79,58 @@ class _Outcome:
     status_code: int | None
 
 
+ACTIVE = ("pending", "running", "retrying", "waiting")  # a run of these holds its key
+
+
 def due_conditions(now: datetime | BindParameter[datetime]) -> list[ColumnElement[bool]]:
-    """Runs that may start now, one condition per status: waiting and due with their
-    previous step succeeded (pending, retrying), or stale (running, lease run out)."""
+    """Runs that may start now, one condition per status: due, with the step before
+    done (pending, retrying, waiting) and their concurrency key free, or stale (running,
+    lease run out: the run holds its key and goes on).
+
+    A step of `do` follows a step that succeeded or was skipped by its `if`; a step of
+    `on_failure` follows any finished one (their failure triggers nothing further). A
+    run not started yet waits while another run of its key is in progress and started,
+    or is older (events in the order received); a started run is never held back, so two
+    runs can never wait for each other.
+    """
+    r = action_runs.c
     previous = action_runs.alias("previous")
-    previous_succeeded = exists().where(
-        previous.c.event_id == action_runs.c.event_id,
-        previous.c.rule_name == action_runs.c.rule_name,
-        previous.c.step_index == action_runs.c.step_index - 1,
-        previous.c.status == "succeeded",
+    previous_done = exists().where(
+        previous.c.event_id == r.event_id,
+        previous.c.rule_name == r.rule_name,
+        previous.c.step_index == r.step_index - 1,
+        or_(
+            previous.c.status.in_(("succeeded", "skipped")),
+            and_(r.step_index > workflow.ON_FAILURE_BASE, previous.c.status == "dead"),
+        ),
     )
-    waiting = [
+    first = or_(r.step_index == 0, r.step_index == workflow.ON_FAILURE_BASE)
+    other = action_runs.alias("other")
+    started = or_(other.c.status != "pending", other.c.step_index > 0)
+    key_taken = exists().where(
+        other.c.concurrency_key == r.concurrency_key,
+        other.c.status.in_(ACTIVE),
+        or_(other.c.event_id != r.event_id, other.c.rule_name != r.rule_name),
+        or_(
+            other.c.event_id < r.event_id,
+            and_(other.c.event_id == r.event_id, other.c.rule_name < r.rule_name),
+            started,
+        ),
+    )
+    key_free = or_(
+        r.concurrency_key.is_(None), r.step_index > 0, r.status != "pending", not_(key_taken)
+    )
+    due = [
         and_(
-            action_runs.c.status == status,
-            or_(action_runs.c.next_attempt_at.is_(None), action_runs.c.next_attempt_at <= now),
-            or_(action_runs.c.step_index == 0, previous_succeeded),
+            r.status == status,
+            or_(r.next_attempt_at.is_(None), r.next_attempt_at <= now),
+            or_(first, previous_done),
+            key_free,
         )
-        for status in ("pending", "retrying")
+        for status in ("pending", "retrying", "waiting")
     ]
-    stale = and_(action_runs.c.status == "running", action_runs.c.lease_until < now)
-    return [*waiting, stale]
+    stale = and_(r.status == "running", r.lease_until < now)
+    return [*due, stale]
 
 
 _RECORD_OUTCOME = (
@@ -110,6 +144,40 @@ _RECORD_OUTCOME = (
         result=bindparam("b_result"),
         attempts=bindparam("b_attempts"),
         state=bindparam("b_state"),
+        waiting_since=bindparam("b_waiting_since", type_=UTCDateTime()),
+    )
+)
+# A dead step of `do` releases its rule's `on_failure` steps, with what failed.
+_RELEASE_ON_FAILURE = (
+    update(action_runs)
+    .where(
+        action_runs.c.event_id == bindparam("b_event_id"),
+        action_runs.c.rule_name == bindparam("b_rule_name"),
+        action_runs.c.status == "held",
+    )
+    .values(status="pending", failure=bindparam("b_failure"), updated_at=bindparam("b_now"))
+)
+# A run whose `do` steps are all finished and none dead: its `on_failure` steps stand down.
+_later = action_runs.alias("later")
+_STAND_DOWN = (
+    update(action_runs)
+    .where(
+        action_runs.c.event_id == bindparam("b_event_id"),
+        action_runs.c.rule_name == bindparam("b_rule_name"),
+        action_runs.c.status == "held",
+        not_(
+            exists().where(
+                _later.c.event_id == action_runs.c.event_id,
+                _later.c.rule_name == action_runs.c.rule_name,
+                _later.c.step_index < workflow.ON_FAILURE_BASE,
+                _later.c.status.in_((*ACTIVE, "dead")),
+            )
+        ),
+    )
+    .values(
+        status="skipped",
+        last_error="not needed: no step of do is dead",
+        updated_at=bindparam("b_now"),
     )
 )
 
@@ -127,6 +195,10 @@ _EVENT_RUNS = select(
     action_runs.c.status,
     action_runs.c.result,
 ).where(action_runs.c.event_id.in_(bindparam("b_ids", expanding=True)))
+# On PostgreSQL, claims of all replicas take turns (a transaction-scoped advisory lock),
+# so that two runs of one concurrency key are never claimed by two replicas at once:
+# each claim sees the runs the one before it started. Claims are short statements.
+_CLAIM_LOCK = text("SELECT pg_advisory_xact_lock(7310019)")
 
 
 # Outcomes' statements, built once. The first releases the runs whose lease is still ours.
@@ -193,7 +265,11 @@ class ActionExecutor:
             )
         times = {"b_now": now, "b_lease_until": now + timedelta(seconds=self._lease_s)}
 
+        postgres = self._engine.dialect.name == "postgresql"
+
         def claim(conn: Connection) -> tuple[list[Any], dict[int, tuple[str, dict[str, Any]]]]:
+            if postgres:
+                conn.execute(_CLAIM_LOCK)
             rows = sorted(conn.execute(stmt, times).all(), key=lambda r: r.id)
             return rows, self._contexts(conn, rows) if rows else {}
 
@@ -214,6 +290,8 @@ class ActionExecutor:
                 resumed=r.attempts > 1,
                 tenant=sources[r.id][0],
                 context=sources[r.id][1],
+                control=workflow.Control.from_json(r.control),
+                waiting_since=r.waiting_since,
             )
             for r in rows
         ]
@@ -235,15 +313,15 @@ class ActionExecutor:
                 for e in earlier.get((r.event_id, r.rule_name), [])
                 if e.step_index < r.step_index
             }
-            out[r.id] = (
-                event.tenant,
-                build_context(
-                    orjson.loads(event.body),
-                    event_id=str(r.event_id),
-                    received_at=event.received_at.isoformat(),
-                    steps=steps,
-                ),
+            context = build_context(
+                orjson.loads(event.body),
+                event_id=str(r.event_id),
+                received_at=event.received_at.isoformat(),
+                steps=steps,
             )
+            if r.failure is not None:
+                context["failure"] = r.failure  # an `on_failure` step: what failed
+            out[r.id] = (event.tenant, context)
         return out
 
     def _step(self, run: _Run) -> Step:
@@ -261,6 +339,22 @@ class ActionExecutor:
         """Run one claimed action run; return its new status."""
         started = self._clock()
         status_code: int | None = None
+        control = run.control
+        if control.if_ is not None and run.waiting_since is None:
+            try:
+                reason = workflow.check(control.if_, run.context)
+            except TemplateRenderError as exc:
+                return await self._failed(run, started, f"if: {exc}", None, retryable=False)
+            if reason is not None:
+                # Not a failure: the steps after it go on, as after a success.
+                return await self._record(
+                    run,
+                    started,
+                    outcome="skipped",
+                    status="skipped",
+                    error=f"if: {reason}",
+                    attempts=run.attempts - 1,
+                )
         try:
             params = render_params(self._step(run), run.context)
             outcome = await self._runner.run(
@@ -291,8 +385,57 @@ class ActionExecutor:
                 state=outcome.state,
             )
         assert isinstance(outcome, Done)
+        if control.until is not None or control.fail_if is not None:
+            return await self._judge(run, started, outcome.result)
         return await self._record(
             run, started, outcome="succeeded", status="succeeded", result=outcome.result
+        )
+
+    async def _judge(self, run: _Run, started: datetime, result: Any) -> str:
+        """Apply a step's `until` and `fail_if` to its answer."""
+        control = run.control
+        context = {**run.context, "result": result}
+        try:
+            waiting_on = (
+                workflow.check(control.until, context) if control.until is not None else None
+            )
+            failed = (
+                workflow.check(control.fail_if, context) is None
+                if control.fail_if is not None and waiting_on is None
+                else False
+            )
+        except TemplateRenderError as exc:
+            return await self._failed(run, started, str(exc), None, retryable=False)
+        if waiting_on is not None:
+            since = run.waiting_since or started
+            waited_s = (started - since).total_seconds()
+            if control.timeout_s is not None and waited_s >= control.timeout_s:
+                error = (
+                    f"timed out waiting for {workflow.describe(control.until)} after "
+                    f"{waited_s:.0f}s (timeout {control.timeout_s:.0f}s); last: {waiting_on}"
+                )
+                return await self._record(
+                    run, started, outcome="failed", status="dead", error=error, result=result
+                )
+            # A durable wait: the row is due again from the database; no task sleeps.
+            return await self._record(
+                run,
+                started,
+                outcome="waiting",
+                status="waiting",
+                error=f"waiting for {waiting_on}",
+                result=result,
+                attempts=run.attempts - 1,
+                next_attempt_at=started + timedelta(seconds=control.every_s),
+                waiting_since=since,
+            )
+        if failed:
+            error = f"fail_if: {workflow.describe(control.fail_if)} held"
+            return await self._record(
+                run, started, outcome="failed", status="dead", error=error, result=result
+            )
+        return await self._record(
+            run, started, outcome="succeeded", status="succeeded", result=result
         )
 
     async def _failed(
@@ -339,6 +482,7 @@ class ActionExecutor:
         attempts: int | None = None,
         next_attempt_at: datetime | None = None,
         state: dict[str, Any] | None = None,
+        waiting_since: datetime | None = None,
     ) -> str:
         finished = self._clock()
         # Every column every time: a batch is then one executemany of one statement.
@@ -350,6 +494,7 @@ class ActionExecutor:
             "b_result": result,
             "b_attempts": run.attempts if attempts is None else attempts,
             "b_state": run.state if state is None else state,
+            "b_waiting_since": waiting_since,
         }
         item = _Outcome(run, started, finished, outcome, values, status_code)
         written = await save_until_done(
@@ -405,14 +550,18 @@ class ActionExecutor:
                 ],
             )
         for item in mine:
-            if item.values["b_status"] == "dead":
-                run = item.run
+            run = item.run
+            status = item.values["b_status"]
+            in_do = run.step_index < workflow.ON_FAILURE_BASE
+            where = {"b_event_id": run.event_id, "b_rule_name": run.rule_name, "b_now": now}
+            if status == "dead" and in_do:
                 conn.execute(
                     update(action_runs)
                     .where(
                         action_runs.c.event_id == run.event_id,
                         action_runs.c.rule_name == run.rule_name,
                         action_runs.c.step_index > run.step_index,
+                        action_runs.c.step_index < workflow.ON_FAILURE_BASE,
                         action_runs.c.status.in_(("pending", "retrying")),
                     )
                     .values(
@@ -421,6 +570,18 @@ class ActionExecutor:
                         updated_at=now,
                     )
                 )
+                if run.control.has_on_failure:
+                    failure = workflow.failure_context(
+                        step_index=run.step_index,
+                        step_id=run.step_id,
+                        action=run.action,
+                        error=item.values["b_last_error"],
+                        attempts=run.attempts,
+                        status_code=item.status_code,
+                    )
+                    conn.execute(_RELEASE_ON_FAILURE, {**where, "b_failure": failure})
+            elif status in ("succeeded", "skipped") and in_do and run.control.has_on_failure:
+                conn.execute(_STAND_DOWN, where)
         return [item.run.id in owned for item in batch]
 
     async def run_once(self) -> int:

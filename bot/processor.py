@@ -30,7 +30,10 @@ from bot import logs
 from bot.db.engine import Writes, save_until_done
 from bot.db.models import UTCDateTime, action_runs, events, rule_matches, utcnow
 from bot.db.registrations import WebhookFilters
-from bot.rules import Evaluation, RuleSet, evaluate, matched_webhook_ids
+from bot.errors import TemplateRenderError
+from bot.rules import Evaluation, Rule, RuleSet, evaluate, matched_webhook_ids
+from bot.rules.engine import change_ref
+from bot.rules.templates import build_context, compile_template
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +92,33 @@ _SET_MISSES = (
 )
 
 
-def idempotency_key(event_id: int, rule_name: str, step_index: int) -> str:
-    """Return the key that makes one action run per event, rule and step."""
+def idempotency_key(
+    event_id: int, rule_name: str, step_index: int, change: str | None = None
+) -> str:
+    """Return the key that makes one action run per event, rule and step.
+
+    With `change` (the Jira change the event reports, see engine.change_ref) it is one
+    run per change instead: the same change re-sent under another delivery identifier
+    plans nothing new.
+    """
+    if change is not None:
+        return f"change:{change}:{rule_name}:{step_index}"
     return f"{event_id}:{rule_name}:{step_index}"
+
+
+def concurrency_key(rule: Rule, payload: dict[str, Any], event_id: int) -> str:
+    """Render a rule's concurrency key for one event (raises TemplateRenderError)."""
+    assert rule.concurrency is not None
+    try:
+        value = compile_template(rule.concurrency).render(
+            build_context(payload, event_id=str(event_id))
+        )
+    except Exception as exc:
+        raise TemplateRenderError(f"concurrency: {exc}") from exc
+    key = str(value)
+    if not key or len(key) > 500 or "\x00" in key:
+        raise TemplateRenderError(f"concurrency: the key {key[:80]!r} is empty or unusable")
+    return key
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +129,7 @@ class Claimed:
     body: bytes
     attempts: int
     tenant: str = ""
+    source: str = "live"
 
 
 async def wait_until_set(event: asyncio.Event, timeout_s: float) -> None:
@@ -225,12 +253,19 @@ class EventProcessor:
                 lease_until=bindparam("b_lease_until", type_=UTCDateTime()),
                 limit=limit,
                 values={"status": "processing"},
-                returning=(events.c.id, events.c.body, events.c.attempts, events.c.tenant),
+                returning=(
+                    events.c.id,
+                    events.c.body,
+                    events.c.attempts,
+                    events.c.tenant,
+                    events.c.source,
+                ),
             )
         times = {"b_now": now, "b_lease_until": now + timedelta(seconds=self._lease_s)}
         rows = await self._writes.run_relaxed(lambda conn: conn.execute(stmt, times).all())
         return sorted(
-            (Claimed(r.id, r.body, r.attempts, r.tenant) for r in rows), key=lambda c: c.id
+            (Claimed(r.id, r.body, r.attempts, r.tenant, r.source) for r in rows),
+            key=lambda c: c.id,
         )
 
     async def process(self, claimed: Claimed) -> bool:
@@ -246,6 +281,7 @@ class EventProcessor:
         """
         ruleset = self._rules()
         outcomes: list[tuple[int, Evaluation, str | None]] = []
+        payloads: dict[int, tuple[dict[str, Any], str | None]] = {}
         slice_end = time.perf_counter() + SLICE_S
         for item in claimed:
             if time.perf_counter() > slice_end:
@@ -257,6 +293,9 @@ class EventProcessor:
                 jql = await self._filters.matched_jql(item.tenant, ids) if ids else None
                 evaluation = evaluate(ruleset, payload, jql)
                 failure = None
+                if evaluation.matched:
+                    change = change_ref(payload, item.tenant)
+                    payloads[item.id] = (payload, change)
             except (SQLAlchemyError, OSError):
                 raise  # reading the registrations failed: processing pauses, no event fails
             except Exception as exc:  # a payload the engine cannot read fails this event only
@@ -268,7 +307,7 @@ class EventProcessor:
         if not outcomes:
             return 0
         stored, planned = await save_until_done(
-            lambda: self._writes.run_relaxed(self._finish, ruleset, outcomes),
+            lambda: self._writes.run_relaxed(self._finish, ruleset, outcomes, payloads),
             f"the evaluation of {len(outcomes)} event(s)",
         )
         if planned and self._on_planned is not None:
@@ -286,6 +325,7 @@ class EventProcessor:
         conn: Connection,
         ruleset: RuleSet,
         outcomes: list[tuple[int, Evaluation, str | None]],
+        payloads: dict[int, tuple[dict[str, Any], str | None]] | None = None,
     ) -> tuple[set[int], int]:
         """Mark the events still leased to us done, with their matches and action runs.
 
@@ -339,28 +379,53 @@ class EventProcessor:
         ]
         if miss_rows:
             conn.execute(_SET_MISSES, miss_rows)
-        run_rows = [
-            {
-                "event_id": event_id,
-                "rule_name": rule.name,
-                "step_index": step.index,
-                "step_id": step.id,
-                "action": step.action,
-                "idempotency_key": idempotency_key(event_id, rule.name, step.index),
-                "status": "pending",
-                "attempts": 0,
-                # The raw `with:` (templates unrendered): a run renders it when it executes,
-                # so it is self-contained across restarts and rule reloads.
-                "params": dict(step.with_),
-                "created_at": now,
-                "updated_at": now,
-            }
-            for event_id, ev in ours
-            for rule in ev.matched
-            for step in rule.steps
-        ]
+        run_rows: list[dict[str, Any]] = []
+        latest_keys: set[str] = set()
+        for event_id, ev in ours:
+            payload, change = (payloads or {}).get(event_id, ({}, None))
+            for rule in ev.matched:
+                key: str | None = None
+                key_error: str | None = None
+                if rule.concurrency is not None:
+                    try:
+                        key = concurrency_key(rule, payload, event_id)
+                    except TemplateRenderError as exc:
+                        key_error = str(exc)
+                    if key is not None and rule.pending_latest:
+                        latest_keys.add(key)
+                for step in (*rule.steps, *rule.on_failure):
+                    status = "held" if step in rule.on_failure else "pending"
+                    error = None
+                    if key_error is not None:  # nothing of this run can start safely
+                        status = "dead" if step.index == 0 else "skipped"
+                        error = key_error if step.index == 0 else "step 1 is dead"
+                    run_rows.append(
+                        {
+                            "event_id": event_id,
+                            "rule_name": rule.name,
+                            "step_index": step.index,
+                            "step_id": step.id,
+                            "action": step.action,
+                            "idempotency_key": idempotency_key(
+                                event_id, rule.name, step.index, change
+                            ),
+                            "status": status,
+                            "attempts": 0,
+                            # The raw `with:` (templates unrendered) and controls: a run
+                            # renders them when it executes, so it is self-contained
+                            # across restarts and rule reloads.
+                            "params": dict(step.with_),
+                            "control": step.control.to_json() if step.control else None,
+                            "concurrency_key": key,
+                            "last_error": error,
+                            "created_at": now,
+                            "updated_at": now,
+                        }
+                    )
         if run_rows:
             conn.execute(self._insert_runs, run_rows)
+        for key in sorted(latest_keys):
+            _supersede(conn, key, now)
         return stored, len(run_rows)
 
     async def _yield_to_ingest(self, pause_s: float) -> None:
@@ -393,3 +458,34 @@ class EventProcessor:
             .values(status="received", lease_owner=None, lease_until=None)
         )
         await self._writes.run(lambda conn: conn.execute(stmt))
+
+
+def _supersede(conn: Connection, key: str, now: datetime) -> None:
+    """`pending: latest`: of the runs of `key` not started yet, keep only the newest.
+
+    A run has not started while its first step is pending and was never claimed. The
+    others end `superseded`, naming the run that replaced them.
+    """
+    r = action_runs.c
+    waiting = conn.execute(
+        select(r.event_id, r.rule_name)
+        .where(r.concurrency_key == key, r.step_index == 0, r.status == "pending", r.attempts == 0)
+        .order_by(r.event_id, r.rule_name)
+    ).all()
+    if len(waiting) < 2:
+        return
+    newest = waiting[-1]
+    for old in waiting[:-1]:
+        conn.execute(
+            update(action_runs)
+            .where(
+                r.event_id == old.event_id,
+                r.rule_name == old.rule_name,
+                r.status.in_(("pending", "held")),
+            )
+            .values(
+                status="superseded",
+                last_error=f"superseded by event {newest.event_id} (rule {newest.rule_name})",
+                updated_at=now,
+            )
+        )

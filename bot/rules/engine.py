@@ -45,3 +45,33 @@ def evaluate(
         else:
             missed.append(Miss(rule.name, reason))
     return Evaluation(matched=matched, missed=missed)
+
+
+def change_ref(payload: Mapping[str, Any], tenant: str = "") -> str | None:
+    """Name the Jira change an event reports, the same whatever delivery brought it.
+
+    `changelog.id` for issue events, `comment.id` (with its edit time, since each edit is
+    a change of its own) for comment events; None when the payload names no change.
+    """
+    issue = payload.get("issue")
+    issue_ref = None
+    if isinstance(issue, Mapping):
+        issue_ref = issue.get("id") or issue.get("key")
+    event = payload.get("webhookEvent")
+    if not isinstance(event, str) or not isinstance(issue_ref, str | int):
+        return None
+    if event.startswith("comment_"):
+        comment = payload.get("comment")
+        if not isinstance(comment, Mapping) or not isinstance(comment.get("id"), str | int):
+            return None
+        edited = comment.get("updated") if event == "comment_updated" else None
+        suffix = f"@{edited}" if isinstance(edited, str | int) else ""
+        change = f"{event}:{comment['id']}{suffix}"
+    else:
+        changelog = payload.get("changelog")
+        if not isinstance(changelog, Mapping) or not isinstance(changelog.get("id"), str | int):
+            return None
+        change = f"changelog:{changelog['id']}"
+    ref = f"{tenant}|{issue_ref}|{change}"
+    # Stored in a unique key of at most 600 characters, beside a rule name of up to 255.
+    return ref if len(ref) <= 300 and "\x00" not in ref else None
