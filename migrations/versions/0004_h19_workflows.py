@@ -25,9 +25,7 @@ def upgrade() -> None:
     with op.batch_alter_table("action_runs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("control", sa.JSON(), nullable=True))
         batch_op.add_column(sa.Column("failure", sa.JSON(), nullable=True))
-        batch_op.add_column(
-            sa.Column("waiting_since", sa.DateTime(timezone=True), nullable=True)
-        )
+        batch_op.add_column(sa.Column("waiting_since", sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("concurrency_key", sa.String(length=500), nullable=True))
         batch_op.create_index(
             batch_op.f("ix_action_runs_concurrency_key_status"), ["concurrency_key", "status"]
