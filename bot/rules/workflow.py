@@ -59,8 +59,7 @@ class TemplateCondition:
             value = compile_template(self.source).render(payload)
         except Exception as exc:  # an undefined name is the condition not holding
             return f"{self.source}: {exc}"
-        if isinstance(value, str):  # text around the expression: "False" is not false
-            value = value.strip().lower() not in ("", "false", "0", "none", "no")
+        # Truth as in Jinja's `{% if %}`: a non-empty string from data is true, even "False".
         return None if value else f"{self.source}: is {short(value)}"
 
     def describe(self) -> str:
