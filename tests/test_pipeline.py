@@ -73,7 +73,11 @@ rules:
 def issue_updated(
     key: str, *, summary: str = "Roll out", deployment: str | None = "churn"
 ) -> dict[str, Any]:
-    fields: dict[str, Any] = {"summary": summary, "labels": ["model-x"]}
+    fields: dict[str, Any] = {
+        "summary": summary,
+        "labels": ["model-x"],
+        "project": {"id": "10000", "key": "OPS", "name": "Operations"},
+    }
     if deployment is not None:
         fields["customfield_10050"] = deployment
     return {

@@ -96,7 +96,8 @@ MATCH deploy-model-when-ready  (rules/ubiops-rollout.yaml:10)
 so its result is not known
 
 NO MATCH publish-web-config-on-done  (rules/genesys-publish.yaml:4)
-  changed status: to 'Ready to deploy', not 'Done'
+  jql: `project = OPS AND issuetype = "Web config" AND status IN (Done, Closed)` does not \
+hold for this issue (checked on the event itself)
 
 dry run: nothing was sent
 """

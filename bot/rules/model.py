@@ -116,3 +116,6 @@ class Evaluation:
 
     matched: list[Rule]
     missed: list[Miss]
+    # How each rule's `on.jql` was decided: by Jira (the delivery names the webhooks it
+    # matched) or on the payload itself (a delivery naming no webhook of ours).
+    jql: dict[str, str] = field(default_factory=dict)
