@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from bot.services import ubiops
 from bot.services.catalog import Operation, Param
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -75,6 +76,16 @@ REGISTRY: dict[str, Operation] = {
             "/api/v2/webdeployments/configurations/{configurationId}/versions/draft/publish",
             (Param("configuration_id", "path", required=True, wire_name="configurationId"),),
         ),
+    )
+}
+# The example rollout's other steps, as the adapter defines them.
+REGISTRY |= {
+    f"ubiops.{name}": ubiops.OPERATIONS_BY_NAME[name]
+    for name in (
+        "revisions_get",
+        "deployment_version_requests_create",
+        "deployments_update",
+        "deployment_versions_delete",
     )
 }
 

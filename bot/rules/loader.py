@@ -297,7 +297,7 @@ class _Checker:
         steps = self._steps(keys["do"][1], has_on_failure) if "do" in keys else None
         on_failure: tuple[Step, ...] | None = ()
         if has_on_failure:
-            do_ids = {s.id: s.line for s in steps or () if s.id}
+            do_ids = _node_ids(keys["do"][1]) if "do" in keys else {}
             on_failure = self._steps(keys["on_failure"][1], False, do_ids)
         if name is None or on is None or steps is None or on_failure is None:
             return
@@ -797,6 +797,19 @@ class _Checker:
 
 
 _INVALID: Final = object()
+
+
+def _node_ids(node: Node) -> dict[str, int]:
+    """The `id:` of each step node of a list, with its line (read even if a step is bad)."""
+    if not isinstance(node, SequenceNode):
+        return {}
+    return {
+        str(value.value): _line(key)
+        for item in node.value
+        if isinstance(item, MappingNode)
+        for key, value in item.value
+        if isinstance(key, ScalarNode) and key.value == "id" and isinstance(value, ScalarNode)
+    }
 
 
 def _condition_fields(node: Node) -> Iterator[tuple[ScalarNode, str]]:

@@ -9,7 +9,7 @@ executor rebuilds the conditions from that form with `build_conditions`.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -157,6 +157,33 @@ def describe(raw: Any) -> str:
     return "; ".join(c.describe() for c in build_conditions(raw))
 
 
+_RUN_TIME_ROOTS: Final = ("steps", "result", "failure")
+
+
+def run_time_reads(raw: Any) -> list[str]:
+    """The names stored conditions read that only a run knows (steps, result, failure)."""
+    from bot.rules.templates import root_names
+
+    found: list[str] = []
+    for condition in build_conditions(raw):
+        for name in _reads(condition, root_names):
+            if name.split(".")[0] in _RUN_TIME_ROOTS and name not in found:
+                found.append(name)
+    return found
+
+
+def _reads(condition: Condition, root_names: Any) -> list[str]:
+    if isinstance(condition, FieldCondition):
+        return [".".join(condition.path.split(".")[:2])]
+    if isinstance(condition, TemplateCondition):
+        return sorted(root_names(condition.source))
+    if isinstance(condition, AllOf | AnyOf):
+        return [name for inner in condition.conditions for name in _reads(inner, root_names)]
+    if isinstance(condition, NotOf):
+        return _reads(condition.condition, root_names)
+    return []
+
+
 def failure_context(
     *,
     step_index: int,
@@ -175,8 +202,3 @@ def failure_context(
         "attempts": attempts,
         "status_code": status_code,
     }
-
-
-def steps_ready(statuses: Sequence[str]) -> bool:
-    """Whether a `do` step may start after earlier steps in these statuses."""
-    return all(status in ("succeeded", "skipped") for status in statuses)
