@@ -199,6 +199,7 @@ class FakeUbiOps:
         # named in `failing_versions` raises, as a broken model would.
         self.model: Callable[[str, Any], Any] = _double_or_echo
         self.failing_versions: set[str] = set()
+        self._build_reads: Counter[str] = Counter()  # build id -> its position in build_steps
 
     # ----- test controls -------------------------------------------------------------
 
@@ -840,8 +841,10 @@ class FakeUbiOps:
         if revision["status"] in FINAL_BUILD_STATES:
             return
         steps = self.build_steps
-        position = steps.index(revision["status"]) if revision["status"] in steps else 0
-        status = steps[min(position + 1, len(steps) - 1)]
+        # Counted per build, so that a step may repeat ("building" several reads long).
+        position = min(self._build_reads[revision["build"]] + 1, len(steps) - 1)
+        self._build_reads[revision["build"]] = position
+        status = steps[position]
         revision["status"] = status
         build = version.builds[revision["build"]]
         build["status"] = status
