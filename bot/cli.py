@@ -183,6 +183,8 @@ def _events_show(settings: Settings, args: argparse.Namespace) -> int:
                 f"  {r['rule']}#{r['step']} {r['action']}: {r['status']} "
                 f"(attempts {r['attempts']}){' - ' + r['last_error'] if r['last_error'] else ''}"
             )
+            if r.get("waiting_for"):
+                print(f"    waiting for {r['waiting_for']}")
         return 0
 
     return _with_engine(work)(settings, args)

@@ -365,6 +365,12 @@ async def test_runs_of_one_key_take_turns_in_received_order(env: Env) -> None:
     # The rollback waits for the rollout's key; another model's run goes ahead.
     assert await env.statuses(rollback) == ["pending"] * 5 + ["held"] * 2
     assert (await env.statuses(other_model))[0] == "succeeded"
+    # Each shows what it waits for: the key's holder, the next check.
+    assert (await env.runs(rollback))[0]["waiting_for"] == (
+        f"concurrency key 'ubiops/ml-prod/churn': held by event {rollout} (rule rollout)"
+    )
+    build = (await env.runs(rollout))[2]
+    assert build["waiting_for"] == f"until: next check at {build['next_attempt_at']}"
     await drive(executor, env.clock)
     assert (await env.statuses(rollout))[:5] == ["succeeded"] * 5
     assert (await env.statuses(rollback))[:5] == ["succeeded"] * 5

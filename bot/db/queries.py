@@ -76,6 +76,7 @@ async def get_event(engine: AsyncEngine, event_id: int) -> dict[str, Any] | None
                 .order_by(action_runs.c.rule_name, action_runs.c.step_index)
             )
         ).all()
+        blockers = await _key_holders(conn, runs)
         attempts = await conn.execute(
             select(action_attempts)
             .where(action_attempts.c.action_run_id.in_([r.id for r in runs]))
@@ -115,11 +116,57 @@ async def get_event(engine: AsyncEngine, event_id: int) -> dict[str, Any] | None
                 "next_attempt_at": _iso(r.next_attempt_at),
                 "last_error": r.last_error,
                 "result": r.result,
+                "concurrency_key": r.concurrency_key,
+                "waiting_for": _waiting_for(r, blockers),
                 "attempt_log": by_run.get(r.id, []),
             }
             for r in runs
         ],
     }
+
+
+_ACTIVE = ("pending", "running", "retrying", "waiting")
+
+
+async def _key_holders(conn: Any, runs: list[Row[Any]]) -> dict[str, list[Row[Any]]]:
+    """For the concurrency keys of runs not started yet: the other active runs of each."""
+    keys = {
+        r.concurrency_key
+        for r in runs
+        if r.concurrency_key is not None and r.step_index == 0 and r.status == "pending"
+    }
+    if not keys:
+        return {}
+    c = action_runs.c
+    rows = await conn.execute(
+        select(c.event_id, c.rule_name, c.step_index, c.status, c.concurrency_key)
+        .where(c.concurrency_key.in_(keys), c.status.in_(_ACTIVE))
+        .order_by(c.event_id, c.rule_name, c.step_index)
+    )
+    found: dict[str, list[Row[Any]]] = {}
+    for row in rows:
+        found.setdefault(row.concurrency_key, []).append(row)
+    return found
+
+
+def _waiting_for(run: Row[Any], holders: dict[str, list[Row[Any]]]) -> str | None:
+    """What a run waits for: its next check (`until`), or the run holding its key."""
+    if run.status == "waiting":
+        return f"until: next check at {_iso(run.next_attempt_at)}"
+    if run.concurrency_key is None or run.step_index != 0 or run.status != "pending":
+        return None
+    for other in holders.get(run.concurrency_key, ()):
+        if (other.event_id, other.rule_name) == (run.event_id, run.rule_name):
+            continue
+        earlier = (other.event_id, other.rule_name) < (run.event_id, run.rule_name)
+        started = other.status != "pending" or other.step_index > 0
+        if earlier or started:
+            return (
+                f"concurrency key {run.concurrency_key!r}: "
+                f"{'held by' if started else 'queued behind'} event {other.event_id} "
+                f"(rule {other.rule_name})"
+            )
+    return None
 
 
 @dataclass(frozen=True, slots=True)
