@@ -239,3 +239,55 @@ def test_a_single_expression_is_strict_and_sandboxed() -> None:
         compile_template("{{ nothing }}").render({})
     with pytest.raises(Exception, match="unsafe"):
         compile_template("{{ x.__class__ }}").render({"x": {}})
+
+
+def test_rules_test_says_what_each_control_decides_and_what_it_cannot_know(
+    tmp_path: Path,
+) -> None:
+    from bot.rules import dry_run, load_rules
+
+    text = (
+        "rules:\n  - name: r\n    on: {events: [jira:issue_updated], jql: project = OPS}\n"
+        + '    concurrency: "m/{{ issue.key }}"\n'
+        + "    do:\n"
+        + CREATE
+        + "        if: [{field: issue.fields.summary, matches: hotfix}]\n"
+        + GET
+        + "        until: [{field: result.status, equals: success}]\n"
+        + "        every: 1m\n        timeout: 1h\n"
+        + "        fail_if: [{field: result.status, equals: failed}]\n"
+        + "      - action: ubiops.deployments_get\n"
+        + "        if: \"{{ steps.build.status == 'success' }}\"\n"
+        + "        with: {project_name: p, deployment_name: d}\n"
+        + "    on_failure:\n"
+        + "      - action: ubiops.deployments_get\n"
+        + '        with: {project_name: p, deployment_name: "{{ failure.step_id }}"}\n'
+    )
+    write_rules(tmp_path / "rules", {"r.yaml": text})
+    ruleset = load_rules(tmp_path / "rules")
+    payload = {
+        "webhookEvent": "jira:issue_updated",
+        "issue": {"key": "OPS-1", "fields": {"project": {"key": "OPS"}, "summary": "Routine"}},
+    }
+    out = dry_run(ruleset, payload)
+    assert "jql `project = OPS`: checked on the payload (no webhook of ours named): holds" in out
+    assert "concurrency key: 'm/OPS-1': one run of this key at a time" in out
+    assert (
+        "if issue.fields.summary matches 'hotfix': does not hold "
+        "(issue.fields.summary: 'Routine' does not match 'hotfix'): the step would be skipped"
+    ) in out
+    assert (
+        "until result.status equals 'success': the answer is checked after each call, "
+        "every 60s, timeout 3600s (not known before running)"
+    ) in out
+    assert "fail_if result.status equals 'failed': checked on the answer" in out
+    assert (
+        "if {{ steps.build.status == 'success' }}: not known before running "
+        "(reads steps, the results of earlier steps)"
+    ) in out
+    assert "on_failure (only when a step above is dead; `failure` unknown now):" in out
+    assert (
+        "~failure.step_id~ is a placeholder: what failed is only known when a step is dead" in out
+    )
+    other = {**payload, "issue": {"key": "FOO-1", "fields": {"project": {"key": "FOO"}}}}
+    assert "does not hold for this issue (checked on the event itself)" in dry_run(ruleset, other)
