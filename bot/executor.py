@@ -123,7 +123,11 @@ def due_conditions(now: datetime | BindParameter[datetime]) -> list[ColumnElemen
     due = [
         and_(
             r.status == status,
-            or_(r.next_attempt_at.is_(None), r.next_attempt_at <= now),
+            # A waiting step always has its next check: a plain range on the (status,
+            # next_attempt_at) index, so runs waiting for later cost the claim nothing.
+            r.next_attempt_at <= now
+            if status == "waiting"
+            else or_(r.next_attempt_at.is_(None), r.next_attempt_at <= now),
             or_(first, previous_done),
             key_free,
         )
