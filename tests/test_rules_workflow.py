@@ -180,13 +180,17 @@ def test_durations(text: Any, seconds: float | None) -> None:
     assert parse_duration(text) == seconds
 
 
+SMOKE_OK = {"field": "steps.smoke.success", "equals": True}
+
+
 @pytest.mark.parametrize(
     ("raw", "context", "holds"),
     [
-        ([{"field": "steps.smoke.success", "equals": True}], {"steps": {"smoke": {"success": True}}}, True),
-        ([{"field": "steps.smoke.success", "equals": True}], {"steps": {"smoke": {"success": "true"}}}, False),
+        ([SMOKE_OK], {"steps": {"smoke": {"success": True}}}, True),
+        ([SMOKE_OK], {"steps": {"smoke": {"success": "true"}}}, False),
         ([{"not": {"field": "result.x", "exists": True}}], {"result": {}}, True),
-        ([{"any": [{"field": "a", "equals": 1}, {"field": "a", "matches": "^2"}]}], {"a": "22"}, True),
+        ([{"any": [{"field": "a", "equals": 1}, {"field": "a", "matches": "^2"}]}],
+         {"a": "22"}, True),
         ("{{ result.n > 2 }}", {"result": {"n": 3}}, True),
         ("{{ result.n > 2 }}", {"result": {"n": 1}}, False),
         ("{{ result.missing }}", {"result": {}}, False),  # undefined: does not hold

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -128,7 +129,7 @@ async def get_event(engine: AsyncEngine, event_id: int) -> dict[str, Any] | None
 _ACTIVE = ("pending", "running", "retrying", "waiting")
 
 
-async def _key_holders(conn: Any, runs: list[Row[Any]]) -> dict[str, list[Row[Any]]]:
+async def _key_holders(conn: Any, runs: Sequence[Row[Any]]) -> dict[str, list[Row[Any]]]:
     """For the concurrency keys of runs not started yet: the other active runs of each."""
     keys = {
         r.concurrency_key
