@@ -440,3 +440,39 @@ async def test_a_key_that_does_not_render_kills_the_run_with_why(env: Env) -> No
     async with env.engine.begin() as conn:  # nothing else of it is due
         await conn.execute(update(action_runs).values(next_attempt_at=None))
     assert await env.executor().run_once() == 0
+
+
+async def test_retrying_a_dead_step_holds_the_clean_up_again(env: Env) -> None:
+    from bot.db.queries import ON_FAILURE_BASE, retry_action_run
+    from bot.replay import reset_events
+    from bot.rules.workflow import ON_FAILURE_BASE as BASE
+
+    assert ON_FAILURE_BASE == BASE
+    env.fake.build_steps = ("queued", "failed")
+    event_id = await env.deliver(issue_updated("OPS-17"), "d-17")
+    executor = env.executor()
+    await drive(executor, env.clock)
+    runs = await env.runs(event_id)
+    assert [r["status"] for r in runs] == [
+        "succeeded", "succeeded", "dead", "skipped", "skipped", "succeeded", "succeeded",
+    ]  # fmt: skip
+    # The clean-up deleted the version; make it exist again, then retry the dead build read.
+    await env.runner.run(
+        "ubiops.deployment_versions_create",
+        {"project_name": "ml-prod", "deployment_name": "churn", "data": {"version": "ops-17"}},
+        state=None, lookup_first=False, tenant="",
+    )  # fmt: skip
+    outcome = await retry_action_run(env.engine, runs[2]["id"], env.clock.now)
+    assert outcome is not None and outcome[0] == "dead"
+    assert await env.statuses(event_id) == [
+        "succeeded", "succeeded", "pending", "pending", "pending", "held", "held",
+    ]  # fmt: skip
+    # It dies again (the new version has no such revision): the clean-up runs again.
+    await drive(executor, env.clock)
+    assert (await env.statuses(event_id))[5:] == ["succeeded", "succeeded"]
+    # A replay of the event: the same, held first, to run only on a new death.
+    _, ids = await reset_events(env.engine, [event_id])
+    assert ids == [event_id]
+    assert await env.statuses(event_id) == [
+        "succeeded", "succeeded", "pending", "pending", "pending", "held", "held",
+    ]  # fmt: skip

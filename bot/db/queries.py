@@ -266,6 +266,37 @@ async def list_action_runs(
 
 
 RETRYABLE_RUN_STATUSES = ("dead", "skipped")
+ON_FAILURE_BASE = 1000  # workflow.ON_FAILURE_BASE: `on_failure` steps are stored from here
+
+
+def rearm_on_failure(event_ids: Sequence[int], rule_name: str | None = None) -> Any:
+    """UPDATE: the `on_failure` steps of these events' runs (of `rule_name`, else of the
+    runs with a dead step) are held again: a run going again cleans up only if it dies
+    once more."""
+    c = action_runs.c
+    do = action_runs.alias("do")
+    which = [do.c.rule_name == rule_name] if rule_name is not None else [do.c.status == "dead"]
+    going_again = (
+        select(do.c.id)
+        .where(
+            do.c.event_id == c.event_id,
+            do.c.rule_name == c.rule_name,
+            do.c.step_index < ON_FAILURE_BASE,
+            *which,
+        )
+        .exists()
+    )
+    return (
+        update(action_runs)
+        .where(
+            c.event_id.in_(list(event_ids)),
+            c.step_index >= ON_FAILURE_BASE,
+            c.status != "held",
+            going_again,
+        )
+        .values(status="held", failure=None, attempts=0, last_error=None, result=None,
+                next_attempt_at=None, lease_owner=None, lease_until=None)
+    )  # fmt: skip
 
 
 async def retry_action_run(
@@ -299,6 +330,11 @@ async def retry_action_run(
             return None
         if run.status not in RETRYABLE_RUN_STATUSES:
             return str(run.status), []
+        in_do = run.step_index < ON_FAILURE_BASE
+        if in_do:
+            await conn.execute(
+                rearm_on_failure([run.event_id], run.rule_name).values(updated_at=now)
+            )
         later = (
             await conn.execute(
                 update(action_runs)
@@ -306,6 +342,7 @@ async def retry_action_run(
                     c.event_id == run.event_id,
                     c.rule_name == run.rule_name,
                     c.step_index > run.step_index,
+                    c.step_index < (ON_FAILURE_BASE if in_do else ON_FAILURE_BASE * 2),
                     c.status == "skipped",
                 )
                 .values(**fresh)
