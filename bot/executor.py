@@ -31,7 +31,7 @@ from bot import logs
 from bot.db.engine import Writes, save_until_done
 from bot.db.group_commit import GroupCommit
 from bot.db.models import UTCDateTime, action_attempts, action_runs, events, utcnow
-from bot.due import next_attempt_at
+from bot.due import next_attempt_at, next_check
 from bot.errors import ActionError, ServiceDisabled, TemplateRenderError
 from bot.processor import claim_statement, wait_until_set
 from bot.rules import Step, build_context, render_params, workflow
@@ -412,8 +412,10 @@ class ActionExecutor:
             return await self._failed(run, started, str(exc), None, retryable=False)
         if waiting_on is not None:
             since = run.waiting_since or started
-            waited_s = (started - since).total_seconds()
-            if control.timeout_s is not None and waited_s >= control.timeout_s:
+            check_at, waited_s = next_check(
+                started, run.waiting_since, control.every_s, control.timeout_s
+            )
+            if check_at is None:
                 error = (
                     f"timed out waiting for {workflow.describe(control.until)} after "
                     f"{waited_s:.0f}s (timeout {control.timeout_s:.0f}s); last: {waiting_on}"
@@ -430,7 +432,7 @@ class ActionExecutor:
                 error=f"waiting for {waiting_on}",
                 result=result,
                 attempts=run.attempts - 1,
-                next_attempt_at=started + timedelta(seconds=control.every_s),
+                next_attempt_at=check_at,
                 waiting_since=since,
             )
         if failed:
