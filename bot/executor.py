@@ -106,7 +106,14 @@ def due_conditions(now: datetime | BindParameter[datetime]) -> list[ColumnElemen
     )
     first = or_(r.step_index == 0, r.step_index == workflow.ON_FAILURE_BASE)
     other = action_runs.alias("other")
-    started = or_(other.c.status != "pending", other.c.step_index > 0)
+    # A run has started once its first step was claimed (every step is planned pending).
+    first_of_other = action_runs.alias("first_of_other")
+    started = exists().where(
+        first_of_other.c.event_id == other.c.event_id,
+        first_of_other.c.rule_name == other.c.rule_name,
+        first_of_other.c.step_index == 0,
+        first_of_other.c.status != "pending",
+    )
     key_taken = exists().where(
         other.c.concurrency_key == r.concurrency_key,
         other.c.status.in_(ACTIVE),

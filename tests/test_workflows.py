@@ -476,3 +476,24 @@ async def test_retrying_a_dead_step_holds_the_clean_up_again(env: Env) -> None:
     assert await env.statuses(event_id) == [
         "succeeded", "succeeded", "pending", "pending", "pending", "held", "held",
     ]  # fmt: skip
+
+
+async def test_replicas_claiming_at_once_start_one_run_of_a_key(
+    env: Env, database_url: str
+) -> None:
+    # Several keyed runs not started, and claims from several replicas (own engines,
+    # owners) at the same moment: exactly one run of the key starts, the oldest.
+    ids = [await env.deliver(issue_updated(f"OPS-{20 + i}"), f"d-2{i}") for i in range(4)]
+    engines = [create_engine(database_url) for _ in range(3)]
+    try:
+        replicas = [
+            ActionExecutor(e, env.runner, rules_dir=env.rules_dir, clock=env.clock) for e in engines
+        ]
+        import asyncio
+
+        claimed = await asyncio.gather(*(r.claim(4) for r in replicas))
+    finally:
+        for engine in engines:
+            await engine.dispose()
+    started = [run.event_id for batch in claimed for run in batch]
+    assert started == [ids[0]]

@@ -127,9 +127,12 @@ async def get_event(engine: AsyncEngine, event_id: int) -> dict[str, Any] | None
 
 
 _ACTIVE = ("pending", "running", "retrying", "waiting")
+_DONE = ("succeeded", "skipped", "dead")  # a first step in these: the run has started
 
 
-async def _key_holders(conn: Any, runs: Sequence[Row[Any]]) -> dict[str, list[Row[Any]]]:
+async def _key_holders(
+    conn: Any, runs: Sequence[Row[Any]]
+) -> dict[str, list[tuple[int, str, bool]]]:
     """For the concurrency keys of runs not started yet: the other active runs of each."""
     keys = {
         r.concurrency_key
@@ -141,31 +144,34 @@ async def _key_holders(conn: Any, runs: Sequence[Row[Any]]) -> dict[str, list[Ro
     c = action_runs.c
     rows = await conn.execute(
         select(c.event_id, c.rule_name, c.step_index, c.status, c.concurrency_key)
-        .where(c.concurrency_key.in_(keys), c.status.in_(_ACTIVE))
+        .where(c.concurrency_key.in_(keys), c.status.in_((*_ACTIVE, *_DONE)))
         .order_by(c.event_id, c.rule_name, c.step_index)
     )
-    found: dict[str, list[Row[Any]]] = {}
+    # Per run of each key: (event_id, rule, started), for the runs still in progress.
+    runs_of: dict[tuple[int, str], list[Row[Any]]] = {}
     for row in rows:
-        found.setdefault(row.concurrency_key, []).append(row)
+        runs_of.setdefault((row.event_id, row.rule_name), []).append(row)
+    found: dict[str, list[tuple[int, str, bool]]] = {}
+    for (event_id, rule), steps in runs_of.items():
+        if any(s.status in _ACTIVE for s in steps):
+            started = any(s.step_index == 0 and s.status != "pending" for s in steps)
+            found.setdefault(steps[0].concurrency_key, []).append((event_id, rule, started))
     return found
 
 
-def _waiting_for(run: Row[Any], holders: dict[str, list[Row[Any]]]) -> str | None:
+def _waiting_for(run: Row[Any], holders: dict[str, list[tuple[int, str, bool]]]) -> str | None:
     """What a run waits for: its next check (`until`), or the run holding its key."""
     if run.status == "waiting":
         return f"until: next check at {_iso(run.next_attempt_at)}"
     if run.concurrency_key is None or run.step_index != 0 or run.status != "pending":
         return None
-    for other in holders.get(run.concurrency_key, ()):
-        if (other.event_id, other.rule_name) == (run.event_id, run.rule_name):
+    for event_id, rule, started in holders.get(run.concurrency_key, ()):
+        if (event_id, rule) == (run.event_id, run.rule_name):
             continue
-        earlier = (other.event_id, other.rule_name) < (run.event_id, run.rule_name)
-        started = other.status != "pending" or other.step_index > 0
-        if earlier or started:
+        if started or (event_id, rule) < (run.event_id, run.rule_name):
             return (
                 f"concurrency key {run.concurrency_key!r}: "
-                f"{'held by' if started else 'queued behind'} event {other.event_id} "
-                f"(rule {other.rule_name})"
+                f"{'held by' if started else 'queued behind'} event {event_id} (rule {rule})"
             )
     return None
 
