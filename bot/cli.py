@@ -185,6 +185,9 @@ def _events_show(settings: Settings, args: argparse.Namespace) -> int:
             )
             if r.get("waiting_for"):
                 print(f"    waiting for {r['waiting_for']}")
+            if r["status"] == "waiting" and r["result"] is not None:
+                answer = orjson.dumps(r["result"], default=str).decode()
+                print(f"    last answer: {answer[:200]}{'...' if len(answer) > 200 else ''}")
         return 0
 
     return _with_engine(work)(settings, args)

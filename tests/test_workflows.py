@@ -497,3 +497,35 @@ async def test_replicas_claiming_at_once_start_one_run_of_a_key(
             await engine.dispose()
     started = [run.event_id for batch in claimed for run in batch]
     assert started == [ids[0]]
+
+
+async def test_events_show_prints_the_wait_and_the_queue(
+    env: Env,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import asyncio
+
+    from bot.cli import main
+
+    rollout = await env.deliver(issue_updated("OPS-30"), "d-30")
+    executor = env.executor()
+    for _ in range(3):
+        await executor.run_once()
+    queued = await env.deliver(issue_updated("OPS-31"), "d-31")
+    monkeypatch.setenv("DEPLOYBOT_DATABASE_URL", database_url)
+
+    def show(event_id: int) -> str:
+        assert main(["events", "show", str(event_id)]) == 0
+        return capsys.readouterr().out
+
+    out = await asyncio.to_thread(show, rollout)
+    assert "rollout#2 ubiops.revisions_get: waiting" in out
+    assert "    waiting for until: next check at " in out
+    assert '    last answer: {"id":' in out and '"status":"queued"' in out
+    out = await asyncio.to_thread(show, queued)
+    assert (
+        f"    waiting for concurrency key 'ubiops/ml-prod/churn': held by event {rollout} "
+        "(rule rollout)"
+    ) in out
