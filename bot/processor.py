@@ -355,12 +355,13 @@ class EventProcessor:
             return stored, 0
         conn.execute(_CLEAR_MATCHES, {"b_ids": list(stored)})
         ours = [(event_id, ev) for event_id, ev, _ in outcomes if event_id in stored]
+        acted = self._already_acted(conn, ours, payloads or {})
         match_rows = [
             {
                 "event_id": event_id,
                 "rule_name": rule.name,
                 "matched": True,
-                "reason": None,
+                "reason": acted.get((event_id, rule.name)),
                 "ruleset_version": ruleset.version,
             }
             for event_id, ev in ours
@@ -427,6 +428,33 @@ class EventProcessor:
         for key in sorted(latest_keys):
             _supersede(conn, key, now)
         return stored, len(run_rows)
+
+    @staticmethod
+    def _already_acted(
+        conn: Connection,
+        ours: list[tuple[int, Evaluation]],
+        payloads: dict[int, tuple[dict[str, Any], str | None]],
+    ) -> dict[tuple[int, str], str]:
+        """Matches whose Jira change another event already acted on, with why nothing is
+        planned for them (one indexed look-up per batch, only for events naming a change)."""
+        wanted: dict[str, tuple[int, str]] = {}
+        for event_id, ev in ours:
+            change = payloads.get(event_id, ({}, None))[1]
+            for rule in ev.matched if change is not None else ():
+                wanted[idempotency_key(event_id, rule.name, 0, change)] = (event_id, rule.name)
+        if not wanted:
+            return {}
+        found = conn.execute(
+            select(action_runs.c.idempotency_key, action_runs.c.event_id).where(
+                action_runs.c.idempotency_key.in_(list(wanted))
+            )
+        )
+        return {
+            wanted[key]: f"this Jira change was already acted on by event {event_id}; "
+            "`events replay` of that event runs it again"
+            for key, event_id in found
+            if event_id != wanted[key][0]
+        }
 
     async def _yield_to_ingest(self, pause_s: float) -> None:
         """Let waiting requests run; while deliveries wait for their commit, pause."""

@@ -426,6 +426,16 @@ async def test_one_jira_change_acts_once_whatever_delivery_brings_it(env: Env) -
     assert len(await env.runs(first)) == 7
     assert await env.runs(again) == []
     assert len(await env.runs(other_change)) == 7
+    shown = await get_event(env.engine, again)
+    assert shown is not None
+    assert shown["matches"] == [
+        {
+            "rule": "rollout",
+            "matched": True,
+            "reason": f"this Jira change was already acted on by event {first}; "
+            "`events replay` of that event runs it again",
+        }
+    ]
 
 
 async def test_a_key_that_does_not_render_kills_the_run_with_why(env: Env) -> None:
