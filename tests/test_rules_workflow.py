@@ -295,3 +295,44 @@ def test_rules_test_says_what_each_control_decides_and_what_it_cannot_know(
     )
     other = {**payload, "issue": {"key": "FOO-1", "fields": {"project": {"key": "FOO"}}}}
     assert "does not hold for this issue (checked on the event itself)" in dry_run(ruleset, other)
+
+
+_ISSUE = {"id": "10042", "key": "OPS-42"}
+
+
+@pytest.mark.parametrize(
+    ("payload", "ref"),
+    [
+        (
+            {"webhookEvent": "jira:issue_updated", "issue": _ISSUE, "changelog": {"id": "77"}},
+            "t|10042|changelog:77",
+        ),
+        (  # the key when the id is missing
+            {"webhookEvent": "jira:issue_updated", "issue": {"key": "OPS-1"},
+             "changelog": {"id": 5}},
+            "t|OPS-1|changelog:5",
+        ),
+        (
+            {"webhookEvent": "comment_created", "issue": _ISSUE, "comment": {"id": "9"}},
+            "t|10042|comment_created:9",
+        ),
+        (  # each edit of a comment is a change of its own
+            {"webhookEvent": "comment_updated", "issue": _ISSUE,
+             "comment": {"id": "9", "updated": "2026-12-04T10:00:00.000+0000"}},
+            "t|10042|comment_updated:9@2026-12-04T10:00:00.000+0000",
+        ),
+        ({"webhookEvent": "jira:issue_updated", "issue": _ISSUE}, None),  # no changelog
+        ({"webhookEvent": "jira:issue_created", "issue": _ISSUE, "changelog": {}}, None),
+        ({"webhookEvent": "comment_created", "issue": _ISSUE, "comment": {"id": None}}, None),
+        ({"webhookEvent": "jira:issue_updated", "changelog": {"id": "1"}}, None),  # no issue
+        (
+            {"webhookEvent": "jira:issue_updated", "issue": _ISSUE,
+             "changelog": {"id": "x" * 400}},
+            None,  # too long for the key column: no deduplication rather than a failure
+        ),
+    ],
+)  # fmt: skip
+def test_the_change_an_event_reports(payload: dict[str, Any], ref: str | None) -> None:
+    from bot.rules.engine import change_ref
+
+    assert change_ref(payload, "t") == ref
