@@ -539,3 +539,14 @@ async def test_events_show_prints_the_wait_and_the_queue(
         f"    waiting for concurrency key 'ubiops/ml-prod/churn': held by event {rollout} "
         "(rule rollout)"
     ) in out
+
+
+@pytest.mark.parametrize("hostile", ["churn\x00", "m" * 600])
+async def test_a_hostile_key_kills_the_run_without_storing_it(env: Env, hostile: str) -> None:
+    event_id = await env.deliver(issue_updated("OPS-40", hostile), "d-40")
+    runs = await env.runs(event_id)
+    assert [r["status"] for r in runs] == ["dead"] + ["skipped"] * 6
+    assert "is empty or unusable" in runs[0]["last_error"]
+    assert "\x00" not in runs[0]["last_error"]
+    assert all(r["concurrency_key"] is None for r in runs)
+    assert await env.executor().run_once() == 0
