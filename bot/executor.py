@@ -507,7 +507,8 @@ class ActionExecutor:
             "b_result": result,
             "b_attempts": run.attempts if attempts is None else attempts,
             "b_state": run.state if state is None else state,
-            "b_waiting_since": waiting_since,
+            # A failed call while waiting keeps the wait's start: the timeout still counts.
+            "b_waiting_since": run.waiting_since if waiting_since is None else waiting_since,
         }
         item = _Outcome(run, started, finished, outcome, values, status_code)
         written = await save_until_done(

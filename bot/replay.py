@@ -139,6 +139,7 @@ async def reset_events(engine: AsyncEngine, ids: Sequence[int]) -> tuple[int, li
                 attempts=0,
                 next_attempt_at=None,
                 last_error=None,
+                waiting_since=None,
                 lease_owner=None,
                 lease_until=None,
                 updated_at=now,

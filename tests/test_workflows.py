@@ -550,3 +550,42 @@ async def test_a_hostile_key_kills_the_run_without_storing_it(env: Env, hostile:
     assert "\x00" not in runs[0]["last_error"]
     assert all(r["concurrency_key"] is None for r in runs)
     assert await env.executor().run_once() == 0
+
+
+async def _waiting_since(env: Env, event_id: int) -> Any:
+    async with env.engine.connect() as conn:
+        return (
+            await conn.execute(
+                select(action_runs.c.waiting_since).where(
+                    action_runs.c.event_id == event_id, action_runs.c.step_index == 2
+                )
+            )
+        ).scalar_one()
+
+
+async def test_a_failed_poll_keeps_the_wait_and_a_retried_timeout_waits_afresh(env: Env) -> None:
+    from bot.db.queries import retry_action_run
+    from tests.fakes.ubiops import Fault
+
+    env.fake.build_steps = ("queued", "building")  # never finishes
+    event_id = await env.deliver(issue_updated("OPS-50"), "d-50")
+    executor = env.executor()
+    for _ in range(3):
+        await executor.run_once()
+    since = await _waiting_since(env, event_id)
+    assert since is not None
+    env.fake.fail_next(2, Fault(status=503))  # both of the client's tries: the call fails
+    env.clock.advance(minutes=10)
+    await executor.run_once()
+    assert (await env.runs(event_id))[2]["status"] == "retrying"
+    assert await _waiting_since(env, event_id) == since  # the timeout still counts from it
+    await drive(executor, env.clock, rounds=60)
+    runs = await env.runs(event_id)
+    assert runs[2]["last_error"].startswith("timed out waiting for")
+    await retry_action_run(env.engine, runs[2]["id"], env.clock.now)
+    assert await _waiting_since(env, event_id) is None
+    polls = len(env.fake.calls("GET", r".*/versions/ops-50/revisions/[^/]+"))
+    await executor.run_once()
+    # Called afresh, not timed out at once (its clean-up had deleted the version: a 404).
+    assert len(env.fake.calls("GET", r".*/versions/ops-50/revisions/[^/]+")) == polls + 1
+    assert not (await env.runs(event_id))[2]["last_error"].startswith("timed out")

@@ -322,6 +322,7 @@ async def retry_action_run(
         "lease_until": None,
         "state": None,
         "last_error": None,
+        "waiting_since": None,  # a step that timed out waits afresh
         "updated_at": now,
     }
     async with engine.begin() as conn:
