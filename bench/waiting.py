@@ -28,6 +28,9 @@ from pathlib import Path
 from sqlalchemy import delete, insert
 from yarl import URL
 
+if __package__ in (None, ""):  # run as a script: bench/waiting.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from bench.harness import cpu_seconds, deploybot, free_port
 from bot.db.engine import create_engine, upgrade
 from bot.db.models import action_runs, events, utcnow
