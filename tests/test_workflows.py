@@ -494,6 +494,10 @@ async def test_replicas_claiming_at_once_start_one_run_of_a_key(
     # Several keyed runs not started, and claims from several replicas (own engines,
     # owners) at the same moment: exactly one run of the key starts, the oldest.
     ids = [await env.deliver(issue_updated(f"OPS-{20 + i}"), f"d-2{i}") for i in range(4)]
+    assert (await env.runs(ids[0]))[0]["waiting_for"] is None
+    assert (await env.runs(ids[2]))[0]["waiting_for"] == (
+        f"concurrency key 'ubiops/ml-prod/churn': queued behind event {ids[0]} (rule rollout)"
+    )
     engines = [create_engine(database_url) for _ in range(3)]
     try:
         replicas = [

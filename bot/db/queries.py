@@ -127,7 +127,6 @@ async def get_event(engine: AsyncEngine, event_id: int) -> dict[str, Any] | None
 
 
 _ACTIVE = ("pending", "running", "retrying", "waiting")
-_DONE = ("succeeded", "skipped", "dead")  # a first step in these: the run has started
 
 
 async def _key_holders(
@@ -142,20 +141,26 @@ async def _key_holders(
     if not keys:
         return {}
     c = action_runs.c
+    first = action_runs.alias("first")
+    # The runs of each key still in progress (by the (concurrency_key, status) index, not
+    # the key's whole history), each with its first step's status: claimed once, started.
     rows = await conn.execute(
-        select(c.event_id, c.rule_name, c.step_index, c.status, c.concurrency_key)
-        .where(c.concurrency_key.in_(keys), c.status.in_((*_ACTIVE, *_DONE)))
-        .order_by(c.event_id, c.rule_name, c.step_index)
+        select(c.event_id, c.rule_name, c.concurrency_key, first.c.status)
+        .join(
+            first,
+            (first.c.event_id == c.event_id)
+            & (first.c.rule_name == c.rule_name)
+            & (first.c.step_index == 0),
+        )
+        .where(c.concurrency_key.in_(keys), c.status.in_(_ACTIVE))
+        .distinct()
+        .order_by(c.event_id, c.rule_name)
     )
-    # Per run of each key: (event_id, rule, started), for the runs still in progress.
-    runs_of: dict[tuple[int, str], list[Row[Any]]] = {}
-    for row in rows:
-        runs_of.setdefault((row.event_id, row.rule_name), []).append(row)
     found: dict[str, list[tuple[int, str, bool]]] = {}
-    for (event_id, rule), steps in runs_of.items():
-        if any(s.status in _ACTIVE for s in steps):
-            started = any(s.step_index == 0 and s.status != "pending" for s in steps)
-            found.setdefault(steps[0].concurrency_key, []).append((event_id, rule, started))
+    for row in rows:
+        found.setdefault(row.concurrency_key, []).append(
+            (row.event_id, row.rule_name, row.status != "pending")
+        )
     return found
 
 
