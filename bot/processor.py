@@ -129,7 +129,6 @@ class Claimed:
     body: bytes
     attempts: int
     tenant: str = ""
-    source: str = "live"
 
 
 async def wait_until_set(event: asyncio.Event, timeout_s: float) -> None:
@@ -253,19 +252,12 @@ class EventProcessor:
                 lease_until=bindparam("b_lease_until", type_=UTCDateTime()),
                 limit=limit,
                 values={"status": "processing"},
-                returning=(
-                    events.c.id,
-                    events.c.body,
-                    events.c.attempts,
-                    events.c.tenant,
-                    events.c.source,
-                ),
+                returning=(events.c.id, events.c.body, events.c.attempts, events.c.tenant),
             )
         times = {"b_now": now, "b_lease_until": now + timedelta(seconds=self._lease_s)}
         rows = await self._writes.run_relaxed(lambda conn: conn.execute(stmt, times).all())
         return sorted(
-            (Claimed(r.id, r.body, r.attempts, r.tenant, r.source) for r in rows),
-            key=lambda c: c.id,
+            (Claimed(r.id, r.body, r.attempts, r.tenant) for r in rows), key=lambda c: c.id
         )
 
     async def process(self, claimed: Claimed) -> bool:
