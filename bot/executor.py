@@ -80,6 +80,7 @@ class _Outcome:
 
 
 ACTIVE = ("pending", "running", "retrying", "waiting")  # a run of these holds its key
+IF_SKIPPED = "if: "  # how a step skipped by its own `if` begins its reason
 
 
 def due_conditions(now: datetime | BindParameter[datetime]) -> list[ColumnElement[bool]]:
@@ -100,8 +101,13 @@ def due_conditions(now: datetime | BindParameter[datetime]) -> list[ColumnElemen
         previous.c.rule_name == r.rule_name,
         previous.c.step_index == r.step_index - 1,
         or_(
-            previous.c.status.in_(("succeeded", "skipped")),
-            and_(r.step_index > workflow.ON_FAILURE_BASE, previous.c.status == "dead"),
+            previous.c.status == "succeeded",
+            # Skipped by its own `if` (not behind a dead step: a `runs retry` of such a
+            # later step must not run before the dead one is put right).
+            and_(previous.c.status == "skipped", previous.c.last_error.like(f"{IF_SKIPPED}%")),
+            and_(
+                r.step_index > workflow.ON_FAILURE_BASE, previous.c.status.in_(("dead", "skipped"))
+            ),
         ),
     )
     first = or_(r.step_index == 0, r.step_index == workflow.ON_FAILURE_BASE)
@@ -363,7 +369,7 @@ class ActionExecutor:
                     started,
                     outcome="skipped",
                     status="skipped",
-                    error=f"if: {reason}",
+                    error=f"{IF_SKIPPED}{reason}",
                     attempts=run.attempts - 1,
                 )
         try:

@@ -593,3 +593,18 @@ async def test_a_failed_poll_keeps_the_wait_and_a_retried_timeout_waits_afresh(e
     # Called afresh, not timed out at once (its clean-up had deleted the version: a 404).
     assert len(env.fake.calls("GET", r".*/versions/ops-50/revisions/[^/]+")) == polls + 1
     assert not (await env.runs(event_id))[2]["last_error"].startswith("timed out")
+
+
+async def test_a_step_behind_a_dead_one_does_not_run_when_retried_alone(env: Env) -> None:
+    from bot.db.queries import retry_action_run
+
+    env.fake.build_steps = ("queued", "failed")
+    event_id = await env.deliver(issue_updated("OPS-60"), "d-60")
+    executor = env.executor()
+    await drive(executor, env.clock)
+    runs = await env.runs(event_id)
+    assert [r["status"] for r in runs][2:5] == ["dead", "skipped", "skipped"]
+    await retry_action_run(env.engine, runs[4]["id"], env.clock.now)  # the promote
+    assert (await env.runs(event_id))[4]["status"] == "pending"
+    # It follows a step skipped behind the dead build read, not one skipped by its `if`.
+    assert await executor.claim(4) == []
