@@ -114,6 +114,7 @@ async def send(
             if rate:  # delivery n is due n / rate seconds after the start
                 await asyncio.sleep(max(0.0, started + n / rate - time.monotonic()))
             template["issue"]["key"] = f"OPS-{n}"  # no await before dumps: no interleaving
+            template["issue"]["id"] = str(100000 + n)  # another issue: its own change
             body = orjson.dumps(template)
             headers = {
                 "Authorization": f"Bearer {token}",

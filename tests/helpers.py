@@ -17,6 +17,7 @@ from bot.core.catalog import Operation, Param
 from bot.db.engine import create_engine
 from bot.db.models import events
 from bot.db.queries import get_event
+from bot.services import ubiops
 from bot.settings import Settings
 from tests.conftest import CLIENT_SECRET
 from tests.signing import oauth_token
@@ -87,6 +88,18 @@ REGISTRY: dict[str, Operation] = {
             "/api/v2/webdeployments/configurations/{configurationId}/versions/draft/publish",
             (Param("configuration_id", "path", required=True, wire_name="configurationId"),),
         ),
+    )
+}
+
+
+# The example rollout's other steps, as the adapter defines them.
+REGISTRY |= {
+    f"ubiops.{name}": ubiops.OPERATIONS_BY_NAME[name]
+    for name in (
+        "revisions_get",
+        "deployment_version_requests_create",
+        "deployments_update",
+        "deployment_versions_delete",
     )
 }
 
@@ -174,7 +187,11 @@ rules:
 def issue_updated(
     key: str, *, summary: str = "Roll out", deployment: str | None = "churn"
 ) -> dict[str, Any]:
-    fields: dict[str, Any] = {"summary": summary, "labels": ["model-x"]}
+    fields: dict[str, Any] = {
+        "summary": summary,
+        "labels": ["model-x"],
+        "project": {"id": "10000", "key": "OPS", "name": "Operations"},
+    }
     if deployment is not None:
         fields["customfield_10050"] = deployment
     return {

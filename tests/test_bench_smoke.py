@@ -35,3 +35,10 @@ def test_pipeline_bench_drains_with_one_ubiops_call_per_event() -> None:
     out = run_bench("pipeline.py", "--duration", "1", "--events", "60", "--connections", "8")
     assert "UbiOps creates 60 for 60 events" in out
     assert "backlog zero" in out
+
+
+@pytest.mark.slow
+def test_waiting_bench_measures_idle_waits() -> None:
+    out = run_bench("waiting.py", "--runs", "50", "--duration", "1", "--ticks", "20")
+    assert "50 runs waiting on until" in out
+    assert "due-check per tick (claim, nothing due)" in out

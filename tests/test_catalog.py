@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from bot.core import catalog
 from bot.core.catalog import (
     CreateSpec,
     Operation,
@@ -219,8 +220,54 @@ EXTENSIONS = {"revisions_file_download": {"save_to"}}
 
 
 def test_table_has_exactly_the_reference_operations() -> None:
-    assert sorted(op.name for op in ubiops.OPERATIONS) == sorted(r[0] for r in REFERENCE)
-    assert len(ubiops.OPERATIONS) == 31
+    assert sorted(op.name for op in ubiops.DEPLOYMENT_OPERATIONS) == sorted(r[0] for r in REFERENCE)
+    assert len(ubiops.DEPLOYMENT_OPERATIONS) == 31
+
+
+REQUESTS = "/projects/{project_name}/deployments/{deployment_name}"
+REQUEST_TABLE = [
+    ("deployment_requests_create", "POST", "/requests", "project_name deployment_name data"),
+    (
+        "deployment_version_requests_create",
+        "POST",
+        "/versions/{version}/requests",
+        "project_name deployment_name version data",
+    ),
+    (
+        "deployment_requests_get",
+        "GET",
+        "/requests/{request_id}",
+        "project_name deployment_name request_id",
+    ),
+    (
+        "deployment_version_requests_get",
+        "GET",
+        "/versions/{version}/requests/{request_id}",
+        "project_name deployment_name version request_id",
+    ),
+    (
+        "batch_deployment_requests_create",
+        "POST",
+        "/requests/batch",
+        "project_name deployment_name data",
+    ),
+    (
+        "batch_deployment_version_requests_create",
+        "POST",
+        "/versions/{version}/requests/batch",
+        "project_name deployment_name version data",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "method", "path", "required"), REQUEST_TABLE)
+def test_request_operations_are_in_the_catalog(
+    name: str, method: str, path: str, required: str
+) -> None:
+    op = ubiops.OPERATIONS_BY_NAME[name]
+    assert (op.method, op.path) == (method, REQUESTS + path)
+    assert op.required_params == frozenset(required.split())
+    assert catalog.registry()[f"ubiops.{name}"] is op
 
 
 @pytest.mark.parametrize(("name", "method", "path", "required", "optional"), REFERENCE)

@@ -16,6 +16,7 @@ from bot.core.due import (
     WEBHOOK_LIFETIME,
     failed_after_ms,
     next_attempt_at,
+    next_check,
     prune_before,
     refresh_at,
     refresh_due,
@@ -142,3 +143,32 @@ def test_ninety_days_of_hourly_webhook_checks_never_lapse() -> None:
         outage = 15 * DAY if T0 + 45 * DAY <= now < T0 + 46 * DAY else timedelta(0)
         now += HOUR + late + outage  # the webhook check's tick (DEPLOYBOT_WEBHOOKS_INTERVAL_S)
     assert 8 <= refreshes <= 12
+
+
+_T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("now_s", "since_s", "every_s", "timeout_s", "check_at_s", "waited_s"),
+    [
+        (0, None, 600, 7200, 600, 0),  # the first call: next check one `every` on
+        (600, 0, 600, 7200, 1200, 600),
+        (6600, 0, 600, 7200, 7200, 6600),  # the last check falls on the bound
+        (6900, 0, 600, 7200, 7200, 6900),  # ...not one `every` beyond it
+        (7200, 0, 600, 7200, None, 7200),  # the bound: timed out
+        (9000, 0, 600, 7200, None, 9000),  # the service was down past it
+        (100, 0, 10, None, 110, 100),  # no bound (a shortcut's own wait)
+    ],
+)
+def test_next_check_of_a_waiting_step(
+    now_s: float,
+    since_s: float | None,
+    every_s: float,
+    timeout_s: float | None,
+    check_at_s: float | None,
+    waited_s: float,
+) -> None:
+    since = None if since_s is None else _T0 + timedelta(seconds=since_s)
+    at, waited = next_check(_T0 + timedelta(seconds=now_s), since, every_s, timeout_s)
+    assert at == (None if check_at_s is None else _T0 + timedelta(seconds=check_at_s))
+    assert waited == waited_s

@@ -63,8 +63,13 @@ def test_a_rule_whose_jql_jira_did_not_match_misses(tmp_path: Path) -> None:
     # Whitespace is not part of the filter (the webhook holds the normalized JQL).
     both = frozenset({"project = OPS", "project = HR"})
     assert outcome(evaluate(ruleset, payload, both)) == (["ops", "hr"], {})
-    # Unknown webhooks: the JQL cannot be checked here and the conditions decide alone.
-    assert outcome(evaluate(ruleset, payload, None)) == (["ops", "hr"], {})
+    # Unknown webhooks: the JQL is decided on the payload's own issue, never skipped.
+    assert outcome(evaluate(ruleset, payload, None)) == (
+        ["ops"],
+        {"hr": "jql: `project   =  HR` does not hold for this issue (checked on the event itself)"},
+    )
+    other = issue_updated_payload(project="FOO")
+    assert outcome(evaluate(ruleset, other, None))[0] == []
 
 
 @pytest.mark.parametrize(
@@ -139,8 +144,9 @@ async def test_the_processor_plans_only_the_rules_whose_jql_jira_matched(
     assert {k: sorted(v) for k, v in planned.items()} == {
         "ops-only": ["ops"],
         "both": ["hr", "ops"],
-        "unknown": ["hr", "ops"],  # no webhook we registered: JQL not checked
-        "none": ["hr", "ops"],
+        # No webhook we registered: the JQL is decided on the payload (an OPS issue).
+        "unknown": ["ops"],
+        "none": ["ops"],
     }
     assert misses["ops-only"] == [
         {"rule": "hr", "reason": "jql: Jira did not match `project   =  HR` for this issue"}

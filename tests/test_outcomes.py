@@ -49,6 +49,12 @@ def r(rule: str, step: int, status: str, at: datetime | None = None) -> RunState
         ([r("a", 0, "pending", LATER), r("b", 0, "running")], "running"),
         ([r("a", 0, "pending", LATER), r("b", 0, "succeeded")], "waiting"),
         ([r("a", 0, "dead"), r("a", 1, "skipped"), r("b", 0, "running")], "failed"),
+        # Workflows: a step waiting on `until`, clean-up steps never needed, a replaced run.
+        ([r("a", 0, "succeeded"), r("a", 1, "waiting", LATER)], "waiting"),
+        ([r("a", 0, "waiting", LATER), r("b", 0, "running")], "running"),
+        ([r("a", 0, "succeeded"), r("a", 1000, "held")], "succeeded"),
+        ([r("a", 0, "dead"), r("a", 1000, "running")], "failed"),
+        ([r("a", 0, "superseded"), r("a", 1, "superseded")], "succeeded"),
     ],
 )
 def test_event_outcome(runs: list[RunState], outcome: str) -> None:

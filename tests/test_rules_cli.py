@@ -68,6 +68,9 @@ event: jira:issue_updated (OPS-42)
 2 rule(s) listen to this event: 1 match, 1 do not; 1 rule(s) listen to other events only
 
 MATCH deploy-model-when-ready  (rules/ubiops-rollout.yaml:10)
+  jql `project = OPS AND issuetype = Deployment`: checked on the payload (no webhook of ours \
+named): holds
+  concurrency key: 'ubiops/ml-prod/churn-model': one run of this key at a time
   step 1 [version]: ubiops.deployment_versions_create
     POST /projects/ml-prod/deployments/churn-model/versions
     content-type: application/json
@@ -85,7 +88,7 @@ MATCH deploy-model-when-ready  (rules/ubiops-rollout.yaml:10)
       deployment_name: "churn-model"
       data: {{"version": "ops-42", "environment": "python3-11", "instance_type": "2048mb", \
 "labels": {{"jira": "OPS-42"}}}}
-  step 2: ubiops.revisions_file_upload
+  step 2 [upload]: ubiops.revisions_file_upload
     POST /projects/ml-prod/deployments/churn-model/versions/~steps.version.version~/revisions
     content-type: multipart/form-data
     file (multipart field 'file'): {model}
@@ -94,11 +97,67 @@ MATCH deploy-model-when-ready  (rules/ubiops-rollout.yaml:10)
       deployment_name: "churn-model"
       version: "~steps.version.version~"
       file: "{model}"
-    note: ~steps.version.version~ is a placeholder: a dry run calls no earlier step, \
-so its result is not known
+    note: ~steps.version.version~ is a placeholder: a dry run calls no earlier step, so its \
+result is not known
+  step 3 [build]: ubiops.revisions_get
+    until result.status in ['success', 'failed']: the answer is checked after each call, every \
+30s, timeout 7200s (not known before running)
+    fail_if result.status equals 'failed': checked on the answer (not known before running)
+    GET \
+/projects/ml-prod/deployments/churn-model/versions/~steps.version.version~/revisions/~steps.upload.revision~
+    parameters (rendered):
+      project_name: "ml-prod"
+      deployment_name: "churn-model"
+      version: "~steps.version.version~"
+      revision_id: "~steps.upload.revision~"
+    note: ~steps.upload.revision~ is a placeholder: a dry run calls no earlier step, so its \
+result is not known
+    note: ~steps.version.version~ is a placeholder: a dry run calls no earlier step, so its \
+result is not known
+  step 4 [smoke]: ubiops.deployment_version_requests_create
+    POST /projects/ml-prod/deployments/churn-model/versions/~steps.version.version~/requests
+    content-type: application/json
+    json body:
+      {{
+        "input": 2.0
+      }}
+    parameters (rendered):
+      project_name: "ml-prod"
+      deployment_name: "churn-model"
+      version: "~steps.version.version~"
+      data: {{"input": 2.0}}
+    note: ~steps.version.version~ is a placeholder: a dry run calls no earlier step, so its \
+result is not known
+  step 5: ubiops.deployments_update
+    if steps.smoke.success equals True: not known before running (reads steps.smoke, the \
+results of earlier steps)
+    PATCH /projects/ml-prod/deployments/churn-model
+    content-type: application/json
+    json body:
+      {{
+        "default_version": "~steps.version.version~"
+      }}
+    parameters (rendered):
+      project_name: "ml-prod"
+      deployment_name: "churn-model"
+      data: {{"default_version": "~steps.version.version~"}}
+    note: ~steps.version.version~ is a placeholder: a dry run calls no earlier step, so its \
+result is not known
+  on_failure (only when a step above is dead; `failure` unknown now):
+  step 1: ubiops.deployment_versions_delete
+    if steps.version exists True: not known before running (reads steps.version, the results of \
+earlier steps)
+    DELETE /projects/ml-prod/deployments/churn-model/versions/~steps.version.version~
+    parameters (rendered):
+      project_name: "ml-prod"
+      deployment_name: "churn-model"
+      version: "~steps.version.version~"
+    note: ~steps.version.version~ is a placeholder: a dry run calls no earlier step, so its \
+result is not known
 
 NO MATCH publish-web-config-on-done  (rules/genesys-publish.yaml:4)
-  changed status: to 'Ready to deploy', not 'Done'
+  jql: `project = OPS AND issuetype = "Web config" AND status IN (Done, Closed)` does not hold \
+for this issue (checked on the event itself)
 
 dry run: nothing was sent
 """

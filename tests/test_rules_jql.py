@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bot.errors import SettingsError
-from bot.rules.jql import check_jql
+from bot.rules.jql import JqlError, Undecided, check_jql, jql_holds
 from bot.rules.loader import check_rules
 from bot.settings import from_env
 
@@ -111,3 +112,60 @@ def test_rules_check_takes_the_epic_label_field_from_the_settings(tmp_path: Path
     assert errors == [] and ruleset is not None
     with pytest.raises(SettingsError, match="JIRA_EPIC_LABEL_FIELD"):
         from_env({"JIRA_EPIC_LABEL_FIELD": "Epic Name"}, dotenv=None)
+
+
+_ISSUE: dict[str, Any] = {
+    "webhookEvent": "jira:issue_updated",
+    "issue": {
+        "id": "10042",
+        "key": "OPS-42",
+        "fields": {
+            "project": {"id": "10000", "key": "OPS", "name": "Operations"},
+            "issuetype": {"id": "10005", "name": "Deployment"},
+            "status": {"id": "10001", "name": "Ready to deploy"},
+            "assignee": None,
+            "reporter": {"accountId": "abc-123", "displayName": "Ada"},
+            "customfield_10050": "churn",
+            "customfield_10060": {"id": "7", "value": "Blue"},
+            "customfield_10070": [{"value": "a"}, {"value": "b"}],
+        },
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("jql", "holds"),
+    [
+        ("project = OPS", True),
+        ("project = ops", True),  # Jira compares names and keys case-insensitively
+        ("project = 10000", True),
+        ("project = Operations", True),
+        ("project = FOO", False),
+        ("project != FOO", True),
+        ("project IN (FOO, OPS)", True),
+        ("project NOT IN (FOO, OPS)", False),
+        ('issueKey = "OPS-42"', True),
+        ("issueKey = OPS-41", False),
+        ('status = "Ready to deploy" AND issuetype = Deployment', True),
+        ("status = Done OR issuetype = Deployment", True),
+        ("(status = Done OR status = Open) AND project = OPS", False),
+        ("assignee = EMPTY", True),
+        ("assignee != abc-123", False),  # an empty field matches no != (as in Jira)
+        ("reporter = abc-123", True),
+        ("cf[10050] = churn", True),
+        ("cf[10060] = Blue", True),
+        ("cf[10070] IN (b, c)", True),
+        ("cf[10070] NOT IN (a)", False),
+    ],
+)
+def test_jql_decided_on_the_payload(jql: str, holds: bool) -> None:
+    assert jql_holds(jql, _ISSUE) is holds
+
+
+@pytest.mark.parametrize(
+    "jql",
+    ["issue.property[deploy].ready = true", "cf[99999] = x", "labels = a"],
+)
+def test_jql_the_payload_cannot_decide_is_said(jql: str) -> None:
+    with pytest.raises((Undecided, JqlError)):
+        jql_holds(jql, _ISSUE)

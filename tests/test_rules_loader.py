@@ -52,7 +52,7 @@ ERROR_CASES = [
         HEAD + "    nmae: x\n" + STEP,
         [
             "r.yaml:5: unknown key 'nmae' in a rule "
-            "(expected: name, description, enabled, on, when, do)"
+            "(expected: name, description, enabled, on, when, concurrency, do, on_failure)"
         ],
     ),
     (

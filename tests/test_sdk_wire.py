@@ -223,6 +223,13 @@ def _ubiops_cases() -> Iterator[Case]:
     )
     yield case("revisions_file_upload", "template", **VERSION, template_deployment_id="t-1")
     yield case("revisions_get", **VERSION, revision_id="r-1")
+    # The requests API (smoke tests): direct and batch, deployment and version level.
+    yield case("deployment_requests_create", **WHERE, data={"input": 2.0}, timeout=30)
+    yield case("deployment_version_requests_create", **VERSION, data={"input": 2.0})
+    yield case("deployment_requests_get", **WHERE, request_id="q-1", metadata_only=True)
+    yield case("deployment_version_requests_get", **VERSION, request_id="q-1")
+    yield case("batch_deployment_requests_create", **WHERE, data=[{"input": 1.0}])
+    yield case("batch_deployment_version_requests_create", **VERSION, data=[{"input": 1.0}])
     yield case("revisions_list", **VERSION)
     yield case("revisions_rebuild", "data", **VERSION, revision_id="r-1", data={"reason": "x"})
     # item 2: a POST without a body is JSON all the same
@@ -296,7 +303,7 @@ JIRA_CASES = list(_jira_cases())
 def test_the_cases_cover_every_operation_a_rule_can_call() -> None:
     covered = {c.action for c in [*SDK_CASES, *JIRA_CASES]}
     assert covered == set(registry()), set(registry()) ^ covered
-    assert len(covered) == 60
+    assert len(covered) == 66
 
 
 # --- the official clients ---------------------------------------------------------------
@@ -481,6 +488,12 @@ async def test_deploybot_sends_what_the_official_client_sends(
     if case.service == "ubiops" and official.method == "DELETE":
         assert expected["accept"] == "*/*"  # no preference: see the module docstring
         expected["accept"] = "application/json"
+    if case.service == "ubiops":
+        # The UbiOps client sends a boolean query value as Python's text (`True`); deploybot
+        # sends the JSON spelling (`true`) that the API documents use. Both parse the same.
+        expected["query"] = [
+            re.sub(r"=(True|False)$", lambda m: "=" + m[1].lower(), q) for q in expected["query"]
+        ]
     assert essentials(ours) == expected
     # The deliberate header difference: no Content-Type without a body.
     if ours.method not in BODY_METHODS:

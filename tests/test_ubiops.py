@@ -189,7 +189,7 @@ async def test_every_operation_once_through_the_client(env: Env, tmp_path: Path)
     with pytest.raises(ActionError) as gone:
         await c.call("deployments_get", d)
 
-    assert sorted(set(c.called)) == sorted(ubiops.OPERATIONS_BY_NAME)
+    assert sorted(set(c.called)) == sorted(op.name for op in ubiops.DEPLOYMENT_OPERATIONS)
     assert gone.value.status == 404
     assert "Deployment not found" in str(gone.value)
     assert all(r.headers["Authorization"] == f"Token {TOKEN}" for r in env.fake.requests)
@@ -455,3 +455,77 @@ async def test_runner_refuses_unknown_actions_and_disabled_services(env: Env) ->
     with pytest.raises(ActionError, match="missing required parameter"):
         await env.runner.run("ubiops.deploy_revision", {"project_name": PROJECT})
     assert env.fake.requests == []
+
+
+async def _available_version(env: Env, tmp_path: Path, version: str = "v1") -> str:
+    """Create churn/<version> and upload a file; read the revision until its build is done."""
+    where = {"project_name": PROJECT, "deployment_name": "churn"}
+    if "churn" not in env.fake.deployment_names(PROJECT):
+        await env.client.call("deployments_create", {"project_name": PROJECT, "data": DEPLOYMENT})
+    await env.client.call("deployment_versions_create", {**where, "data": {"version": version}})
+    model = tmp_path / "model.zip"
+    model.write_bytes(b"zip")
+    upload = await env.client.call(
+        "revisions_file_upload", {**where, "version": version, "file": str(model)}
+    )
+    revision = {**where, "version": version, "revision_id": upload["revision"]}
+    while (await env.client.call("revisions_get", revision))["status"] != "success":
+        pass
+    return version
+
+
+async def test_promoting_a_version_whose_build_is_not_done_is_refused(
+    env: Env, tmp_path: Path
+) -> None:
+    where = {"project_name": PROJECT, "deployment_name": "churn"}
+    await _available_version(env, tmp_path, "v1")
+    await env.client.call("deployment_versions_create", {**where, "data": {"version": "v2"}})
+    with pytest.raises(ActionError, match="Only available versions can be set as default"):
+        await env.client.call("deployments_update", {**where, "data": {"default_version": "v2"}})
+    assert env.fake.projects[PROJECT]["churn"].data["default_version"] == "v1"
+
+
+async def test_deployment_requests_direct_batch_and_get(env: Env, tmp_path: Path) -> None:
+    where = {"project_name": PROJECT, "deployment_name": "churn"}
+    await _available_version(env, tmp_path, "v1")
+    direct = await env.client.call(
+        "deployment_version_requests_create", {**where, "version": "v1", "data": {"input": 2.0}}
+    )
+    assert (direct["status"], direct["success"], direct["result"]) == (
+        "completed",
+        True,
+        {"output": 4.0},
+    )
+    # The deployment's own endpoint goes to its default version.
+    by_default = await env.client.call(
+        "deployment_requests_create", {**where, "data": {"input": 1}}
+    )
+    assert (by_default["version"], by_default["result"]) == ("v1", {"output": 2})
+    batch = await env.client.call(
+        "batch_deployment_version_requests_create",
+        {**where, "version": "v1", "data": [{"input": 3}, {"input": 4}]},
+    )
+    assert [b["status"] for b in batch] == ["pending", "pending"]
+    read = await env.client.call(
+        "deployment_version_requests_get",
+        {**where, "version": "v1", "request_id": batch[1]["id"]},
+    )
+    assert read["result"] == {"output": 8}
+    read = await env.client.call("deployment_requests_get", {**where, "request_id": batch[0]["id"]})
+    assert read["result"] == {"output": 6}
+    env.fake.failing_versions.add("v1")
+    failed = await env.client.call(
+        "deployment_version_requests_create", {**where, "version": "v1", "data": {"input": 2}}
+    )
+    assert (failed["status"], failed["success"]) == ("failed", False)
+    assert failed["error_message"]
+
+
+async def test_a_request_to_a_version_not_built_is_refused(env: Env) -> None:
+    where = {"project_name": PROJECT, "deployment_name": "churn"}
+    await env.client.call("deployments_create", {"project_name": PROJECT, "data": DEPLOYMENT})
+    await env.client.call("deployment_versions_create", {**where, "data": {"version": "v1"}})
+    with pytest.raises(ActionError, match="not available"):
+        await env.client.call(
+            "deployment_version_requests_create", {**where, "version": "v1", "data": {"input": 1}}
+        )

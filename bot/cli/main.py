@@ -188,6 +188,11 @@ def _events_show(settings: Settings, args: argparse.Namespace) -> int:
                 f"  {r['rule']}#{r['step']} {r['action']}: {r['status']} "
                 f"(attempts {r['attempts']}){' - ' + r['last_error'] if r['last_error'] else ''}"
             )
+            if r.get("waiting_for"):
+                print(f"    waiting for {r['waiting_for']}")
+            if r["status"] == "waiting" and r["result"] is not None:
+                answer = orjson.dumps(r["result"], default=str).decode()
+                print(f"    last answer: {answer[:200]}{'...' if len(answer) > 200 else ''}")
         return 0
 
     return _with_engine(work)(settings, args)

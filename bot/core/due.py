@@ -77,3 +77,23 @@ def failed_after_ms(last_failure_ms: int | None, now: datetime) -> int:
 def prune_before(now: datetime, retention: timedelta) -> datetime:
     """Return the cut-off before which finished rows may be deleted."""
     return now - max(retention, MIN_EVENT_RETENTION)
+
+
+def next_check(
+    now: datetime, waiting_since: datetime | None, every_s: float, timeout_s: float | None
+) -> tuple[datetime | None, float]:
+    """When a step whose `until` does not hold yet is checked again, and how long it has
+    waited; None when its `timeout` has passed (the step then fails: "timed out").
+
+    The first check is the step's first call (`waiting_since` None). A next check that
+    would fall after the timeout is moved to it, so a wait never outlives its bound by
+    up to one `every`.
+    """
+    since = now if waiting_since is None else waiting_since
+    waited_s = (now - since).total_seconds()
+    if timeout_s is not None and waited_s >= timeout_s:
+        return None, waited_s
+    at = now + timedelta(seconds=every_s)
+    if timeout_s is not None:
+        at = min(at, since + timedelta(seconds=timeout_s))
+    return at, waited_s

@@ -1,8 +1,9 @@
 """An event's outcome as an operator sees it, from its action runs. Pure.
 
 `ignored` (no rule matched), `running`, `waiting` (every unfinished rule waits: its
-current step is pending until a later time, e.g. a build being polled), `succeeded`,
-`failed` (a run is dead). Stored in `events.outcome`, so filtering on it is cheap.
+current step waits on `until`, or is pending until a later time), `succeeded`, `failed`
+(a run is dead). `held` clean-up steps that were never needed and `superseded` runs are
+finished. Stored in `events.outcome`, so filtering on it is cheap.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-UNFINISHED = frozenset({"pending", "running", "retrying"})
+UNFINISHED = frozenset({"pending", "running", "retrying", "waiting"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +41,8 @@ def event_outcome(runs: Iterable[RunState], now: datetime) -> str:
     if not current:
         return "succeeded"
     waiting = all(
-        r.status == "pending" and r.next_attempt_at is not None and r.next_attempt_at > now
+        r.status == "waiting"
+        or (r.status == "pending" and r.next_attempt_at is not None and r.next_attempt_at > now)
         for r in current.values()
     )
     return "waiting" if waiting else "running"

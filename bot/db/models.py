@@ -139,7 +139,14 @@ action_runs = Table(
     Column("last_error", Text),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    # Workflows: the step's `if`/`until`/`fail_if` (workflow.Control, stored form), when
+    # its wait began, what an `on_failure` step sees as `failure`, the rule's key.
+    Column("control", JSON),
+    Column("failure", JSON),
+    Column("waiting_since", UTCDateTime),
+    Column("concurrency_key", String(500)),
     Index(None, "status", "next_attempt_at"),
+    Index(None, "concurrency_key", "status"),
     Index(None, "event_id", "rule_name", "step_index"),
     Index(None, "status", "id"),  # the executor's claim: due runs of a status, oldest first
 )
@@ -197,7 +204,19 @@ oauth_tokens = Table(
 )
 
 EVENT_STATUSES = ("received", "processing", "processed", "failed")
-ACTION_STATUSES = ("pending", "running", "succeeded", "retrying", "dead", "skipped")
+# waiting: a step's `until` does not hold yet (due again at next_attempt_at); held: an
+# `on_failure` step, released when a step of `do` is dead; superseded: `pending: latest`.
+ACTION_STATUSES = (
+    "pending",
+    "running",
+    "succeeded",
+    "retrying",
+    "waiting",
+    "dead",
+    "skipped",
+    "held",
+    "superseded",
+)
 EVENT_OUTCOMES = ("ignored", "running", "waiting", "succeeded", "failed")
 
 

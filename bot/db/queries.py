@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, func, select, update
+from sqlalchemy import Row, func, not_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.db.models import (
@@ -19,6 +20,7 @@ from bot.db.models import (
     rule_matches,
 )
 from bot.errors import RetryRefused
+from bot.rules.workflow import IF_SKIPPED, ON_FAILURE_BASE
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -84,6 +86,7 @@ async def get_event(engine: AsyncEngine, event_id: int) -> dict[str, Any] | None
                 .order_by(action_runs.c.rule_name, action_runs.c.step_index)
             )
         ).all()
+        blockers = await _key_holders(conn, runs)
         attempts = await conn.execute(
             select(action_attempts)
             .where(action_attempts.c.action_run_id.in_([r.id for r in runs]))
@@ -123,11 +126,68 @@ async def get_event(engine: AsyncEngine, event_id: int) -> dict[str, Any] | None
                 "next_attempt_at": _iso(r.next_attempt_at),
                 "last_error": r.last_error,
                 "result": r.result,
+                "concurrency_key": r.concurrency_key,
+                "waiting_for": _waiting_for(r, blockers),
                 "attempt_log": by_run.get(r.id, []),
             }
             for r in runs
         ],
     }
+
+
+_ACTIVE = ("pending", "running", "retrying", "waiting")
+
+
+async def _key_holders(
+    conn: Any, runs: Sequence[Row[Any]]
+) -> dict[str, list[tuple[int, str, bool]]]:
+    """For the concurrency keys of runs not started yet: the other active runs of each."""
+    keys = {
+        r.concurrency_key
+        for r in runs
+        if r.concurrency_key is not None and r.step_index == 0 and r.status == "pending"
+    }
+    if not keys:
+        return {}
+    c = action_runs.c
+    first = action_runs.alias("first")
+    # The runs of each key still in progress (by the (concurrency_key, status) index, not
+    # the key's whole history), each with its first step's status: claimed once, started.
+    rows = await conn.execute(
+        select(c.event_id, c.rule_name, c.concurrency_key, first.c.status)
+        .join(
+            first,
+            (first.c.event_id == c.event_id)
+            & (first.c.rule_name == c.rule_name)
+            & (first.c.step_index == 0),
+        )
+        .where(c.concurrency_key.in_(keys), c.status.in_(_ACTIVE))
+        .distinct()
+        .order_by(c.event_id, c.rule_name)
+    )
+    found: dict[str, list[tuple[int, str, bool]]] = {}
+    for row in rows:
+        found.setdefault(row.concurrency_key, []).append(
+            (row.event_id, row.rule_name, row.status != "pending")
+        )
+    return found
+
+
+def _waiting_for(run: Row[Any], holders: dict[str, list[tuple[int, str, bool]]]) -> str | None:
+    """What a run waits for: its next check (`until`), or the run holding its key."""
+    if run.status == "waiting":
+        return f"until: next check at {_iso(run.next_attempt_at)}"
+    if run.concurrency_key is None or run.step_index != 0 or run.status != "pending":
+        return None
+    for event_id, rule, started in holders.get(run.concurrency_key, ()):
+        if (event_id, rule) == (run.event_id, run.rule_name):
+            continue
+        if started or (event_id, rule) < (run.event_id, run.rule_name):
+            return (
+                f"concurrency key {run.concurrency_key!r}: "
+                f"{'held by' if started else 'queued behind'} event {event_id} (rule {rule})"
+            )
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +291,36 @@ async def list_action_runs(
 RETRYABLE_RUN_STATUSES = ("dead", "skipped")
 
 
+def rearm_on_failure(event_ids: Sequence[int], rule_name: str | None = None) -> Any:
+    """UPDATE: the `on_failure` steps of these events' runs (of `rule_name`, else of the
+    runs with a dead step) are held again: a run going again cleans up only if it dies
+    once more."""
+    c = action_runs.c
+    do = action_runs.alias("do")
+    which = [do.c.rule_name == rule_name] if rule_name is not None else [do.c.status == "dead"]
+    going_again = (
+        select(do.c.id)
+        .where(
+            do.c.event_id == c.event_id,
+            do.c.rule_name == c.rule_name,
+            do.c.step_index < ON_FAILURE_BASE,
+            *which,
+        )
+        .exists()
+    )
+    return (
+        update(action_runs)
+        .where(
+            c.event_id.in_(list(event_ids)),
+            c.step_index >= ON_FAILURE_BASE,
+            c.status != "held",
+            going_again,
+        )
+        .values(status="held", failure=None, attempts=0, last_error=None, result=None,
+                next_attempt_at=None, lease_owner=None, lease_until=None)
+    )  # fmt: skip
+
+
 async def retry_action_run(
     engine: AsyncEngine, run_id: int, now: datetime
 ) -> tuple[str, list[int]] | None:
@@ -251,6 +341,7 @@ async def retry_action_run(
         "lease_until": None,
         "state": None,
         "last_error": None,
+        "waiting_since": None,  # a step that timed out waits afresh
         "updated_at": now,
     }
     async with engine.begin() as conn:
@@ -267,6 +358,9 @@ async def retry_action_run(
             raise RetryRefused(
                 f"action run {run_id} is {run.status}; only dead or skipped runs can be retried"
             )
+        in_do = run.step_index < ON_FAILURE_BASE
+        # A step of `do` runs only after the step before it succeeded or was skipped by its
+        # own `if`; queued behind anything else it would stay pending forever.
         blocking = (
             await conn.execute(
                 select(c.id, c.status, c.step_index)
@@ -275,17 +369,22 @@ async def retry_action_run(
                     c.rule_name == run.rule_name,
                     c.step_index < run.step_index,
                     c.status != "succeeded",
+                    or_(c.status != "skipped", not_(c.last_error.like(f"{IF_SKIPPED}%"))),
                 )
                 .order_by(c.step_index)
                 .limit(1)
             )
         ).first()
-        if blocking is not None:
+        if in_do and blocking is not None:
             raise RetryRefused(
                 f"action run {run_id} waits for step {blocking.step_index + 1} of its rule, "
                 f"action run {blocking.id}, which is {blocking.status}: "
                 f"retry action run {blocking.id} instead",
                 retry_instead=int(blocking.id),
+            )
+        if in_do:
+            await conn.execute(
+                rearm_on_failure([run.event_id], run.rule_name).values(updated_at=now)
             )
         later = (
             await conn.execute(
@@ -294,6 +393,7 @@ async def retry_action_run(
                     c.event_id == run.event_id,
                     c.rule_name == run.rule_name,
                     c.step_index > run.step_index,
+                    c.step_index < (ON_FAILURE_BASE if in_do else ON_FAILURE_BASE * 2),
                     c.status == "skipped",
                 )
                 .values(**fresh)

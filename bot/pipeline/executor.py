@@ -14,13 +14,13 @@ import logging
 import random
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, bindparam, exists, insert, or_, select, update
+from sqlalchemy import and_, bindparam, exists, insert, not_, or_, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -28,7 +28,7 @@ from sqlalchemy.sql import ColumnElement
 from sqlalchemy.sql.elements import BindParameter
 
 from bot import logs
-from bot.core.due import next_attempt_at
+from bot.core.due import next_attempt_at, next_check
 from bot.core.masking import mask_result, needs_rule_params
 from bot.db.clean import clean_text, clean_value
 from bot.db.engine import never_succeeds, save_until_done
@@ -39,8 +39,10 @@ from bot.db.store import database_error
 from bot.db.writers import writer_for
 from bot.errors import ActionError, ServiceDisabled, TemplateRenderError
 from bot.pipeline.processor import claim_statement, wait_until_set
+from bot.rules import workflow
 from bot.rules.model import RuleSet, Step
 from bot.rules.templates import build_context, render_params
+from bot.rules.workflow import IF_SKIPPED
 from bot.services.actions import ActionRunner, Done, Wait, action_params
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,8 @@ class _Run:
     context: dict[str, Any]  # template context: payload, `event`, earlier steps' results
     tenant: str  # the event's Jira tenant: whose Jira `jira.*` actions call
     key: str = ""  # the idempotency key: keyed actions mark what they make with it
+    control: workflow.Control = field(default_factory=workflow.Control)
+    waiting_since: datetime | None = None  # the first call of a step waiting on `until`
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,26 +88,74 @@ class _AttemptRecord:
     status_code: int | None
 
 
+ACTIVE = ("pending", "running", "retrying", "waiting")  # a run of these holds its key
+
+
 def due_conditions(now: datetime | BindParameter[datetime]) -> list[ColumnElement[bool]]:
-    """Runs that may start now, one condition per status: waiting and due with their
-    previous step succeeded (pending, retrying), or stale (running, lease run out)."""
+    """Runs that may start now, one condition per status: due, with the step before
+    done (pending, retrying, waiting) and their concurrency key free, or stale (running,
+    lease run out: the run holds its key and goes on).
+
+    A step of `do` follows a step that succeeded or was skipped by its `if`; a step of
+    `on_failure` follows any finished one (their failure triggers nothing further). A
+    run not started yet waits while another run of its key is in progress and started,
+    or is older (events in the order received); a started run is never held back, so two
+    runs can never wait for each other.
+    """
+    r = action_runs.c
     previous = action_runs.alias("previous")
-    previous_succeeded = exists().where(
-        previous.c.event_id == action_runs.c.event_id,
-        previous.c.rule_name == action_runs.c.rule_name,
-        previous.c.step_index == action_runs.c.step_index - 1,
-        previous.c.status == "succeeded",
+    previous_done = exists().where(
+        previous.c.event_id == r.event_id,
+        previous.c.rule_name == r.rule_name,
+        previous.c.step_index == r.step_index - 1,
+        or_(
+            previous.c.status == "succeeded",
+            # Skipped by its own `if` (not behind a dead step: a `runs retry` of such a
+            # later step must not run before the dead one is put right).
+            and_(previous.c.status == "skipped", previous.c.last_error.like(f"{IF_SKIPPED}%")),
+            and_(
+                r.step_index > workflow.ON_FAILURE_BASE, previous.c.status.in_(("dead", "skipped"))
+            ),
+        ),
     )
-    waiting = [
+    first = or_(r.step_index == 0, r.step_index == workflow.ON_FAILURE_BASE)
+    other = action_runs.alias("other")
+    # A run has started once its first step was claimed (every step is planned pending).
+    first_of_other = action_runs.alias("first_of_other")
+    started = exists().where(
+        first_of_other.c.event_id == other.c.event_id,
+        first_of_other.c.rule_name == other.c.rule_name,
+        first_of_other.c.step_index == 0,
+        first_of_other.c.status != "pending",
+    )
+    key_taken = exists().where(
+        other.c.concurrency_key == r.concurrency_key,
+        other.c.status.in_(ACTIVE),
+        or_(other.c.event_id != r.event_id, other.c.rule_name != r.rule_name),
+        or_(
+            other.c.event_id < r.event_id,
+            and_(other.c.event_id == r.event_id, other.c.rule_name < r.rule_name),
+            started,
+        ),
+    )
+    key_free = or_(
+        r.concurrency_key.is_(None), r.step_index > 0, r.status != "pending", not_(key_taken)
+    )
+    due = [
         and_(
-            action_runs.c.status == status,
-            or_(action_runs.c.next_attempt_at.is_(None), action_runs.c.next_attempt_at <= now),
-            or_(action_runs.c.step_index == 0, previous_succeeded),
+            r.status == status,
+            # A waiting step always has its next check: a plain range on the (status,
+            # next_attempt_at) index, so runs waiting for later cost the claim nothing.
+            r.next_attempt_at <= now
+            if status == "waiting"
+            else or_(r.next_attempt_at.is_(None), r.next_attempt_at <= now),
+            or_(first, previous_done),
+            key_free,
         )
-        for status in ("pending", "retrying")
+        for status in ("pending", "retrying", "waiting")
     ]
-    stale = and_(action_runs.c.status == "running", action_runs.c.lease_until < now)
-    return [*waiting, stale]
+    stale = and_(r.status == "running", r.lease_until < now)
+    return [*due, stale]
 
 
 _RECORD_OUTCOME = (
@@ -117,6 +169,40 @@ _RECORD_OUTCOME = (
         result=bindparam("b_result"),
         attempts=bindparam("b_attempts"),
         state=bindparam("b_state"),
+        waiting_since=bindparam("b_waiting_since", type_=UTCDateTime()),
+    )
+)
+# A dead step of `do` releases its rule's `on_failure` steps, with what failed.
+_RELEASE_ON_FAILURE = (
+    update(action_runs)
+    .where(
+        action_runs.c.event_id == bindparam("b_event_id"),
+        action_runs.c.rule_name == bindparam("b_rule_name"),
+        action_runs.c.status == "held",
+    )
+    .values(status="pending", failure=bindparam("b_failure"), updated_at=bindparam("b_now"))
+)
+# A run whose `do` steps are all finished and none dead: its `on_failure` steps stand down.
+_later = action_runs.alias("later")
+_STAND_DOWN = (
+    update(action_runs)
+    .where(
+        action_runs.c.event_id == bindparam("b_event_id"),
+        action_runs.c.rule_name == bindparam("b_rule_name"),
+        action_runs.c.status == "held",
+        not_(
+            exists().where(
+                _later.c.event_id == action_runs.c.event_id,
+                _later.c.rule_name == action_runs.c.rule_name,
+                _later.c.step_index < workflow.ON_FAILURE_BASE,
+                _later.c.status.in_((*ACTIVE, "dead")),
+            )
+        ),
+    )
+    .values(
+        status="skipped",
+        last_error="not needed: no step of do is dead",
+        updated_at=bindparam("b_now"),
     )
 )
 
@@ -134,6 +220,10 @@ _EVENT_RUNS = select(
     action_runs.c.status,
     action_runs.c.result,
 ).where(action_runs.c.event_id.in_(bindparam("b_ids", expanding=True)))
+# On PostgreSQL, claims of all replicas take turns (a transaction-scoped advisory lock),
+# so that two runs of one concurrency key are never claimed by two replicas at once:
+# each claim sees the runs the one before it started. Claims are short statements.
+_CLAIM_LOCK = text("SELECT pg_advisory_xact_lock(7310019)")
 
 
 # Outcomes' statements, built once. The first releases the runs whose lease is still ours.
@@ -203,7 +293,11 @@ class ActionExecutor:
             )
         times = {"b_now": now, "b_lease_until": now + timedelta(seconds=self._lease_s)}
 
+        postgres = self._engine.dialect.name == "postgresql"
+
         def claim(conn: Connection) -> tuple[list[Any], dict[int, tuple[str, dict[str, Any]]]]:
+            if postgres:
+                conn.execute(_CLAIM_LOCK)
             rows = sorted(conn.execute(stmt, times).all(), key=lambda r: r.id)
             return rows, self._contexts(conn, rows) if rows else {}
 
@@ -225,6 +319,8 @@ class ActionExecutor:
                 tenant=sources[r.id][0],
                 context=sources[r.id][1],
                 key=r.idempotency_key,
+                control=workflow.Control.from_json(r.control),
+                waiting_since=r.waiting_since,
             )
             for r in rows
         ]
@@ -246,15 +342,15 @@ class ActionExecutor:
                 for e in earlier.get((r.event_id, r.rule_name), [])
                 if e.step_index < r.step_index
             }
-            out[r.id] = (
-                event.tenant,
-                build_context(
-                    orjson.loads(event.body),
-                    event_id=str(r.event_id),
-                    received_at=event.received_at.isoformat(),
-                    steps=steps,
-                ),
+            context = build_context(
+                orjson.loads(event.body),
+                event_id=str(r.event_id),
+                received_at=event.received_at.isoformat(),
+                steps=steps,
             )
+            if r.failure is not None:
+                context["failure"] = r.failure  # an `on_failure` step: what failed
+            out[r.id] = (event.tenant, context)
         return out
 
     def _step(self, run: _Run) -> Step:
@@ -287,6 +383,22 @@ class ActionExecutor:
         """Run one claimed action run; return its new status."""
         started = self._clock()
         status_code: int | None = None
+        control = run.control
+        if control.if_ is not None and run.waiting_since is None:
+            try:
+                reason = workflow.check(control.if_, run.context)
+            except TemplateRenderError as exc:
+                return await self._failed(run, started, f"if: {exc}", None, retryable=False)
+            if reason is not None:
+                # Not a failure: the steps after it go on, as after a success.
+                return await self._record(
+                    run,
+                    started,
+                    outcome="skipped",
+                    status="skipped",
+                    error=f"{IF_SKIPPED}{reason}",
+                    attempts=run.attempts - 1,
+                )
         try:
             params = render_params(self._step(run), run.context)
             outcome = await self._runner.run(
@@ -322,8 +434,59 @@ class ActionExecutor:
                 state=outcome.state,
             )
         assert isinstance(outcome, Done)
+        if control.until is not None or control.fail_if is not None:
+            return await self._judge(run, started, outcome.result)
         return await self._record(
             run, started, outcome="succeeded", status="succeeded", result=outcome.result
+        )
+
+    async def _judge(self, run: _Run, started: datetime, result: Any) -> str:
+        """Apply a step's `until` and `fail_if` to its answer."""
+        control = run.control
+        context = {**run.context, "result": result}
+        try:
+            waiting_on = (
+                workflow.check(control.until, context) if control.until is not None else None
+            )
+            failed = (
+                workflow.check(control.fail_if, context) is None
+                if control.fail_if is not None and waiting_on is None
+                else False
+            )
+        except TemplateRenderError as exc:
+            return await self._failed(run, started, str(exc), None, retryable=False)
+        if waiting_on is not None:
+            since = run.waiting_since or started
+            check_at, waited_s = next_check(
+                started, run.waiting_since, control.every_s, control.timeout_s
+            )
+            if check_at is None:
+                error = (
+                    f"timed out waiting for {workflow.describe(control.until)} after "
+                    f"{waited_s:.0f}s (timeout {control.timeout_s:.0f}s); last: {waiting_on}"
+                )
+                return await self._record(
+                    run, started, outcome="failed", status="dead", error=error, result=result
+                )
+            # A durable wait: the row is due again from the database; no task sleeps.
+            return await self._record(
+                run,
+                started,
+                outcome="waiting",
+                status="waiting",
+                error=f"waiting for {waiting_on}",
+                result=result,
+                attempts=run.attempts - 1,
+                next_attempt_at=check_at,
+                waiting_since=since,
+            )
+        if failed:
+            error = f"fail_if: {workflow.describe(control.fail_if)} held"
+            return await self._record(
+                run, started, outcome="failed", status="dead", error=error, result=result
+            )
+        return await self._record(
+            run, started, outcome="succeeded", status="succeeded", result=result
         )
 
     async def _failed(
@@ -370,6 +533,7 @@ class ActionExecutor:
         attempts: int | None = None,
         next_attempt_at: datetime | None = None,
         state: dict[str, Any] | None = None,
+        waiting_since: datetime | None = None,
     ) -> str:
         finished = self._clock()
         # Every column every time: a batch is then one executemany of one statement.
@@ -382,6 +546,8 @@ class ActionExecutor:
             "b_result": clean_value(mask_result(result)),
             "b_attempts": run.attempts if attempts is None else attempts,
             "b_state": clean_value(run.state if state is None else state),
+            # A failed call while waiting keeps the wait's start: the timeout still counts.
+            "b_waiting_since": run.waiting_since if waiting_since is None else waiting_since,
         }
         item = _AttemptRecord(run, started, finished, outcome, values, status_code)
         written = await save_until_done(
@@ -500,14 +666,18 @@ class ActionExecutor:
                 ],
             )
         for item in mine:
-            if item.values["b_status"] == "dead":
-                run = item.run
+            run = item.run
+            status = item.values["b_status"]
+            in_do = run.step_index < workflow.ON_FAILURE_BASE
+            where = {"b_event_id": run.event_id, "b_rule_name": run.rule_name, "b_now": now}
+            if status == "dead" and in_do:
                 conn.execute(
                     update(action_runs)
                     .where(
                         action_runs.c.event_id == run.event_id,
                         action_runs.c.rule_name == run.rule_name,
                         action_runs.c.step_index > run.step_index,
+                        action_runs.c.step_index < workflow.ON_FAILURE_BASE,
                         action_runs.c.status.in_(("pending", "retrying")),
                     )
                     .values(
@@ -516,6 +686,18 @@ class ActionExecutor:
                         updated_at=now,
                     )
                 )
+                if run.control.has_on_failure:
+                    failure = workflow.failure_context(
+                        step_index=run.step_index,
+                        step_id=run.step_id,
+                        action=run.action,
+                        error=item.values["b_last_error"],
+                        attempts=run.attempts,
+                        status_code=item.status_code,
+                    )
+                    conn.execute(_RELEASE_ON_FAILURE, {**where, "b_failure": failure})
+            elif status in ("succeeded", "skipped") and in_do and run.control.has_on_failure:
+                conn.execute(_STAND_DOWN, where)
         failed = update_outcomes(conn, sorted({item.run.event_id for item in mine}), now)
         return [item.run.id in owned for item in batch], failed
 

@@ -33,8 +33,10 @@ from bot.db.models import UTCDateTime, action_runs, events, rule_matches, upsert
 from bot.db.registrations import WebhookFilters
 from bot.db.store import database_error
 from bot.db.writers import writer_for
-from bot.rules.engine import evaluate, matched_webhook_ids
+from bot.errors import TemplateRenderError
+from bot.rules.engine import change_ref, evaluate, matched_webhook_ids
 from bot.rules.model import Evaluation, RuleSet
+from bot.rules.workflow import concurrency_key
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +88,17 @@ _SET_MISSES = (
 )
 
 
-def idempotency_key(event_id: int, rule_name: str, step_index: int) -> str:
-    """Return the key that makes one action run per event, rule and step."""
+def idempotency_key(
+    event_id: int, rule_name: str, step_index: int, change: str | None = None
+) -> str:
+    """Return the key that makes one action run per event, rule and step.
+
+    With `change` (the Jira change the event reports, see engine.change_ref) it is one
+    run per change instead: the same change re-sent under another delivery identifier
+    plans nothing new.
+    """
+    if change is not None:
+        return f"change:{change}:{rule_name}:{step_index}"
     return f"{event_id}:{rule_name}:{step_index}"
 
 
@@ -248,6 +259,7 @@ class EventProcessor:
         """
         ruleset = self._rules()
         outcomes: list[tuple[int, Evaluation, str | None]] = []
+        payloads: dict[int, tuple[dict[str, Any], str | None]] = {}
         slice_end = time.perf_counter() + SLICE_S
         for item in claimed:
             if time.perf_counter() > slice_end:
@@ -259,6 +271,9 @@ class EventProcessor:
                 jql = await self._filters.matched_jql(item.tenant, ids) if ids else None
                 evaluation = evaluate(ruleset, payload, jql)
                 failure = None
+                if evaluation.matched:
+                    change = change_ref(payload, item.tenant)
+                    payloads[item.id] = (payload, change)
             except (SQLAlchemyError, OSError):
                 raise  # reading the registrations failed: processing pauses, no event fails
             except Exception as exc:  # a payload the engine cannot read fails this event only
@@ -270,7 +285,7 @@ class EventProcessor:
         if not outcomes:
             return 0
         stored, planned = await save_until_done(
-            lambda: self._finish_all(ruleset, outcomes),
+            lambda: self._finish_all(ruleset, outcomes, payloads),
             f"the evaluation of {len(outcomes)} event(s)",
         )
         if planned and self._on_planned is not None:
@@ -284,12 +299,15 @@ class EventProcessor:
         return len(stored)
 
     async def _finish_all(
-        self, ruleset: RuleSet, outcomes: list[tuple[int, Evaluation, str | None]]
+        self,
+        ruleset: RuleSet,
+        outcomes: list[tuple[int, Evaluation, str | None]],
+        payloads: dict[int, tuple[dict[str, Any], str | None]] | None = None,
     ) -> tuple[set[int], int]:
         """`_finish` in one transaction; if the database refuses it for good, event by
         event, and an event refused alone is failed with the reason (not retried forever)."""
         try:
-            return await self._writes.run_relaxed(self._finish, ruleset, outcomes)
+            return await self._writes.run_relaxed(self._finish, ruleset, outcomes, payloads)
         except Exception as error:
             if not never_succeeds(error):
                 raise
@@ -297,7 +315,9 @@ class EventProcessor:
         planned = 0
         for outcome in outcomes:
             try:
-                done, runs = await self._writes.run_relaxed(self._finish, ruleset, [outcome])
+                done, runs = await self._writes.run_relaxed(
+                    self._finish, ruleset, [outcome], payloads
+                )
             except Exception as error:
                 if not never_succeeds(error):
                     raise
@@ -314,6 +334,7 @@ class EventProcessor:
         conn: Connection,
         ruleset: RuleSet,
         outcomes: list[tuple[int, Evaluation, str | None]],
+        payloads: dict[int, tuple[dict[str, Any], str | None]] | None = None,
     ) -> tuple[set[int], int]:
         """Mark the events still leased to us done, with their matches and action runs.
 
@@ -347,12 +368,13 @@ class EventProcessor:
             return stored, 0
         conn.execute(_CLEAR_MATCHES, {"b_ids": list(stored)})
         ours = [(event_id, ev) for event_id, ev, _ in outcomes if event_id in stored]
+        acted = self._already_acted(conn, ours, payloads or {})
         match_rows = [
             {
                 "event_id": event_id,
                 "rule_name": rule.name,
                 "matched": True,
-                "reason": None,
+                "reason": acted.get((event_id, rule.name)),
                 "ruleset_version": ruleset.version,
             }
             for event_id, ev in ours
@@ -374,31 +396,83 @@ class EventProcessor:
         ]
         if miss_rows:
             conn.execute(_SET_MISSES, miss_rows)
-        run_rows = [
-            {
-                "event_id": event_id,
-                "rule_name": rule.name,
-                "step_index": step.index,
-                "step_id": step.id,
-                "action": step.action,
-                "idempotency_key": idempotency_key(event_id, rule.name, step.index),
-                "status": "pending",
-                "attempts": 0,
-                # The raw `with:` (templates unrendered): a run renders it when it executes,
-                # so it is self-contained across restarts and rule reloads.
-                # A secret value written in the rule is masked: the executor reads it
-                # from the rule in force (bot.core.masking).
-                "params": clean_value(mask_params(step.action, step.with_)),
-                "created_at": now,
-                "updated_at": now,
-            }
-            for event_id, ev in ours
-            for rule in ev.matched
-            for step in rule.steps
-        ]
+        run_rows: list[dict[str, Any]] = []
+        latest_keys: set[str] = set()
+        for event_id, ev in ours:
+            payload, change = (payloads or {}).get(event_id, ({}, None))
+            for rule in ev.matched:
+                key: str | None = None
+                key_error: str | None = None
+                if rule.concurrency is not None:
+                    try:
+                        key = concurrency_key(rule, payload, event_id)
+                    except TemplateRenderError as exc:
+                        key_error = str(exc)
+                    if key is not None and rule.pending_latest:
+                        latest_keys.add(key)
+                for step in (*rule.steps, *rule.on_failure):
+                    status = "held" if step in rule.on_failure else "pending"
+                    error = None
+                    if key_error is not None:  # nothing of this run can start safely
+                        status = "dead" if step.index == 0 else "skipped"
+                        error = key_error if step.index == 0 else "step 1 is dead"
+                    run_rows.append(
+                        {
+                            "event_id": event_id,
+                            "rule_name": rule.name,
+                            "step_index": step.index,
+                            "step_id": step.id,
+                            "action": step.action,
+                            "idempotency_key": idempotency_key(
+                                event_id, rule.name, step.index, change
+                            ),
+                            "status": status,
+                            "attempts": 0,
+                            # The raw `with:` (templates unrendered) and controls: a run
+                            # renders them when it executes, so it is self-contained
+                            # across restarts and rule reloads.
+                            # A secret value written in the rule is masked: the executor
+                            # reads it from the rule in force (bot.core.masking).
+                            "params": clean_value(mask_params(step.action, step.with_)),
+                            "control": step.control.to_json() if step.control else None,
+                            "concurrency_key": key,
+                            "last_error": error,
+                            "created_at": now,
+                            "updated_at": now,
+                        }
+                    )
         if run_rows:
             conn.execute(self._insert_runs, run_rows)
+        for key in sorted(latest_keys):
+            _supersede(conn, key, now)
         return stored, len(run_rows)
+
+    @staticmethod
+    def _already_acted(
+        conn: Connection,
+        ours: list[tuple[int, Evaluation]],
+        payloads: dict[int, tuple[dict[str, Any], str | None]],
+    ) -> dict[tuple[int, str], str]:
+        """Matches whose Jira change another event already acted on, with why nothing is
+        planned for them (one indexed look-up per batch, only for events naming a change)."""
+        wanted: dict[str, tuple[int, str]] = {}
+        for event_id, ev in ours:
+            change = payloads.get(event_id, ({}, None))[1]
+            for rule in ev.matched if change is not None else ():
+                wanted[idempotency_key(event_id, rule.name, 0, change)] = (event_id, rule.name)
+        if not wanted:
+            return {}
+        found = conn.execute(
+            select(action_runs.c.idempotency_key, action_runs.c.event_id).where(
+                action_runs.c.idempotency_key.in_(list(wanted))
+            )
+        )
+        return {
+            wanted[key]: f"this Jira change was already acted on by event {event_id}; "
+            "`events replay` of that event runs it again"
+            for key, event_id in found
+            if event_id != wanted[key][0]
+        }
 
     async def _yield_to_ingest(self, pause_s: float) -> None:
         """Let waiting requests run; while deliveries wait for their commit, pause."""
@@ -430,3 +504,34 @@ class EventProcessor:
             .values(status="received", lease_owner=None, lease_until=None)
         )
         await self._writes.run(lambda conn: conn.execute(stmt))
+
+
+def _supersede(conn: Connection, key: str, now: datetime) -> None:
+    """`pending: latest`: of the runs of `key` not started yet, keep only the newest.
+
+    A run has not started while its first step is pending and was never claimed. The
+    others end `superseded`, naming the run that replaced them.
+    """
+    r = action_runs.c
+    waiting = conn.execute(
+        select(r.event_id, r.rule_name)
+        .where(r.concurrency_key == key, r.step_index == 0, r.status == "pending", r.attempts == 0)
+        .order_by(r.event_id, r.rule_name)
+    ).all()
+    if len(waiting) < 2:
+        return
+    newest = waiting[-1]
+    for old in waiting[:-1]:
+        conn.execute(
+            update(action_runs)
+            .where(
+                r.event_id == old.event_id,
+                r.rule_name == old.rule_name,
+                r.status.in_(("pending", "held")),
+            )
+            .values(
+                status="superseded",
+                last_error=f"superseded by event {newest.event_id} (rule {newest.rule_name})",
+                updated_at=now,
+            )
+        )

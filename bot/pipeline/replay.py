@@ -20,6 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.db.models import action_runs, events, utcnow
 from bot.db.outcomes import update_outcomes
+from bot.db.queries import rearm_on_failure
+from bot.rules.workflow import ON_FAILURE_BASE
 
 CHUNK = 500  # events per transaction: short write locks, steady progress
 PROGRESS_MIN_EVENTS = 20  # below this a bar is noise
@@ -123,17 +125,22 @@ async def reset_events(engine: AsyncEngine, ids: Sequence[int]) -> tuple[int, li
             .returning(events.c.id)
         )
         replayed_ids = sorted(int(row.id) for row in replayed)
+        # A run going again has its `on_failure` steps held again (first, while its dead
+        # steps still say which runs go again): they run only if it dies once more.
+        await conn.execute(rearm_on_failure(replayed_ids).values(updated_at=now))
         runs = await conn.execute(
             update(action_runs)
             .where(
                 action_runs.c.event_id.in_(replayed_ids),
                 action_runs.c.status.in_(("dead", "skipped")),
+                action_runs.c.step_index < ON_FAILURE_BASE,
             )
             .values(
                 status="pending",
                 attempts=0,
                 next_attempt_at=None,
                 last_error=None,
+                waiting_since=None,
                 lease_owner=None,
                 lease_until=None,
                 updated_at=now,

@@ -14,10 +14,12 @@ from typing import Any
 from bot.core import catalog, masking
 from bot.core.catalog import Operation, PlannedRequest
 from bot.errors import DeploybotError
+from bot.rules import workflow
 from bot.rules.engine import evaluate
 from bot.rules.loader import ActionSpec, default_registry
 from bot.rules.model import Miss, Rule, RuleSet, Step
 from bot.rules.templates import build_context, render_params
+from bot.rules.workflow import concurrency_key
 
 
 class Placeholder:
@@ -50,6 +52,7 @@ class StepPlan:
     error: str | None
     placeholders: tuple[str, ...]  # steps.X paths filled with placeholders
     main_call_only: bool = False  # a high-level action's main call; it decides the rest
+    notes: tuple[str, ...] = ()  # what its if/until/fail_if decide, or cannot know yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +61,8 @@ class RulePlan:
 
     rule: Rule
     steps: tuple[StepPlan, ...]
+    on_failure: tuple[StepPlan, ...] = ()
+    notes: tuple[str, ...] = ()  # how its JQL was decided, its concurrency key
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +89,12 @@ def plan_dry_run(
     evaluation = evaluate(ruleset, payload)
     event = str(payload.get("webhookEvent", ""))
     matched = tuple(
-        RulePlan(rule, _plan_steps(rule, payload, ops, event_id, received_at))
+        RulePlan(
+            rule,
+            _plan_steps(rule, rule.steps, payload, ops, event_id, received_at),
+            _plan_steps(rule, rule.on_failure, payload, ops, event_id, received_at),
+            _rule_notes(rule, payload, evaluation.jql.get(rule.name), event_id),
+        )
         for rule in evaluation.matched
     )
     by_name = {rule.name: rule for rule in ruleset.for_event(event)}
@@ -99,8 +109,63 @@ def plan_dry_run(
     )
 
 
+def _rule_notes(
+    rule: Rule, payload: Mapping[str, Any], jql: str | None, event_id: str
+) -> tuple[str, ...]:
+    notes = []
+    if rule.jql:
+        notes.append(f"jql `{rule.jql}`: {jql or 'not checked'}")
+    if rule.concurrency is not None:
+        try:
+            key = concurrency_key(rule, dict(payload), 0)
+            latest = ", pending: latest (only the newest waiting run is kept)"
+            notes.append(
+                f"concurrency key: {key!r}: one run of this key at a time"
+                + (latest if rule.pending_latest else "")
+            )
+        except DeploybotError as exc:
+            notes.append(f"concurrency: {exc}: the run would be dead at once")
+    return tuple(notes)
+
+
+def _control_notes(step: Step, context: Mapping[str, Any]) -> list[str]:
+    """What a step's if/until/fail_if would decide, or that only the run can know."""
+    control = step.control
+    if control is None:
+        return []
+    notes = []
+    if control.if_ is not None:
+        unknown = workflow.run_time_reads(control.if_)
+        phrase = workflow.describe(control.if_)
+        if unknown:
+            notes.append(
+                f"if {phrase}: not known before running (reads {', '.join(unknown)}, "
+                f"the results of earlier steps)"
+            )
+        else:
+            reason = workflow.check(control.if_, context)
+            notes.append(
+                f"if {phrase}: holds, the step runs"
+                if reason is None
+                else f"if {phrase}: does not hold ({reason}): the step would be skipped"
+            )
+    if control.until is not None:
+        notes.append(
+            f"until {workflow.describe(control.until)}: the answer is checked after each "
+            f"call, every {control.every_s:g}s, timeout {control.timeout_s or 0:g}s "
+            f"(not known before running)"
+        )
+    if control.fail_if is not None:
+        notes.append(
+            f"fail_if {workflow.describe(control.fail_if)}: checked on the answer "
+            f"(not known before running)"
+        )
+    return notes
+
+
 def _plan_steps(
     rule: Rule,
+    steps: tuple[Step, ...],
     payload: Mapping[str, Any],
     ops: Mapping[str, ActionSpec],
     event_id: str,
@@ -108,11 +173,17 @@ def _plan_steps(
 ) -> tuple[StepPlan, ...]:
     used: set[str] = set()
     results = {step.id: Placeholder(f"steps.{step.id}", used) for step in rule.steps if step.id}
+    results |= {step.id: Placeholder(f"steps.{step.id}", used) for step in steps if step.id}
     plans: list[StepPlan] = []
-    for step in rule.steps:
+    for position, step in enumerate(steps):
         used.clear()
-        earlier = {sid: results[sid] for sid in (s.id for s in rule.steps[: step.index]) if sid}
+        # `on_failure` steps read every step of `do` (those that succeeded) and `failure`.
+        before = rule.steps if steps is rule.on_failure else ()
+        earlier = {s.id: results[s.id] for s in (*before, *steps[:position]) if s.id}
         context = build_context(payload, event_id=event_id, received_at=received_at, steps=earlier)
+        if steps is rule.on_failure:
+            context["failure"] = Placeholder("failure", used)
+        notes = _control_notes(step, context)
         params: dict[str, Any] | None = None
         request: PlannedRequest | None = None
         error: str | None = None
@@ -128,7 +199,9 @@ def _plan_steps(
         except DeploybotError as exc:
             error = str(exc)
         main_only = request is not None and not isinstance(op, Operation)
-        plans.append(StepPlan(step, params, request, error, tuple(sorted(used)), main_only))
+        plans.append(
+            StepPlan(step, params, request, error, tuple(sorted(used)), main_only, tuple(notes))
+        )
     return tuple(plans)
 
 
@@ -143,8 +216,13 @@ def format_dry_run(result: DryRunResult) -> str:
     ]
     for plan in result.matched:
         lines += ["", f"MATCH {plan.rule.name}  ({plan.rule.source})"]
+        lines += [f"  {note}" for note in plan.notes]
         for step_plan in plan.steps:
             lines += _format_step(step_plan)
+        if plan.on_failure:
+            lines.append("  on_failure (only when a step above is dead; `failure` unknown now):")
+            for step_plan in plan.on_failure:
+                lines += _format_step(step_plan)
     for rule, miss in result.missed:
         lines += ["", f"NO MATCH {rule.name}  ({rule.source})", f"  {miss.reason}"]
     lines.append("")
@@ -154,8 +232,12 @@ def format_dry_run(result: DryRunResult) -> str:
 
 def _format_step(plan: StepPlan) -> list[str]:
     step = plan.step
-    label = f"step {step.index + 1}" + (f" [{step.id}]" if step.id else "")
+    number = step.index + 1
+    if step.index >= workflow.ON_FAILURE_BASE:
+        number = step.index - workflow.ON_FAILURE_BASE + 1
+    label = f"step {number}" + (f" [{step.id}]" if step.id else "")
     lines = [f"  {label}: {step.action}"]
+    lines += [f"    {note}" for note in plan.notes]
     if plan.error is not None:
         return [*lines, f"    error: {plan.error}"]
     request = plan.request
@@ -184,10 +266,10 @@ def _format_step(plan: StepPlan) -> list[str]:
     for name, value in masking.mask_rendered(step.action, plan.params or {}).items():
         lines.append(f"      {name}: {json.dumps(value, ensure_ascii=False, default=str)}")
     for path in plan.placeholders:
-        lines.append(
-            f"    note: ~{path}~ is a placeholder: a dry run calls no earlier step, "
-            f"so its result is not known"
-        )
+        what = "a dry run calls no earlier step, so its result is not known"
+        if path.startswith("failure"):
+            what = "what failed is only known when a step is dead"
+        lines.append(f"    note: ~{path}~ is a placeholder: {what}")
     return lines
 
 

@@ -10,8 +10,11 @@ when the rule file is checked. Pure: no I/O.
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 SUPPORTED_FIELDS_TEXT = (
     "issueKey, project, issuetype, status, assignee, reporter, issue.property[...], and cf[NNNNN]"
@@ -66,6 +69,101 @@ def check_jql(jql: str, *, epic_label_field: str | None = None) -> str | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class Clause:
+    """`field op values`: op is one of = != IN NOT IN (values: one for = and !=)."""
+
+    field: str
+    op: str
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Junction:
+    """AND / OR of parts."""
+
+    op: str  # "and" | "or"
+    parts: tuple[Any, ...]
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_jql(jql: str) -> Clause | Junction:
+    """Parse a webhook-filter JQL (raises JqlError when Jira would refuse it)."""
+    parser = _Parser(_tokenize(jql), any_custom=True)
+    parser.parse()
+    assert parser.tree is not None
+    return parser.tree
+
+
+class Undecided(Exception):
+    """The payload does not carry what a clause reads (e.g. an issue property)."""
+
+
+def jql_holds(jql: str, payload: Mapping[str, Any]) -> bool:
+    """Decide a webhook-filter JQL on the delivery's own issue, as Jira would.
+
+    Raises Undecided when the payload lacks a field the query reads, JqlError when the
+    query is not one Jira's webhook filter takes.
+    """
+    issue = payload.get("issue")
+    if not isinstance(issue, Mapping):
+        raise Undecided("the event carries no issue")
+    return _holds(parse_jql(jql), issue)
+
+
+def _holds(node: Clause | Junction, issue: Mapping[str, Any]) -> bool:
+    if isinstance(node, Junction):
+        results = (_holds(part, issue) for part in node.parts)
+        return all(results) if node.op == "and" else any(results)
+    actual = _issue_values(node.field, issue)
+    wanted = {v.casefold() for v in node.values}
+    empty = bool(wanted & {"empty", "null"})
+    if actual is None:  # empty: only `= EMPTY` holds; != and NOT IN never match empties
+        return empty and node.op in ("=", "in")
+    hit = bool(actual & wanted)
+    return hit if node.op in ("=", "in") else not hit
+
+
+def _issue_values(name: str, issue: Mapping[str, Any]) -> set[str] | None:
+    """The texts a clause on `name` may match (key, name, id), None when empty."""
+    lowered = name.lower()
+    if lowered == "issuekey":
+        key, ident = issue.get("key"), issue.get("id")
+        found = {str(v).casefold() for v in (key, ident) if isinstance(v, str | int)}
+        if not found:
+            raise Undecided("the event's issue has no key")
+        return found
+    fields = issue.get("fields")
+    if not isinstance(fields, Mapping):
+        raise Undecided("the event's issue carries no fields")
+    if lowered.startswith("issue.property"):
+        raise Undecided(f"{name}: issue properties are not in the event")
+    key = "customfield_" + lowered[3:-1] if lowered.startswith("cf[") else lowered
+    if key not in fields:
+        raise Undecided(f"{name}: the event does not carry this field")
+    return _texts(fields[key])
+
+
+_IDENTITY_KEYS = ("key", "name", "id", "value", "accountId", "emailAddress", "displayName")
+
+
+def _texts(value: Any) -> set[str] | None:
+    if value is None or value == [] or value == "":
+        return None
+    if isinstance(value, list):
+        found: set[str] = set()
+        for item in value:
+            found |= _texts(item) or set()
+        return found or None
+    if isinstance(value, Mapping):
+        return {
+            str(value[k]).casefold()
+            for k in _IDENTITY_KEYS
+            if isinstance(value.get(k), str | int) and not isinstance(value.get(k), bool)
+        } or None
+    return {str(value).casefold()}
+
+
 def _tokenize(jql: str) -> list[_Token]:
     tokens: list[_Token] = []
     pos = 0
@@ -88,15 +186,19 @@ def _tokenize(jql: str) -> list[_Token]:
 class _Parser:
     """Recursive descent over: expr := term (OR term)*; term := atom (AND atom)*."""
 
-    def __init__(self, tokens: list[_Token], epic_label: str | None = None) -> None:
+    def __init__(
+        self, tokens: list[_Token], epic_label: str | None = None, *, any_custom: bool = False
+    ) -> None:
         self._tokens = tokens
         self._pos = 0
         self._epic_label = epic_label
+        self._any_custom = any_custom  # deciding a loaded rule's JQL: `check_jql` passed it
+        self.tree: Clause | Junction | None = None
 
     def parse(self) -> None:
         if self._peek().kind == "end":
             raise JqlError("empty query")
-        self._expr()
+        self.tree = self._expr()
         token = self._peek()
         if token.kind != "end":
             if _is_word(token, "order"):
@@ -105,32 +207,34 @@ class _Parser:
                 raise self._error(token, "unbalanced ')'")
             raise self._error(token, f"expected AND, OR or the end, found {token.text!r}")
 
-    def _expr(self) -> None:
-        self._term()
+    def _expr(self) -> Clause | Junction:
+        parts = [self._term()]
         while _is_word(self._peek(), "or"):
             self._next()
-            self._term()
+            parts.append(self._term())
+        return parts[0] if len(parts) == 1 else Junction("or", tuple(parts))
 
-    def _term(self) -> None:
-        self._atom()
+    def _term(self) -> Clause | Junction:
+        parts = [self._atom()]
         while _is_word(self._peek(), "and"):
             self._next()
-            self._atom()
+            parts.append(self._atom())
+        return parts[0] if len(parts) == 1 else Junction("and", tuple(parts))
 
-    def _atom(self) -> None:
+    def _atom(self) -> Clause | Junction:
         token = self._next()
         if token.text == "(" and token.kind == "punct":
-            self._expr()
+            inner = self._expr()
             closing = self._next()
             if closing.text != ")":
                 raise self._error(closing, f"expected ')', found {_describe(closing)}")
-            return
+            return inner
         if _is_word(token, "not"):
             raise self._error(token, "a leading NOT is not supported (use != or NOT IN)")
         if token.kind != "word" or token.text.lower() in _KEYWORDS:
             raise self._error(token, f"expected a field, found {_describe(token)}")
         custom = _CUSTOM_FIELD.fullmatch(token.text)
-        if custom is not None and custom[1] != self._epic_label:
+        if custom is not None and custom[1] != self._epic_label and not self._any_custom:
             known = (
                 f"the epic label field is cf[{self._epic_label}]"
                 if self._epic_label
@@ -147,52 +251,52 @@ class _Parser:
                 f"field {token.text!r} is not supported in a webhook filter "
                 f"(supported: {SUPPORTED_FIELDS_TEXT})",
             )
-        self._clause_rest(token)
+        return self._clause_rest(token)
 
-    def _clause_rest(self, field: _Token) -> None:
+    def _clause_rest(self, field: _Token) -> Clause:
         op = self._next()
         if op.kind == "op" and op.text in ("=", "!="):
-            self._value(list_allowed=False)
-        elif _is_word(op, "in"):
-            self._value(list_allowed=True, list_required=True)
-        elif _is_word(op, "not") and _is_word(self._peek(), "in"):
+            return Clause(field.text, op.text, self._value(list_allowed=False))
+        if _is_word(op, "in"):
+            return Clause(field.text, "in", self._value(list_allowed=True, list_required=True))
+        if _is_word(op, "not") and _is_word(self._peek(), "in"):
             self._next()
-            self._value(list_allowed=True, list_required=True)
-        elif op.kind == "end":
+            return Clause(field.text, "not in", self._value(list_allowed=True, list_required=True))
+        if op.kind == "end":
             raise self._error(op, f"expected an operator after {field.text!r}")
-        else:
-            raise self._error(
-                op,
-                f"operator {op.text!r} is not supported in a webhook filter (use = != IN NOT IN)",
-            )
+        raise self._error(
+            op,
+            f"operator {op.text!r} is not supported in a webhook filter (use = != IN NOT IN)",
+        )
 
-    def _value(self, *, list_allowed: bool, list_required: bool = False) -> None:
+    def _value(self, *, list_allowed: bool, list_required: bool = False) -> tuple[str, ...]:
         token = self._peek()
         if token.kind == "punct" and token.text == "(":
             if not list_allowed:
                 raise self._error(token, "a list of values needs IN or NOT IN")
             self._next()
-            self._single_value()
+            values = [self._single_value()]
             while self._peek().text == "," and self._peek().kind == "punct":
                 self._next()
-                self._single_value()
+                values.append(self._single_value())
             closing = self._next()
             if closing.text != ")":
                 raise self._error(closing, f"expected ',' or ')', found {_describe(closing)}")
-            return
+            return tuple(values)
         if list_required:
             raise self._error(token, "IN and NOT IN take a parenthesised list, e.g. (A, B)")
-        self._single_value()
+        return (self._single_value(),)
 
-    def _single_value(self) -> None:
+    def _single_value(self) -> str:
         token = self._next()
         if token.kind == "string":
-            return
+            return re.sub(r"\\(.)", r"\1", token.text[1:-1])  # unquote, unescape
         if token.kind != "word" or token.text.lower() in _KEYWORDS:
             raise self._error(token, f"expected a value, found {_describe(token)}")
         after = self._peek()
         if after.kind == "punct" and after.text == "(":
             raise self._error(token, f"functions such as {token.text}() are not supported")
+        return token.text
 
     def _peek(self) -> _Token:
         return self._tokens[self._pos]

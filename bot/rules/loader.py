@@ -24,7 +24,7 @@ from bot.core import catalog
 from bot.core.catalog import Param
 from bot.core.hosts import host_problem
 from bot.errors import RuleError
-from bot.rules import templates
+from bot.rules import templates, workflow
 from bot.rules.conditions import (
     FIELD_OPERATORS,
     AllOf,
@@ -48,11 +48,36 @@ JIRA_EVENTS: Final = (
     "issue_property_set",
     "issue_property_deleted",
 )
-_RULE_KEYS: Final = ("name", "description", "enabled", "on", "when", "do")
+_RULE_KEYS: Final = (
+    "name",
+    "description",
+    "enabled",
+    "on",
+    "when",
+    "concurrency",
+    "do",
+    "on_failure",
+)
 _ON_KEYS: Final = ("events", "jql", "fields", "property_keys")
 # The events Jira's issuePropertyKeysFilter narrows.
 _PROPERTY_EVENTS: Final = ("issue_property_set", "issue_property_deleted")
-_STEP_KEYS: Final = ("id", "action", "with")
+_STEP_KEYS: Final = ("id", "action", "with", "if", "until", "every", "timeout", "fail_if")
+# What a concurrency key may read: it is rendered when the event is planned, before any
+# step ran (so no `steps`), from the payload's top-level names and `event`.
+_PAYLOAD_NAMES: Final = frozenset(
+    {
+        "issue",
+        "user",
+        "changelog",
+        "comment",
+        "webhookEvent",
+        "issue_event_type_name",
+        "timestamp",
+        "matchedWebhookIds",
+        "property",
+        "event",
+    }
+)
 _HEADS: Final = ("field", "changed", "all", "any", "not")
 # Local paths (an upload's file, a download's target) are relative to the rules folder.
 _PATH_LOCATIONS: Final = frozenset({"file", "download"})
@@ -304,8 +329,16 @@ class _Checker:
         enabled = self._optional(keys, "enabled", lambda n: self.boolean(n, "enabled"))
         on = self._on(keys["on"][1]) if "on" in keys else None
         conditions = self._optional(keys, "when", self._conditions_list) or ()
-        steps = self._steps(keys["do"][1]) if "do" in keys else None
-        if name is None or on is None or steps is None:
+        concurrency = self._optional(keys, "concurrency", self._concurrency)
+        has_on_failure = "on_failure" in keys
+        steps = self._steps(keys["do"][1], has_on_failure) if "do" in keys else None
+        on_failure: tuple[Step, ...] | None = ()
+        if has_on_failure:
+            do_ids = _node_ids(keys["do"][1]) if "do" in keys else {}
+            on_failure = self._steps(keys["on_failure"][1], False, do_ids)
+        if name is None or on is None or steps is None or on_failure is None:
+            return
+        if concurrency is _INVALID:
             return
         events, jql, fields, property_keys = on
         self.rules.append(
@@ -321,8 +354,51 @@ class _Checker:
                 steps=steps,
                 source_file=self._file,
                 source_line=_line(node),
+                concurrency=concurrency[0] if concurrency else None,
+                pending_latest=bool(concurrency and concurrency[1]),
+                on_failure=on_failure,
             )
         )
+
+    def _concurrency(self, node: Node) -> Any:
+        """`"key template"` or `{key: "...", pending: latest}` -> (key, latest)."""
+        latest = False
+        key_node = node
+        if isinstance(node, MappingNode):
+            keys = self.mapping(node, "concurrency", ("key", "pending"), required=("key",))
+            if keys is None or "key" not in keys:
+                return _INVALID
+            key_node = keys["key"][1]
+            if "pending" in keys:
+                pending = self.string(keys["pending"][1], "concurrency.pending")
+                if pending != "latest":
+                    if pending is not None:
+                        self.error(
+                            keys["pending"][1],
+                            f"concurrency.pending: {pending!r} is not known (expected: latest)",
+                        )
+                    return _INVALID
+                latest = True
+        key = self.string(key_node, "concurrency key")
+        if key is None:
+            return _INVALID
+        if not templates.is_template(key):
+            return key, latest  # one key for every run of the rule: one run at a time
+        try:
+            names = templates.root_names(key)
+        except TemplateSyntaxError as exc:
+            self.error(key_node, f"concurrency: template error: {exc.message}")
+            return _INVALID
+        unknown = sorted(names - _PAYLOAD_NAMES)
+        if unknown:
+            self.error(
+                key_node,
+                f"concurrency: the key cannot render: it reads {', '.join(unknown)} "
+                f"(a key is rendered when the event is planned, from the payload: "
+                f"{', '.join(sorted(_PAYLOAD_NAMES))})",
+            )
+            return _INVALID
+        return key, latest
 
     def _optional(
         self,
@@ -373,8 +449,8 @@ class _Checker:
 
     # --- conditions -----------------------------------------------------------------
 
-    def _conditions_list(self, node: Node) -> tuple[Condition, ...] | None:
-        items = self.sequence(node, "when")
+    def _conditions_list(self, node: Node, what: str = "when") -> tuple[Condition, ...] | None:
+        items = self.sequence(node, what)
         if items is None:
             return None
         conditions = [self.condition(item) for item in items]
@@ -491,12 +567,18 @@ class _Checker:
 
     # --- steps ----------------------------------------------------------------------
 
-    def _steps(self, node: Node) -> tuple[Step, ...] | None:
-        items = self.sequence(node, "do")
+    def _steps(
+        self, node: Node, has_on_failure: bool, do_ids: Mapping[str, int] | None = None
+    ) -> tuple[Step, ...] | None:
+        where = "do" if do_ids is None else "on_failure"
+        items = self.sequence(node, where)
         if items is None:
             return None
         if not items:
-            self.error(node, "do must list at least one step")
+            self.error(node, f"{where} must list at least one step")
+            return None
+        if len(items) >= workflow.ON_FAILURE_BASE:
+            self.error(node, f"{where} may list at most {workflow.ON_FAILURE_BASE - 1} steps")
             return None
         all_ids = {
             str(value.value): _line(key)
@@ -505,17 +587,30 @@ class _Checker:
             for key, value in item.value
             if isinstance(key, ScalarNode) and key.value == "id" and isinstance(value, ScalarNode)
         }
-        seen: dict[str, int] = {}
-        steps = [self.step(item, index, seen, all_ids) for index, item in enumerate(items)]
+        # `on_failure` steps read every step of `do` (those that succeeded) and `failure`.
+        seen: dict[str, int] = dict(do_ids or {})
+        base = 0 if do_ids is None else workflow.ON_FAILURE_BASE
+        steps = [
+            self.step(item, base + index, seen, all_ids, has_on_failure, on_failure=base > 0)
+            for index, item in enumerate(items)
+        ]
         return None if None in steps else tuple(s for s in steps if s is not None)
 
     def step(
-        self, node: Node, index: int, seen: dict[str, int], all_ids: Mapping[str, int]
+        self,
+        node: Node,
+        index: int,
+        seen: dict[str, int],
+        all_ids: Mapping[str, int],
+        has_on_failure: bool = False,
+        *,
+        on_failure: bool = False,
     ) -> Step | None:
         errors_before = len(self.errors)
         keys = self.mapping(node, "a step", _STEP_KEYS, required=("action",))
         if keys is None:
             return None
+        control = self._control(keys, seen, all_ids, has_on_failure, on_failure)
         step_id = self._optional(keys, "id", lambda n: self.string(n, "id"))
         if step_id is not None:
             id_node = keys["id"][1]
@@ -538,7 +633,7 @@ class _Checker:
         if action == "http.request" and self.http_allowed_hosts is not None:
             self._check_http(keys["action"][1], params or {})
         if with_node is not None:
-            self._check_templates(with_node, seen, all_ids)
+            self._check_templates(with_node, seen, all_ids, on_failure=on_failure)
         if step_id is not None and step_id not in seen:
             seen[step_id] = _line(keys["id"][1])
         if len(self.errors) != errors_before or action is None:
@@ -555,7 +650,115 @@ class _Checker:
             if op
             else frozenset(),
             compiled=templates.compile_tree(with_),
+            control=control,
         )
+
+    def _control(
+        self,
+        keys: Mapping[str, tuple[ScalarNode, Node]],
+        seen: Mapping[str, int],
+        all_ids: Mapping[str, int],
+        has_on_failure: bool,
+        on_failure: bool,
+    ) -> workflow.Control | None:
+        """Check a step's `if`, `until`, `every`, `timeout`, `fail_if`."""
+        raw: dict[str, Any] = {}
+        for key in ("if", "until", "fail_if"):
+            if key in keys:
+                raw[key] = self._step_conditions(
+                    keys[key][1], key, seen, all_ids, result=key != "if", on_failure=on_failure
+                )
+        durations: dict[str, float | None] = {}
+        for key in ("every", "timeout"):
+            if key not in keys:
+                continue
+            key_node, value_node = keys[key]
+            if "until" not in keys:
+                self.error(
+                    key_node, f"{key} belongs to until: (a step without until is called once)"
+                )
+            value = self.value(value_node)
+            seconds = workflow.parse_duration(value)
+            if seconds is None:
+                self.error(
+                    value_node,
+                    f"{key}: {value!r} is not a duration (e.g. 30s, 10m, 2h, 1h30m, 1d)",
+                )
+            durations[key] = seconds
+        if "until" in keys and "timeout" not in keys:
+            self.error(
+                keys["until"][0],
+                "until needs a timeout (e.g. timeout: 2h): a wait must end even if the "
+                "condition never holds",
+            )
+        if not raw and not has_on_failure:
+            return None
+        return workflow.Control(
+            if_=raw.get("if"),
+            until=raw.get("until"),
+            fail_if=raw.get("fail_if"),
+            every_s=durations.get("every") or workflow.DEFAULT_EVERY_S,
+            timeout_s=durations.get("timeout"),
+            has_on_failure=has_on_failure,
+        )
+
+    def _step_conditions(
+        self,
+        node: Node,
+        key: str,
+        seen: Mapping[str, int],
+        all_ids: Mapping[str, int],
+        *,
+        result: bool,
+        on_failure: bool,
+    ) -> Any:
+        """Check `if:`/`until:`/`fail_if:`; return their raw form (stored with the run)."""
+        if isinstance(node, ScalarNode) and node.tag == _STR:
+            text = str(node.value)
+            try:
+                single = templates.single_expression(text) if templates.is_template(text) else None
+            except TemplateSyntaxError as exc:
+                self.error(node, f"{key}: template error: {exc.message}")
+                return None
+            if single is None:
+                self.error(
+                    node, f'{key}: a string condition is one template expression, "{{{{ ... }}}}"'
+                )
+                return None
+            self._check_template_text(
+                node, key, seen, all_ids, on_failure=on_failure, result=result
+            )
+            return text
+        conditions = self._conditions_list(node, key)
+        if conditions is None:
+            return None
+        for scalar, _ in _condition_fields(node):
+            self._check_path(scalar, key, seen, all_ids, result=result, on_failure=on_failure)
+        return self.value(node)
+
+    def _check_path(
+        self,
+        node: ScalarNode,
+        key: str,
+        seen: Mapping[str, int],
+        all_ids: Mapping[str, int],
+        *,
+        result: bool,
+        on_failure: bool,
+    ) -> None:
+        parts = str(node.value).split(".")
+        head = parts[0]
+        if head == "steps":
+            ref = parts[1] if len(parts) > 1 else ""
+            if ref not in seen:
+                later = (
+                    " (it is defined at a later step; steps run in order)" if ref in all_ids else ""
+                )
+                self.error(node, f"{key}: steps.{ref} is not the id of an earlier step{later}")
+        elif head == "result" and not result:
+            self.error(node, f"{key}: result is this step's answer: only until/fail_if read it")
+        elif head == "failure" and not on_failure:
+            self.error(node, f"{key}: failure is only known to on_failure steps")
 
     def _operation(self, action: str, node: Node) -> ActionSpec | None:
         op = self.registry.get(action)
@@ -631,37 +834,85 @@ class _Checker:
             self.error(node, f"{name}: no file {node.value!r} in the rules folder")
 
     def _check_templates(
-        self, node: Node, seen: Mapping[str, int], all_ids: Mapping[str, int]
+        self,
+        node: Node,
+        seen: Mapping[str, int],
+        all_ids: Mapping[str, int],
+        *,
+        on_failure: bool = False,
     ) -> None:
         for scalar, path in _strings(node, "with"):
             if not templates.is_template(scalar.value):
                 continue
-            try:
-                referenced, private = templates.inspect_template(scalar.value)
-                # Parsing alone misses an unknown filter or test (`| lowr`): compiling
-                # raises TemplateAssertionError (a TemplateSyntaxError) for it.
-                templates.compile_template(scalar.value)
-            except TemplateSyntaxError as exc:
-                self.error(
-                    _template_line(scalar, exc.lineno), f"template error in {path}: {exc.message}"
-                )
+            self._check_template_text(scalar, path, seen, all_ids, on_failure=on_failure)
+
+    def _check_template_text(
+        self,
+        scalar: ScalarNode,
+        path: str,
+        seen: Mapping[str, int],
+        all_ids: Mapping[str, int],
+        *,
+        on_failure: bool = False,
+        result: bool = False,
+    ) -> None:
+        try:
+            referenced, private = templates.inspect_template(scalar.value)
+            roots = templates.root_names(scalar.value)
+            # Parsing alone misses an unknown filter or test (`| lowr`): compiling
+            # raises TemplateAssertionError (a TemplateSyntaxError) for it.
+            templates.compile_template(scalar.value)
+        except TemplateSyntaxError as exc:
+            self.error(
+                _template_line(scalar, exc.lineno), f"template error in {path}: {exc.message}"
+            )
+            return
+        if private:
+            names = ", ".join(map(repr, private))
+            self.error(scalar, f"{path}: templates may not read private names ({names})")
+        if "failure" in roots and not on_failure:
+            self.error(scalar, f"{path}: failure is only known to on_failure steps")
+        if "result" in roots and not result:
+            self.error(scalar, f"{path}: result is this step's answer: only until/fail_if read it")
+        for ref in referenced:
+            if ref in seen:
                 continue
-            if private:
-                names = ", ".join(map(repr, private))
-                self.error(scalar, f"{path}: templates may not read private names ({names})")
-            for ref in referenced:
-                if ref in seen:
-                    continue
-                later = (
-                    " (it is defined at a later step; steps run in order)" if ref in all_ids else ""
-                )
-                self.error(
-                    scalar,
-                    f"{path}: steps.{ref} is not the id of an earlier step in this rule{later}",
-                )
+            later = " (it is defined at a later step; steps run in order)" if ref in all_ids else ""
+            self.error(
+                scalar,
+                f"{path}: steps.{ref} is not the id of an earlier step in this rule{later}",
+            )
 
 
 _INVALID: Final = object()
+
+
+def _node_ids(node: Node) -> dict[str, int]:
+    """The `id:` of each step node of a list, with its line (read even if a step is bad)."""
+    if not isinstance(node, SequenceNode):
+        return {}
+    return {
+        str(value.value): _line(key)
+        for item in node.value
+        if isinstance(item, MappingNode)
+        for key, value in item.value
+        if isinstance(key, ScalarNode) and key.value == "id" and isinstance(value, ScalarNode)
+    }
+
+
+def _condition_fields(node: Node) -> Iterator[tuple[ScalarNode, str]]:
+    """Yield the `field:` path scalars of a condition list, nested ones included."""
+    if isinstance(node, SequenceNode):
+        for item in node.value:
+            yield from _condition_fields(item)
+    elif isinstance(node, MappingNode):
+        for key, value in node.value:
+            if not isinstance(key, ScalarNode):
+                continue
+            if key.value == "field" and isinstance(value, ScalarNode):
+                yield value, str(value.value)
+            elif key.value in ("all", "any", "not"):
+                yield from _condition_fields(value)
 
 
 def _strings(node: Node, where: str) -> Iterator[tuple[ScalarNode, str]]:

@@ -25,6 +25,8 @@ class Step:
     file_params: frozenset[str] = frozenset()
     # `with_` with every template string replaced by its compiled template (templates.py).
     compiled: Any = field(default=None, compare=False, repr=False)
+    # `if`, `until`, `every`, `timeout`, `fail_if` (workflow.Control); None: none given.
+    control: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,10 @@ class Rule:
     source_file: str
     source_line: int
     property_keys: tuple[str, ...] = ()  # on.property_keys: Jira's issuePropertyKeysFilter
+    # The concurrency key's template source; runs whose keys render equal run one at a time.
+    concurrency: str | None = None
+    pending_latest: bool = False  # `pending: latest`: only the newest waiting run is kept
+    on_failure: tuple[Step, ...] = ()  # run once when a step of `do` is dead
 
     @property
     def source(self) -> str:
@@ -111,3 +117,6 @@ class Evaluation:
 
     matched: list[Rule]
     missed: list[Miss]
+    # How each rule's `on.jql` was decided: by Jira (the delivery names the webhooks it
+    # matched) or on the payload itself (a delivery naming no webhook of ours).
+    jql: dict[str, str] = field(default_factory=dict)

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from jinja2 import StrictUndefined, Template, nodes, pass_eval_context
+from jinja2 import StrictUndefined, Template, Undefined, meta, nodes, pass_eval_context
 from jinja2.exceptions import SecurityError
 from jinja2.runtime import Context
 from jinja2.sandbox import SandboxedEnvironment
@@ -129,9 +129,65 @@ def is_template(text: str) -> bool:
 
 
 @functools.lru_cache(maxsize=8192)
-def compile_template(source: str) -> Template:
-    """Compile `source` (cached: a reload re-uses unchanged templates)."""
+def compile_template(source: str) -> Template | Expression:
+    """Compile `source` (cached: a reload re-uses unchanged templates).
+
+    A template that is one `{{ expr }}` and nothing else becomes an Expression, which
+    keeps its value's type; any text around it makes a string template.
+    """
+    expression = single_expression(source)
+    if expression is not None:
+        return Expression(source, _ENV.compile_expression(expression, undefined_to_none=False))
     return _ENV.from_string(source)
+
+
+def single_expression(source: str) -> str | None:
+    """Return the expression of a template that is exactly one `{{ expr }}`, else None."""
+    stripped = source.strip()
+    if not (stripped.startswith("{{") and stripped.endswith("}}")):
+        return None
+    body = _ENV.parse(source).body
+    if len(body) != 1 or not isinstance(body[0], nodes.Output):
+        return None
+    parts = body[0].nodes
+    if len(parts) != 1 or isinstance(parts[0], nodes.TemplateData):
+        return None
+    inner = stripped[2:-2]
+    # Whitespace control (`{{- x -}}`) belongs to the delimiters, not the expression.
+    return inner.strip("-+").strip()
+
+
+class Expression:
+    """A compiled single-expression template: renders to a value of any JSON type.
+
+    Only rule text is ever compiled; the value is data from the context, returned as is
+    (never parsed from text), so Jira's "[1, 2]" stays a string.
+    """
+
+    __slots__ = ("_compiled", "source")
+
+    def __init__(self, source: str, compiled: Any) -> None:
+        self.source = source
+        self._compiled = compiled
+
+    def render(self, context: Mapping[str, Any]) -> Any:
+        value = self._compiled(**context)
+        if isinstance(value, Undefined):
+            value._fail_with_undefined_error()  # raises: strict, like string templates
+        return _plain(value)
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-shaped copy of `value`; other objects become their text."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        return str(value)  # Markup and other str subclasses become plain text
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return str(value)
 
 
 def _attribute_name(node: nodes.Getattr | nodes.Getitem) -> str | None:
@@ -159,6 +215,11 @@ def inspect_template(source: str) -> tuple[list[str], list[str]]:
             steps.append(name)
     private.reverse()  # the walk meets `a._x._y` outermost first
     return steps, private
+
+
+def root_names(source: str) -> set[str]:
+    """Return the top-level names `source` reads (`issue`, `steps`, `result`, ...)."""
+    return set(meta.find_undeclared_variables(_ENV.parse(source)))
 
 
 def compile_tree(value: Any) -> Any:
@@ -199,9 +260,14 @@ def render_params(step: Step, context: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _render(value: Any, context: Mapping[str, Any], where: str) -> Any:
-    if isinstance(value, Template):
+    if isinstance(value, Template | Expression):
         try:
-            return _bounded_render(value, context)
+            if isinstance(value, Template):
+                return _bounded_render(value, context)
+            found = value.render(context)  # its operations are bounded by the sandbox
+            if isinstance(found, str) and len(found) > MAX_RENDERED_CHARS:
+                raise _too_big("the rendered value")
+            return found
         except Exception as exc:  # any failure of a template is this run's failure
             raise TemplateRenderError(f"{where}: {exc}") from exc
     if isinstance(value, Mapping):

@@ -150,6 +150,55 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
 )
 
+# Deployment requests (UbiOps' requests API, not in the deployments reference): a direct
+# request answers with its result (`status`, `success`, `result`, `error_message`); a
+# batch request answers at once with pending requests, read back with `..._get`.
+REQUEST_OPERATIONS: tuple[Operation, ...] = (
+    _op(
+        "deployment_requests_create",
+        "POST",
+        _DEPLOYMENT + "/requests",
+        DATA,
+        Param("timeout", "query"),
+    ),
+    _op(
+        "deployment_version_requests_create",
+        "POST",
+        _VERSION + "/requests",
+        DATA,
+        Param("timeout", "query"),
+    ),
+    _op(
+        "deployment_requests_get",
+        "GET",
+        _DEPLOYMENT + "/requests/{request_id}",
+        Param("metadata_only", "query"),
+    ),
+    _op(
+        "deployment_version_requests_get",
+        "GET",
+        _VERSION + "/requests/{request_id}",
+        Param("metadata_only", "query"),
+    ),
+    _op(
+        "batch_deployment_requests_create",
+        "POST",
+        _DEPLOYMENT + "/requests/batch",
+        DATA,
+        Param("timeout", "query"),
+    ),
+    _op(
+        "batch_deployment_version_requests_create",
+        "POST",
+        _VERSION + "/requests/batch",
+        DATA,
+        Param("timeout", "query"),
+    ),
+)
+# The deployments reference's 31 operations (DEPLOYMENT_OPERATIONS) plus requests.
+DEPLOYMENT_OPERATIONS = OPERATIONS
+OPERATIONS = DEPLOYMENT_OPERATIONS + REQUEST_OPERATIONS
+
 OPERATIONS_BY_NAME: Mapping[str, Operation] = {op.name: op for op in OPERATIONS}
 
 

@@ -129,6 +129,7 @@ class _Version:
     revisions: dict[str, dict[str, Any]] = field(default_factory=dict)
     files: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # revision -> file
     builds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    requests: dict[str, dict[str, Any]] = field(default_factory=dict)  # deployment requests
 
 
 @dataclass
@@ -137,6 +138,12 @@ class _Deployment:
     versions: dict[str, _Version] = field(default_factory=dict)
     variables: dict[str, dict[str, Any]] = field(default_factory=dict)
     audit: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _double_or_echo(version: str, data: Any) -> Any:
+    if isinstance(data, dict) and isinstance(data.get("input"), int | float):
+        return {"output": data["input"] * 2}
+    return data
 
 
 def _now() -> str:
@@ -187,6 +194,12 @@ class FakeUbiOps:
         self._fraction: tuple[float, Fault, random.Random] | None = None
         self._mix: tuple[float, tuple[Fault, ...], random.Random] | None = None
         self.injected: Counter[str] = Counter()  # faults answered, by `Fault.label`
+        # A deployment request's answer: the version's code, given (version, input). By
+        # default it doubles a number under "input" and echoes anything else; a version
+        # named in `failing_versions` raises, as a broken model would.
+        self.model: Callable[[str, Any], Any] = _double_or_echo
+        self.failing_versions: set[str] = set()
+        self._build_reads: Counter[str] = Counter()  # build id -> its position in build_steps
 
     # ----- test controls -------------------------------------------------------------
 
@@ -266,6 +279,12 @@ class FakeUbiOps:
             ("GET", v + "/revisions/{revision_id}", self.revisions_get),
             ("GET", v + "/revisions", self.revisions_list),
             ("POST", v + "/revisions/{revision_id}/rebuild", self.revisions_rebuild),
+            ("POST", dn + "/requests", self.deployment_requests_create),
+            ("POST", v + "/requests", self.deployment_requests_create),
+            ("POST", dn + "/requests/batch", self.batch_requests_create),
+            ("POST", v + "/requests/batch", self.batch_requests_create),
+            ("GET", dn + "/requests/{request_id}", self.deployment_requests_get),
+            ("GET", v + "/requests/{request_id}", self.deployment_requests_get),
         ]
         for method, path, handler in routes:
             app.router.add_route(method, path, handler)
@@ -496,6 +515,9 @@ class FakeUbiOps:
             default = data["default_version"]
             if default not in deployment.versions:
                 raise ApiError(400, f"default_version: version '{default}' does not exist")
+            if deployment.versions[default].data["status"] != "available":
+                # UbiOps' answer when the version's build has not finished (or failed).
+                raise ApiError(400, "Only available versions can be set as default")
             deployment.data["default_version"] = default
             for name, version in deployment.versions.items():
                 version.data["default"] = name == default
@@ -819,8 +841,10 @@ class FakeUbiOps:
         if revision["status"] in FINAL_BUILD_STATES:
             return
         steps = self.build_steps
-        position = steps.index(revision["status"]) if revision["status"] in steps else 0
-        status = steps[min(position + 1, len(steps) - 1)]
+        # Counted per build, so that a step may repeat ("building" several reads long).
+        position = min(self._build_reads[revision["build"]] + 1, len(steps) - 1)
+        self._build_reads[revision["build"]] = position
+        status = steps[position]
         revision["status"] = status
         build = version.builds[revision["build"]]
         build["status"] = status
@@ -889,6 +913,75 @@ class FakeUbiOps:
         if revision.get("build") == build["id"]:
             revision["status"] = "cancelled"
         return web.json_response(build)
+
+    # ----- deployment requests ---------------------------------------------------------
+
+    def _request_target(self, request: web.Request) -> tuple[_Deployment, _Version]:
+        deployment = self._deployment(request)
+        if "version" in request.match_info:
+            return deployment, self._version(request)
+        default = deployment.data.get("default_version")
+        if default is None or default not in deployment.versions:
+            raise ApiError(400, "The deployment has no default version")
+        return deployment, deployment.versions[default]
+
+    def _run_request(self, deployment: _Deployment, version: _Version, data: Any) -> dict[str, Any]:
+        if version.data["status"] != "available":
+            raise ApiError(400, "Version is not available: its build has not succeeded")
+        name = version.data["version"]
+        record: dict[str, Any] = {
+            "id": str(uuid.uuid4()),
+            "deployment": deployment.data["name"],
+            "version": name,
+            "status": "completed",
+            "success": True,
+            "time_created": _now(),
+            "request_data": data,
+            "result": None,
+            "error_message": None,
+        }
+        if name in self.failing_versions:
+            record.update(status="failed", success=False, error_message="Model raised an error")
+        else:
+            record["result"] = self.model(name, data)
+        version.requests[record["id"]] = record
+        return record
+
+    async def deployment_requests_create(self, request: web.Request) -> web.Response:
+        deployment, version = self._request_target(request)
+        data = json.loads(await request.read() or b"null")
+        record = self._run_request(deployment, version, data)
+        return web.json_response({k: v for k, v in record.items() if k != "request_data"})
+
+    async def batch_requests_create(self, request: web.Request) -> web.Response:
+        deployment, version = self._request_target(request)
+        items = json.loads(await request.read() or b"null")
+        if not isinstance(items, list):
+            raise ApiError(400, "A batch request takes a list of inputs")
+        out = []
+        for item in items:
+            record = self._run_request(deployment, version, item)
+            out.append({"id": record["id"], "deployment": record["deployment"],
+                        "version": record["version"], "status": "pending",
+                        "time_created": record["time_created"]})  # fmt: skip
+        return web.json_response(out, status=201)
+
+    async def deployment_requests_get(self, request: web.Request) -> web.Response:
+        deployment = self._deployment(request)
+        versions = (
+            [self._version(request)]
+            if "version" in request.match_info
+            else list(deployment.versions.values())
+        )
+        for version in versions:
+            record = version.requests.get(request.match_info["request_id"])
+            if record is not None:
+                if request.query.get("metadata_only") == "true":
+                    return web.json_response(
+                        {k: v for k, v in record.items() if k not in ("request_data", "result")}
+                    )
+                return web.json_response(record)
+        raise ApiError(404, "Request not found")
 
     # ----- audit -----------------------------------------------------------------------
 

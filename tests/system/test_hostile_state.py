@@ -173,7 +173,13 @@ async def test_an_outcome_refused_for_good_ends_its_run_dead_and_spares_its_batc
         from bot.pipeline.executor import _AttemptRecord
 
         now = utcnow()
-        common = {"b_next_attempt_at": None, "b_updated_at": now, "b_attempts": 1, "b_state": None}
+        common = {
+            "b_next_attempt_at": None,
+            "b_updated_at": now,
+            "b_attempts": 1,
+            "b_state": None,
+            "b_waiting_since": None,
+        }
         refused = _AttemptRecord(
             first, now, now, "failed", {**common, "b_status": "dead", "b_last_error": bad,
                                         "b_result": None}, 400
