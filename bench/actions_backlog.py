@@ -28,7 +28,7 @@ from bot.db.engine import create_engine, upgrade
 from bot.db.models import action_runs, events, utcnow
 from bot.pipeline.executor import ActionExecutor
 from bot.pipeline.processor import idempotency_key
-from bot.services.actions import ActionRunner
+from bot.services.runner import ActionRunner
 from bot.services.ubiops import UbiOpsClient
 
 TOKEN = "bench-ubiops-token"

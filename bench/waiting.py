@@ -36,7 +36,7 @@ from bot.db.engine import create_engine, upgrade
 from bot.db.models import action_runs, events, utcnow
 from bot.pipeline.executor import ActionExecutor
 from bot.rules.workflow import Control
-from bot.services.actions import ActionRunner
+from bot.services.runner import ActionRunner
 
 BODY = b'{"webhookEvent": "jira:issue_updated", "issue": {"key": "OPS-%d"}}'
 UNTIL = [{"field": "result.status", "in": ["success", "failed"]}]

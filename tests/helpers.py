@@ -13,11 +13,11 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from bot.core.apis import ubiops
 from bot.core.catalog import Operation, Param
 from bot.db.engine import create_engine
 from bot.db.models import events
 from bot.db.queries import get_event
-from bot.services import ubiops
 from bot.settings import Settings
 from tests.conftest import CLIENT_SECRET
 from tests.signing import oauth_token

@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from bot.core import catalog
+from bot.core import apis
+from bot.core.apis import registry, ubiops
 from bot.core.catalog import (
     CreateSpec,
     Operation,
@@ -17,10 +18,8 @@ from bot.core.catalog import (
     lookup_params,
     mismatches,
     plan_request,
-    registry,
 )
 from bot.errors import ActionError
-from bot.services import ubiops
 
 DEPLOYMENTS = "/projects/{project_name}/deployments"
 
@@ -267,7 +266,7 @@ def test_request_operations_are_in_the_catalog(
     op = ubiops.OPERATIONS_BY_NAME[name]
     assert (op.method, op.path) == (method, REQUESTS + path)
     assert op.required_params == frozenset(required.split())
-    assert catalog.registry()[f"ubiops.{name}"] is op
+    assert apis.registry()[f"ubiops.{name}"] is op
 
 
 @pytest.mark.parametrize(("name", "method", "path", "required", "optional"), REFERENCE)

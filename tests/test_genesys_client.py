@@ -13,17 +13,13 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from bot.core.apis import registry
+from bot.core.apis.genesys import GUEST_OPERATIONS, OPERATIONS_BY_NAME
 from bot.core.backoff import RetryPolicy
-from bot.core.catalog import registry
 from bot.errors import ActionError, ServiceDisabled
-from bot.services.actions import ActionRunner, Done, high_level_actions
-from bot.services.genesys import (
-    GUEST_OPERATIONS,
-    MAX_BODY_BYTES,
-    OPERATIONS_BY_NAME,
-    GenesysClient,
-    publish_configuration,
-)
+from bot.services.actions import Done
+from bot.services.genesys import MAX_BODY_BYTES, GenesysClient, publish_configuration
+from bot.services.runner import ActionRunner, high_level_actions
 from tests.fakes.genesys import WD, WIDGETS, FakeGenesys
 
 POLICY = RetryPolicy(max_attempts=3, base_delay_s=0.01, max_delay_s=30.0, timeout_s=2.0)

@@ -8,15 +8,9 @@ import base64
 import aiohttp
 import pytest
 
+from bot.core.apis.genesys import OPERATIONS, OPERATIONS_BY_NAME
 from bot.errors import ActionError, SettingsError
-from bot.services.genesys import (
-    OPERATIONS,
-    OPERATIONS_BY_NAME,
-    ClientCredentials,
-    GenesysUrls,
-    TokenManager,
-    resolve_urls,
-)
+from bot.services.genesys import ClientCredentials, GenesysUrls, TokenManager, resolve_urls
 from tests import test_genesys_client
 from tests.fakes.genesys import FakeGenesys
 

@@ -15,8 +15,9 @@ from bot.core.backoff import RetryPolicy
 from bot.core.hosts import host_problem
 from bot.errors import ActionError, ServiceDisabled
 from bot.rules.loader import check_rules
-from bot.services.actions import ActionRunner, Done
+from bot.services.actions import Done
 from bot.services.outbound import OutboundClient
+from bot.services.runner import ActionRunner
 from bot.settings import from_env
 from tests.system.harness import serve
 

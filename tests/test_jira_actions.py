@@ -19,9 +19,10 @@ from bot.errors import ActionError
 from bot.jira_app.jobs import JiraAccess, JiraActionClients
 from bot.rules.dryrun import dry_run
 from bot.rules.loader import load_rules
-from bot.services.actions import ActionRunner, Done, Wait
+from bot.services.actions import Done, Wait
 from bot.services.adf import plain_text, to_adf
 from bot.services.jira import MARKER_PROPERTY, marker
+from bot.services.runner import ActionRunner, action_registry
 from tests.fakes.jira import issue_updated_payload
 from tests.test_jobs import QUICK, World, make_world, tenant_of
 
@@ -392,12 +393,13 @@ def test_the_dry_run_shows_each_actions_main_call(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text(DRY_RULES)
     ruleset = load_rules(tmp_path)
     hostile = issue_updated_payload(key="OPS-4", fields={"summary": "../../webhook"})
-    text = dry_run(ruleset, hostile)
+    text = dry_run(ruleset, hostile, registry=action_registry())
     # The issue key rendered from a field is refused before anything would be sent.
     assert "error: jira.add_comment: '../../webhook' is not an issue key" in text
     assert "POST /rest/api/3/issue/OPS-4/transitions" in text
     assert "<the id of 'Start deploy', from GET .../transitions>" in text
     assert "GET /rest/api/3/search/jql?jql=project+%3D+OPS&maxResults=100&fields=summary" in text
     assert "POST https://hooks.slack.com/services/x?a=1" in text
-    text = dry_run(ruleset, issue_updated_payload(key="OPS-4", fields={"summary": "OPS-4"}))
+    payload = issue_updated_payload(key="OPS-4", fields={"summary": "OPS-4"})
+    text = dry_run(ruleset, payload, registry=action_registry())
     assert "POST /rest/api/3/issue/OPS-4/comment" in text and '"marks": [' in text

@@ -10,20 +10,15 @@ from typing import Any
 import aiohttp
 import pytest
 
+from bot.core.apis import registry
+from bot.core.apis.jira import OPERATIONS_BY_NAME
 from bot.core.backoff import RetryPolicy
-from bot.core.catalog import PlannedRequest, plan_request, registry
+from bot.core.catalog import PlannedRequest, plan_request
 from bot.core.due import refresh_due
 from bot.core.verify import sign_connect
 from bot.core.webhook_plan import Need, WebhookSpec, plan_sync
 from bot.errors import ActionError
-from bot.services.jira import (
-    OPERATIONS_BY_NAME,
-    ConnectAuth,
-    JiraClient,
-    OAuthTokens,
-    next_request,
-    parse_jira_time,
-)
+from bot.services.jira import ConnectAuth, JiraClient, OAuthTokens, next_request, parse_jira_time
 from tests.fakes.jira import ACCESS_TOKEN_TTL_S, LIFETIME_S, FakeJira
 
 QUICK = RetryPolicy(max_attempts=2, base_delay_s=0.0, max_delay_s=0.0, timeout_s=5.0)

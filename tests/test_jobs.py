@@ -39,7 +39,7 @@ from bot.pipeline.executor import ActionExecutor
 from bot.pipeline.processor import EventProcessor
 from bot.rules.loader import load_rules
 from bot.rules.model import Rule, RuleSet
-from bot.services.actions import ActionRunner
+from bot.services.runner import ActionRunner
 from bot.settings import Settings
 from tests.fakes.jira import FakeJira, FakeWebhook, issue_updated_payload
 

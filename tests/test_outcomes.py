@@ -23,7 +23,7 @@ from bot.jira_app.jobs import JiraActionClients
 from bot.pipeline.executor import ActionExecutor
 from bot.pipeline.processor import EventProcessor
 from bot.rules.loader import load_rules
-from bot.services.actions import ActionRunner
+from bot.services.runner import ActionRunner
 from bot.web.metrics import Metrics
 from tests.fakes.jira import issue_updated_payload
 from tests.test_jobs import World, make_world, start_store, tenant_of

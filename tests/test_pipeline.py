@@ -25,7 +25,7 @@ from bot.pipeline.executor import ActionExecutor, RetryBudget
 from bot.pipeline.processor import EventProcessor
 from bot.rules.loader import load_rules
 from bot.rules.watcher import RuleWatcher
-from bot.services.actions import ActionRunner
+from bot.services.runner import ActionRunner
 from bot.services.ubiops import UbiOpsClient
 from bot.settings import Settings
 from tests.conftest import ClientFactory

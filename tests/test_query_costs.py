@@ -21,7 +21,7 @@ from bot.db.writers import SqliteWriter, writer_for
 from bot.pipeline.executor import ActionExecutor
 from bot.pipeline.processor import EventProcessor
 from bot.rules.loader import load_rules
-from bot.services.actions import ActionRunner
+from bot.services.runner import ActionRunner
 from tests.helpers import issue_updated
 
 RULE = """\

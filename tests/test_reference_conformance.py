@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from bot.core.catalog import plan_request, registry
+from bot.core.apis import registry
+from bot.core.catalog import plan_request
 from bot.rules.loader import load_rules
 from bot.rules.templates import build_context, render_params
 

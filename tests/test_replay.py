@@ -22,7 +22,7 @@ from bot.pipeline.executor import ActionExecutor
 from bot.pipeline.processor import EventProcessor
 from bot.pipeline.replay import PROGRESS_MIN_EVENTS, Selection, parse_since, render_bar, replay
 from bot.rules.loader import load_rules
-from bot.services.actions import ActionRunner
+from bot.services.runner import ActionRunner
 from bot.services.ubiops import UbiOpsClient
 from tests import test_pipeline
 from tests.fakes.ubiops import FakeUbiOps

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.core import catalog
+from bot.core import apis
 from bot.errors import RuleError
 from bot.rules.conditions import AnyOf, ChangedCondition, FieldCondition, NotOf
 from bot.rules.loader import check_rules, load_rules
@@ -410,7 +410,7 @@ def test_example_rules_pass_with_the_real_registry(tmp_path: Path) -> None:
     ruleset, errors = check_rules(tmp_path / "rules")
     assert errors == []
     assert ruleset is not None and len(ruleset.rules) == 3
-    assert "ubiops.deployment_versions_create" in catalog.registry()
+    assert "ubiops.deployment_versions_create" in apis.registry()
 
 
 def test_yaml_error_names_where_the_unclosed_part_started(tmp_path: Path) -> None:

@@ -46,15 +46,16 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from bot.core.apis import genesys, registry
 from bot.core.backoff import RetryPolicy
-from bot.core.catalog import BODY_METHODS, PlannedRequest, registry
+from bot.core.catalog import BODY_METHODS, PlannedRequest
 from bot.errors import ActionError
 from bot.rules.loader import check_rules, load_rules
 from bot.rules.templates import build_context, render_params
-from bot.services import genesys
-from bot.services.actions import ActionRunner, ServiceClient
+from bot.services.actions import ServiceClient
 from bot.services.http import send
 from bot.services.jira import JiraClient, OAuthTokens
+from bot.services.runner import ActionRunner
 from bot.settings import GENESYS_REGION_NAMES, Settings, from_env
 from bot.web.app import service_clients
 

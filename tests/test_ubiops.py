@@ -12,10 +12,11 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
+from bot.core.apis import ubiops as ubiops_api
 from bot.core.backoff import RetryPolicy
 from bot.errors import ActionError, ServiceDisabled
-from bot.services import ubiops
-from bot.services.actions import ActionResult, ActionRunner, Done, Wait
+from bot.services.actions import ActionResult, Done, Wait
+from bot.services.runner import ActionRunner
 from bot.services.ubiops import UbiOpsClient
 from tests.fakes.ubiops import FakeUbiOps, Fault
 
@@ -189,7 +190,7 @@ async def test_every_operation_once_through_the_client(env: Env, tmp_path: Path)
     with pytest.raises(ActionError) as gone:
         await c.call("deployments_get", d)
 
-    assert sorted(set(c.called)) == sorted(op.name for op in ubiops.DEPLOYMENT_OPERATIONS)
+    assert sorted(set(c.called)) == sorted(op.name for op in ubiops_api.DEPLOYMENT_OPERATIONS)
     assert gone.value.status == 404
     assert "Deployment not found" in str(gone.value)
     assert all(r.headers["Authorization"] == f"Token {TOKEN}" for r in env.fake.requests)

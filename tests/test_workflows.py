@@ -28,7 +28,7 @@ from bot.pipeline.executor import ActionExecutor
 from bot.pipeline.processor import EventProcessor
 from bot.rules.loader import load_rules
 from bot.rules.model import RuleSet
-from bot.services.actions import ActionRunner
+from bot.services.runner import ActionRunner
 from bot.services.ubiops import UbiOpsClient
 from tests.fakes.ubiops import FakeUbiOps
 

@@ -45,6 +45,9 @@ def cmd_test(
     epic_label_field: str | None = None,
 ) -> int:
     """Print the dry run of the event in `event_path`; 1 when the rules or event are bad."""
+    from bot.services.runner import action_registry  # its previews show each main call
+
+    registry = action_registry() if registry is None else registry
     ruleset, errors = check_rules(rules_dir, registry, epic_label_field=epic_label_field)
     if ruleset is None:
         for error in errors:

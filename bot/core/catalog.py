@@ -8,11 +8,8 @@ exact HTTP call. Pure: no I/O.
 
 from __future__ import annotations
 
-import functools
-import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any, Literal
 from urllib.parse import quote, urlencode
 
@@ -21,14 +18,6 @@ from bot.errors import ActionError
 # "form": a multipart form field sent beside the file; "download": a local path the
 # response body is saved to (deploybot's own, e.g. ubiops.revisions_file_download).
 ParamLocation = Literal["path", "query", "header", "body", "file", "form", "download"]
-
-# Adapter modules whose `OPERATIONS` tables make up the registry.
-SERVICE_MODULES = (
-    "bot.services.ubiops",
-    "bot.services.genesys",
-    "bot.services.jira",
-    "bot.services.outbound",
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,12 +136,6 @@ class Operation:
         return frozenset(p.name for p in self.params if p.required)
 
 
-@functools.cache
-def service_modules() -> tuple[ModuleType, ...]:
-    """The adapter modules (imported lazily: they import this module)."""
-    return tuple(importlib.import_module(name) for name in SERVICE_MODULES)
-
-
 def build_registry(tables: Mapping[str, tuple[Operation, ...]]) -> dict[str, Operation]:
     """Key every operation of the given tables by `service.operation`; refuse duplicates."""
     ops: dict[str, Operation] = {}
@@ -162,12 +145,6 @@ def build_registry(tables: Mapping[str, tuple[Operation, ...]]) -> dict[str, Ope
                 raise ValueError(f"operation {op.full_name} is defined twice")
             ops[op.full_name] = op
     return ops
-
-
-@functools.cache
-def registry() -> Mapping[str, Operation]:
-    """Every operation of every service, keyed by `service.operation`."""
-    return build_registry({m.__name__: tuple(m.OPERATIONS) for m in service_modules()})
 
 
 def _query_value(value: Any) -> str:

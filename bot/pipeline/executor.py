@@ -43,7 +43,8 @@ from bot.rules import workflow
 from bot.rules.model import RuleSet, Step
 from bot.rules.templates import build_context, render_params
 from bot.rules.workflow import IF_SKIPPED
-from bot.services.actions import ActionRunner, Done, Wait, action_params
+from bot.services.actions import Done, Wait
+from bot.services.runner import ActionRunner, action_params
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import yaml
 from jinja2 import TemplateSyntaxError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from bot.core import catalog
+from bot.core import apis, catalog
 from bot.core.catalog import Param
 from bot.core.hosts import host_problem
 from bot.errors import RuleError
@@ -100,10 +100,8 @@ class ActionSpec(Protocol):
 
 
 def default_registry() -> dict[str, ActionSpec]:
-    """Return every operation of the catalog plus the services' high-level actions."""
-    from bot.services.actions import high_level_actions  # the adapters' tables, loaded late
-
-    return {**catalog.registry(), **high_level_actions()}
+    """Return every operation of the catalog plus deploybot's own actions (their specs)."""
+    return {**apis.registry(), **apis.action_specs()}
 
 
 _Loader.yaml_implicit_resolvers = {

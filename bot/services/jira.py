@@ -19,8 +19,9 @@ from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
 
+from bot.core.apis.jira import ACTION_PARAMS, OPERATIONS_BY_NAME, SERVICE
 from bot.core.backoff import RetryPolicy
-from bot.core.catalog import Operation, Param, PlannedRequest, dig, plan_request
+from bot.core.catalog import PlannedRequest, dig, plan_request
 from bot.core.verify import sign_connect
 from bot.core.webhook_plan import AuthMode, RegisteredWebhook, SyncPlan, WebhookSpec
 from bot.db.oauth_tokens import OAuthTokenStore, TokenState
@@ -30,52 +31,7 @@ from bot.services.actions import ActionResult, Done, KeyedAction, RunInfo, Wait
 from bot.services.adf import to_adf
 from bot.services.tokens import AccessToken, CachedToken, parse_token_answer
 
-SERVICE = "jira"
 DEFAULT_POLICY = RetryPolicy()
-_HOOKS = "/rest/api/3/webhook"
-
-
-def _body_param(name: str) -> tuple[Param, ...]:
-    return (Param(name, "body", required=True),)
-
-
-OPERATIONS: tuple[Operation, ...] = (
-    Operation(
-        SERVICE, "delete_webhook_by_id", "DELETE", _HOOKS, _body_param("container_for_webhook_ids")
-    ),
-    Operation(
-        SERVICE,
-        "get_dynamic_webhooks_for_app",
-        "GET",
-        _HOOKS,
-        (
-            Param("start_at", "query", wire_name="startAt"),
-            Param("max_results", "query", wire_name="maxResults"),
-        ),
-    ),
-    Operation(
-        SERVICE,
-        "get_failed_webhooks",
-        "GET",
-        _HOOKS + "/failed",
-        (Param("max_results", "query", wire_name="maxResults"), Param("after", "query")),
-    ),
-    Operation(
-        SERVICE,
-        "refresh_webhooks",
-        "PUT",
-        _HOOKS + "/refresh",
-        _body_param("container_for_webhook_ids"),
-    ),
-    Operation(
-        SERVICE,
-        "register_dynamic_webhooks",
-        "POST",
-        _HOOKS,
-        _body_param("webhook_registration_details"),
-    ),
-)
-OPERATIONS_BY_NAME: Mapping[str, Operation] = {op.name: op for op in OPERATIONS}
 
 
 # --- answers ---------------------------------------------------------------------------
@@ -860,62 +816,18 @@ def _preview_search(params: Mapping[str, Any]) -> PlannedRequest:
 # Params are named as the rule writes them; `fields` and `expand` take a list or a text.
 ACTIONS: tuple[KeyedAction, ...] = (
     KeyedAction(
-        SERVICE,
-        "add_comment",
-        (
-            Param("issue", "path", required=True),
-            Param("body", "body"),
-            Param("adf", "body"),
-            Param("visibility", "body"),
-        ),
-        add_comment,
-        _preview_comment,
+        SERVICE, "add_comment", ACTION_PARAMS["add_comment"], add_comment, _preview_comment
     ),
     KeyedAction(
         SERVICE,
         "transition_issue",
-        (
-            Param("issue", "path", required=True),
-            Param("transition", "body", required=True),
-            Param("fields", "body"),
-            Param("update", "body"),
-            Param("comment", "body"),
-        ),
+        ACTION_PARAMS["transition_issue"],
         transition_issue,
         _preview_transition,
     ),
+    KeyedAction(SERVICE, "edit_issue", ACTION_PARAMS["edit_issue"], edit_issue, _preview_edit),
+    KeyedAction(SERVICE, "get_issue", ACTION_PARAMS["get_issue"], get_issue, _preview_get),
     KeyedAction(
-        SERVICE,
-        "edit_issue",
-        (
-            Param("issue", "path", required=True),
-            Param("fields", "body"),
-            Param("update", "body"),
-            Param("notify_users", "query"),
-        ),
-        edit_issue,
-        _preview_edit,
-    ),
-    KeyedAction(
-        SERVICE,
-        "get_issue",
-        (
-            Param("issue", "path", required=True),
-            Param("fields", "body"),
-            Param("expand", "body"),
-        ),
-        get_issue,
-        _preview_get,
-    ),
-    KeyedAction(
-        SERVICE,
-        "search_issues",
-        (
-            Param("jql", "query", required=True),
-            Param("fields", "body"),
-            Param("max_results", "query"),
-        ),
-        search_issues,
-        _preview_search,
+        SERVICE, "search_issues", ACTION_PARAMS["search_issues"], search_issues, _preview_search
     ),
 )

@@ -15,15 +15,14 @@ from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
 
+from bot.core.apis.http import PARAMS, SERVICE
 from bot.core.backoff import RetryPolicy
-from bot.core.catalog import Operation, Param, PlannedRequest
+from bot.core.catalog import PlannedRequest
 from bot.core.hosts import host_problem
 from bot.errors import ActionError
 from bot.services import http
 from bot.services.actions import ActionResult, Done, HighLevelAction
 
-SERVICE = "http"
-OPERATIONS: tuple[Operation, ...] = ()
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
 MAX_TEXT_CHARS = 2000  # of a non-JSON answer kept as the step's result
 DEFAULT_POLICY = RetryPolicy()
@@ -135,13 +134,6 @@ def preview(params: Mapping[str, Any]) -> PlannedRequest:
     )
 
 
-PARAMS = (
-    Param("method", "body"),
-    Param("url", "body", required=True),
-    Param("json", "body"),
-    Param("headers", "body"),
-    Param("expect_status", "body"),
-)
 ACTIONS: tuple[HighLevelAction, ...] = (
     HighLevelAction(SERVICE, "request", PARAMS, request, preview),
 )

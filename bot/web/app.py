@@ -23,10 +23,11 @@ from bot.jira_app.scheduler import LEADER_CHECK_MAX_S, LeaderLock, Scheduler, sc
 from bot.pipeline.executor import ActionExecutor, RetryBudget
 from bot.pipeline.processor import EventProcessor
 from bot.rules.watcher import RuleWatcher
-from bot.services.actions import ActionRunner, ServiceClient
+from bot.services.actions import ServiceClient
 from bot.services.genesys import GenesysClient
 from bot.services.http import client_session
 from bot.services.outbound import OutboundClient
+from bot.services.runner import ActionRunner
 from bot.services.ubiops import UbiOpsClient
 from bot.settings import Settings
 from bot.web import admin, jira, metrics

@@ -18,7 +18,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bot.core.catalog import Operation, Param, plan_request, registry
+from bot.core.apis import registry
+from bot.core.catalog import Operation, Param, plan_request
 from bot.errors import ActionError
 from bot.rules.loader import check_rules
 from bot.services.ubiops import UbiOpsClient

@@ -17,7 +17,7 @@ from bot.db.engine import create_engine
 from bot.db.models import action_runs
 from bot.db.queries import get_event
 from bot.pipeline.executor import ActionExecutor
-from bot.services.actions import ActionRunner
+from bot.services.runner import ActionRunner
 from bot.settings import Settings
 from bot.web.keys import PROCESSOR
 from tests.conftest import ClientFactory
