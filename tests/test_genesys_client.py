@@ -295,7 +295,7 @@ async def test_every_operation_once(fake: FakeGenesys, client: GenesysClient) ->
 async def test_unknown_operation_and_parameters_are_refused(
     fake: FakeGenesys, client: GenesysClient
 ) -> None:
-    with pytest.raises(ActionError, match="no such Genesys operation"):
+    with pytest.raises(ActionError, match="unknown genesys operation get_everything"):
         await client.call("get_everything", {})
     with pytest.raises(ActionError, match="unknown parameter"):
         await client.call("get_webdeployments_deployments", {"colour": "red"})

@@ -210,7 +210,7 @@ async def test_generic_call_uses_reference_names(jira: Jira) -> None:
     await jira.client.register([GOOD], DELIVERY_URL)
     page = await jira.client.call("get_dynamic_webhooks_for_app", {"start_at": 0, "max_results": 1})
     assert page["isLast"] is True and len(page["values"]) == 1
-    with pytest.raises(ActionError, match="not an operation"):
+    with pytest.raises(ActionError, match="unknown jira operation"):
         await jira.client.call("get_webhook", {})
     with pytest.raises(ActionError, match="unknown parameter"):
         await jira.client.call("refresh_webhooks", {"webhookIds": [1]})

@@ -25,13 +25,13 @@ from bot.core.apis.genesys import (
 )
 from bot.core.backoff import RetryPolicy
 from bot.core.catalog import (
+    Operation,
     PlannedRequest,
     check_params,
-    plan_request,
 )
 from bot.errors import ActionError, ServiceDisabled, SettingsError
 from bot.services.actions import ActionResult, Done, HighLevelAction, ServiceClient
-from bot.services.http import RateLimiter, Sleep, send
+from bot.services.http import OperationClient, RateLimiter, Sleep
 from bot.services.tokens import AccessToken, CachedToken, parse_token_answer
 from bot.settings import GENESYS_REGIONS as REGIONS
 from bot.settings import genesys_login_url, genesys_region
@@ -155,8 +155,11 @@ def body_size_bytes(req: PlannedRequest) -> int:
     return 0 if req.json_body is None else len(json.dumps(req.json_body).encode())
 
 
-class GenesysClient:
+class GenesysClient(OperationClient):
     """Call Genesys Cloud operations by name with a cached token and the shared policy."""
+
+    service = SERVICE
+    operations = OPERATIONS_BY_NAME
 
     def __init__(
         self,
@@ -172,11 +175,13 @@ class GenesysClient:
         clock: Callable[[], float] = time.monotonic,
         refresh_margin_s: float = 60.0,
     ) -> None:
-        self._session = session
-        self._api_url = api_url.rstrip("/")
-        self._policy = policy
-        self._sleep = sleep
-        self._limiter = RateLimiter(per_minute, clock=clock)
+        super().__init__(
+            session,
+            api_url,
+            policy=policy,
+            limiter=RateLimiter(per_minute, clock=clock),
+            sleep=sleep,
+        )
         # Without credentials only the guest operations can be called.
         self._tokens = (
             TokenManager(
@@ -192,59 +197,35 @@ class GenesysClient:
         )
 
     def __repr__(self) -> str:
-        return f"GenesysClient(api_url={self._api_url!r}, tokens={self._tokens!r})"
+        return f"GenesysClient(api_url={self.base_url!r}, tokens={self._tokens!r})"
 
-    async def call(self, op_name: str, params: Mapping[str, Any]) -> Any:
-        """Run one operation of the table; return its JSON answer (None when empty)."""
-        op = OPERATIONS_BY_NAME.get(op_name.removeprefix(f"{SERVICE}."))
-        if op is None:
-            raise ActionError(f"{SERVICE}.{op_name}: no such Genesys operation")
-        req = plan_request(op, params)
+    def _check(self, op: Operation, req: PlannedRequest) -> None:
         if (size := body_size_bytes(req)) > MAX_BODY_BYTES:
             raise ActionError(
                 f"{op.full_name}: request body is {size} bytes; Genesys accepts at most "
                 f"{MAX_BODY_BYTES}",
                 status=413,
             )
-        if not req.authorized:
-            # a guest call: the org's token is not sent (the SDK sends none either)
-            response = await send(
-                self._session,
-                req,
-                base_url=self._api_url,
-                headers={"Accept": "application/json"},
-                limiter=self._limiter,
-                policy=self._policy,
-                sleep=self._sleep,
-            )
-            return response.json
-        tokens = self._tokens
-        if tokens is None:
+        if req.authorized and self._tokens is None:
             raise ServiceDisabled(
                 f"{op.full_name}: Genesys needs GENESYS_CLIENT_ID and GENESYS_CLIENT_SECRET"
                 " (only the guest operations are sent without them)"
             )
-        sent: list[str] = []  # the token of the latest attempt, to refresh only that one
 
-        async def headers() -> dict[str, str]:
-            sent.append(await tokens.token())
-            return {"Authorization": f"Bearer {sent[-1]}", "Accept": "application/json"}
+    async def _headers(self, req: PlannedRequest, sent: list[str]) -> Mapping[str, str]:
+        if not req.authorized or self._tokens is None:
+            # a guest call: the org's token is not sent (the SDK sends none either)
+            return {"Accept": "application/json"}
+        sent.append(await self._tokens.token())
+        return {"Authorization": f"Bearer {sent[-1]}", "Accept": "application/json"}
 
-        async def on_unauthorized() -> bool:
-            await tokens.refresh(sent[-1])
-            return True
+    def _refreshes(self, req: PlannedRequest) -> bool:
+        return req.authorized
 
-        response = await send(
-            self._session,
-            req,
-            base_url=self._api_url,
-            headers=headers,
-            limiter=self._limiter,
-            policy=self._policy,
-            sleep=self._sleep,
-            on_unauthorized=on_unauthorized,
-        )
-        return response.json
+    async def _refresh(self, sent: list[str]) -> bool:
+        assert self._tokens is not None and sent
+        await self._tokens.refresh(sent[-1])
+        return True
 
 
 # --- high-level actions ----------------------------------------------------------------

@@ -23,7 +23,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from bot.core.backoff import RetryPolicy, is_retryable, retry_delay_s, server_wait_s
-from bot.core.catalog import JSON, PlannedRequest
+from bot.core.catalog import JSON, Operation, PlannedRequest, plan_request
 from bot.errors import ActionError
 
 log = logging.getLogger(__name__)
@@ -303,3 +303,88 @@ async def send(
             policy.max_attempts,
         )
         await sleep(delay_s)
+
+
+class OperationClient:
+    """The shared shape of the service clients (UbiOps, Genesys, Jira): look an operation up
+    in the service's table, plan its request, send it with the service's authentication
+    through the one resilience policy (`send`).
+
+    A subclass names its `service` and `operations` and says how a request is
+    authenticated (`_headers`) and whether a 401 is worth a new credential (`_refresh`).
+    """
+
+    service: str
+    operations: Mapping[str, Operation]
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        *,
+        policy: RetryPolicy,
+        limiter: RateLimiter | None,
+        sleep: Sleep = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._session = session
+        self.base_url = base_url.rstrip("/")
+        self._policy = policy
+        self._limiter = limiter
+        self._sleep = sleep
+        self._rng = rng
+
+    def operation(self, op_name: str) -> Operation:
+        """The operation `op_name` (with or without the `service.` prefix) of the table."""
+        op = self.operations.get(op_name.removeprefix(f"{self.service}."))
+        if op is None:
+            raise ActionError(f"unknown {self.service} operation {op_name}")
+        return op
+
+    async def call(self, op_name: str, params: Mapping[str, Any]) -> Any:
+        """Call one operation by its reference name with its parameters; return the answer."""
+        op = self.operation(op_name)
+        req = plan_request(op, params)
+        self._check(op, req)
+        return self._answer(req, await self.send(req))
+
+    async def send(self, req: PlannedRequest) -> Response:
+        """Send one request with this client's authentication and the shared policy."""
+        sent: list[str] = []  # the credential of each attempt: a 401 refreshes the last only
+
+        async def headers() -> Mapping[str, str]:
+            return await self._headers(req, sent)
+
+        async def on_unauthorized() -> bool:
+            return await self._refresh(sent)
+
+        return await send(
+            self._session,
+            req,
+            base_url=self.base_url,
+            headers=headers,
+            limiter=self._limiter,
+            policy=self._policy,
+            sleep=self._sleep,
+            rng=self._rng,
+            on_unauthorized=on_unauthorized if self._refreshes(req) else None,
+        )
+
+    async def _headers(self, req: PlannedRequest, sent: list[str]) -> Mapping[str, str]:
+        """The request's headers, credentials included (append a token sent to `sent`)."""
+        raise NotImplementedError
+
+    def _refreshes(self, req: PlannedRequest) -> bool:
+        """Whether a 401 to `req` is answered by a new credential and one more try."""
+        return False
+
+    async def _refresh(self, sent: list[str]) -> bool:
+        """Replace the credential last sent; True to send the request again."""
+        return False
+
+    def _check(self, op: Operation, req: PlannedRequest) -> None:
+        """Refuse a request the service would refuse anyway (before sending it)."""
+
+    def _answer(self, req: PlannedRequest, response: Response) -> Any:
+        """What a call returns: the decoded answer."""
+        return response.json

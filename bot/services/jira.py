@@ -29,6 +29,7 @@ from bot.errors import ActionError
 from bot.services import http
 from bot.services.actions import ActionResult, Done, KeyedAction, RunInfo, Wait
 from bot.services.adf import to_adf
+from bot.services.http import OperationClient
 from bot.services.tokens import AccessToken, CachedToken, parse_token_answer
 
 DEFAULT_POLICY = RetryPolicy()
@@ -323,8 +324,11 @@ class SharedOAuthTokens:
 # --- client ----------------------------------------------------------------------------
 
 
-class JiraClient:
-    """Typed client of Jira's dynamic webhooks API for one tenant (Connect) or app (OAuth)."""
+class JiraClient(OperationClient):
+    """Typed client of Jira's REST API for one tenant (Connect) or app (OAuth)."""
+
+    service = SERVICE
+    operations = OPERATIONS_BY_NAME
 
     def __init__(
         self,
@@ -338,54 +342,28 @@ class JiraClient:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._session = session
-        self.base_url = base_url.rstrip("/")
+        super().__init__(session, base_url, policy=policy, limiter=limiter, sleep=sleep, rng=rng)
         self._auth = auth
-        self._policy = policy
-        self._limiter = limiter
-        self._sleep = sleep
-        self._rng = rng
         self._clock = clock
 
     @property
     def mode(self) -> AuthMode:
         return "connect" if isinstance(self._auth, ConnectAuth) else "oauth"
 
-    async def send(self, req: PlannedRequest) -> http.Response:
-        """Send one request with this client's auth and the shared resilience policy."""
-        auth = self._auth
-        sent: list[str] = []
+    async def _headers(self, req: PlannedRequest, sent: list[str]) -> Mapping[str, str]:
+        if isinstance(self._auth, ConnectAuth):
+            return self._auth.header(req, self._clock())
+        sent.append(await self._auth.token())
+        return {"Authorization": f"Bearer {sent[-1]}"}
 
-        async def headers() -> Mapping[str, str]:
-            if isinstance(auth, ConnectAuth):
-                return auth.header(req, self._clock())
-            sent.append(await auth.token())
-            return {"Authorization": f"Bearer {sent[-1]}"}
+    def _refreshes(self, req: PlannedRequest) -> bool:
+        # A Connect 401 is a wrong secret or clock: signing again would not help.
+        return not isinstance(self._auth, ConnectAuth)
 
-        async def on_unauthorized() -> bool:
-            assert not isinstance(auth, ConnectAuth)
-            await auth.refresh(sent[-1] if sent else None)
-            return True
-
-        return await http.send(
-            self._session,
-            req,
-            base_url=self.base_url,
-            headers=headers,
-            limiter=self._limiter,
-            policy=self._policy,
-            sleep=self._sleep,
-            rng=self._rng,
-            # A Connect 401 is a wrong secret or clock: signing again would not help.
-            on_unauthorized=None if isinstance(auth, ConnectAuth) else on_unauthorized,
-        )
-
-    async def call(self, op_name: str, params: Mapping[str, Any]) -> Any:
-        """Run `jira.<op_name>` with the reference's parameter names; return the JSON answer."""
-        op = OPERATIONS_BY_NAME.get(op_name)
-        if op is None:
-            raise ActionError(f"jira.{op_name} is not an operation of Jira's webhooks API")
-        return (await self.send(plan_request(op, params))).json
+    async def _refresh(self, sent: list[str]) -> bool:
+        assert not isinstance(self._auth, ConnectAuth)
+        await self._auth.refresh(sent[-1] if sent else None)
+        return True
 
     async def register(self, webhooks: list[WebhookSpec], url: str) -> list[RegistrationResult]:
         """Register webhooks for `url`; Jira answers 200 with a verdict per entry."""

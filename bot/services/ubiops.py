@@ -17,10 +17,10 @@ import aiohttp
 
 from bot.core.apis.ubiops import DEPLOY_REVISION_PARAMS, OPERATIONS_BY_NAME, SERVICE
 from bot.core.backoff import RetryPolicy
-from bot.core.catalog import plan_request
+from bot.core.catalog import PlannedRequest
 from bot.errors import ActionError
 from bot.services.actions import ActionResult, Done, HighLevelAction, ServiceClient, Wait
-from bot.services.http import RateLimiter, Sleep, send
+from bot.services.http import OperationClient, RateLimiter, Response, Sleep
 
 DEFAULT_BASE_URL = "https://api.ubiops.com/v2.1"
 DEFAULT_PER_MINUTE = 240  # stay under the account quota; 429s are handled on top
@@ -37,8 +37,11 @@ def _filename(headers: Mapping[str, str]) -> str | None:
     return match.group(1) if match else None
 
 
-class UbiOpsClient:
+class UbiOpsClient(OperationClient):
     """Typed client of the UbiOps deployments API; every call goes through `http.send`."""
+
+    service = SERVICE
+    operations = OPERATIONS_BY_NAME
 
     def __init__(
         self,
@@ -51,38 +54,28 @@ class UbiOpsClient:
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
     ) -> None:
-        self._session = session
-        self._base_url = base_url
-        self._headers = {"Authorization": authorization(token), "Accept": "application/json"}
-        self._policy = policy or RetryPolicy()
-        self._limiter = RateLimiter(per_minute)
-        self._sleep = sleep
-        self._rng = rng or random.Random()
-
-    async def call(self, op_name: str, params: Mapping[str, Any]) -> Any:
-        """Call one operation by its reference name; return the decoded answer."""
-        op = OPERATIONS_BY_NAME.get(op_name.removeprefix(f"{SERVICE}."))
-        if op is None:
-            raise ActionError(f"unknown UbiOps operation {op_name}")
-        req = plan_request(op, params)
-        resp = await send(
-            self._session,
-            req,
-            base_url=self._base_url,
-            headers=self._headers,
-            limiter=self._limiter,
-            policy=self._policy,
-            sleep=self._sleep,
-            rng=self._rng,
+        super().__init__(
+            session,
+            base_url,
+            policy=policy or RetryPolicy(),
+            limiter=RateLimiter(per_minute),
+            sleep=sleep,
+            rng=rng or random.Random(),
         )
-        if op.name == "revisions_file_download":
+        self._auth = {"Authorization": authorization(token), "Accept": "application/json"}
+
+    async def _headers(self, req: PlannedRequest, sent: list[str]) -> Mapping[str, str]:
+        return self._auth
+
+    def _answer(self, req: PlannedRequest, response: Response) -> Any:
+        if req.download_path is not None:
             # a step result is stored as JSON: describe the file, never return its bytes
             return {
-                "filename": _filename(resp.headers),
-                "size_bytes": resp.downloaded_bytes or len(resp.body),
+                "filename": _filename(response.headers),
+                "size_bytes": response.downloaded_bytes or len(response.body),
                 "path": req.download_path,
             }
-        return resp.json
+        return response.json
 
 
 # Revision build states (UbiOps): the last two are final.
