@@ -9,8 +9,9 @@ import aiohttp
 import pytest
 
 from bot.core.apis.genesys import OPERATIONS, OPERATIONS_BY_NAME
-from bot.errors import ActionError, SettingsError
-from bot.services.genesys import ClientCredentials, GenesysUrls, TokenManager, resolve_urls
+from bot.core.regions import genesys_region, genesys_urls
+from bot.errors import ActionError
+from bot.services.genesys import ClientCredentials, TokenManager
 from tests import test_genesys_client
 from tests.fakes.genesys import FakeGenesys
 
@@ -37,15 +38,21 @@ def manager(
 
 
 def test_region_urls_and_overrides() -> None:
-    assert resolve_urls("mypurecloud.ie") == GenesysUrls(
-        "https://api.mypurecloud.ie", "https://login.mypurecloud.ie"
+    assert genesys_urls("mypurecloud.ie") == (
+        "https://api.mypurecloud.ie",
+        "https://login.mypurecloud.ie",
     )
-    assert resolve_urls("EUW2.pure.cloud").login_url == "https://login.euw2.pure.cloud"
-    assert resolve_urls("mypurecloud.de", api_url="http://gw/api/").api_url == "http://gw/api"
-    with pytest.raises(SettingsError, match=r"example\.com"):
-        resolve_urls("example.com")
-    both = resolve_urls("nowhere", api_url="http://127.0.0.1:1", login_url="http://127.0.0.1:2")
-    assert both == GenesysUrls("http://127.0.0.1:1", "http://127.0.0.1:2")
+    assert genesys_urls("euw2.pure.cloud")[1] == "https://login.euw2.pure.cloud"
+    assert genesys_urls("mypurecloud.de", api_url="http://gw/api/")[0] == "http://gw/api"
+    assert genesys_urls("mypurecloud.de", api_url="https://api.gw.example/") == (
+        "https://api.gw.example",
+        "https://login.gw.example",  # as the SDK derives it
+    )
+    assert genesys_region("EUW2.pure.cloud") == "euw2.pure.cloud"
+    assert genesys_region("eu-west-2") == "euw2.pure.cloud"
+    assert genesys_region("example.com") is None
+    both = genesys_urls("nowhere", api_url="http://127.0.0.1:1", login_url="http://127.0.0.1:2")
+    assert both == ("http://127.0.0.1:1", "http://127.0.0.1:2")
 
 
 def test_operation_table_matches_the_references() -> None:

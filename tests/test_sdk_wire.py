@@ -49,6 +49,7 @@ from aiohttp.test_utils import TestServer
 from bot.core.apis import genesys, registry
 from bot.core.backoff import RetryPolicy
 from bot.core.catalog import BODY_METHODS, PlannedRequest
+from bot.core.regions import GENESYS_REGION_NAMES
 from bot.errors import ActionError
 from bot.rules.loader import check_rules, load_rules
 from bot.rules.templates import build_context, render_params
@@ -56,7 +57,7 @@ from bot.services.actions import ServiceClient
 from bot.services.http import send
 from bot.services.jira import JiraClient, OAuthTokens
 from bot.services.runner import ActionRunner
-from bot.settings import GENESYS_REGION_NAMES, Settings, from_env
+from bot.settings import Settings, from_env
 from bot.web.app import service_clients
 
 ServerFactory = Callable[..., Awaitable[TestServer]]

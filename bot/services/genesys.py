@@ -29,42 +29,12 @@ from bot.core.catalog import (
     PlannedRequest,
     check_params,
 )
-from bot.errors import ActionError, ServiceDisabled, SettingsError
+from bot.errors import ActionError, ServiceDisabled
 from bot.services.actions import ActionResult, Done, HighLevelAction, ServiceClient
 from bot.services.http import OperationClient, RateLimiter, Sleep
 from bot.services.tokens import AccessToken, CachedToken, parse_token_answer
-from bot.settings import GENESYS_REGIONS as REGIONS
-from bot.settings import genesys_login_url, genesys_region
 
 MAX_BODY_BYTES = 512_000  # Genesys refuses larger request bodies with 413
-DEFAULT_REGION = "mypurecloud.com"
-
-
-@dataclass(frozen=True, slots=True)
-class GenesysUrls:
-    """Where the platform API and the login service of one Genesys org are."""
-
-    api_url: str
-    login_url: str
-
-
-def resolve_urls(
-    region: str = DEFAULT_REGION, *, api_url: str | None = None, login_url: str | None = None
-) -> GenesysUrls:
-    """Return the API and login base URLs of a region (a domain or an SDK region name);
-    explicit URLs win (gateways, tests), and the login URL follows an explicit API URL
-    as the SDK derives it (`api.` -> `login.`)."""
-    if api_url and login_url:
-        return GenesysUrls(api_url.rstrip("/"), login_url.rstrip("/"))
-    name = genesys_region(region)
-    if name is None:
-        known = ", ".join(sorted(REGIONS))
-        raise SettingsError(f"GENESYS_REGION {region!r} is not a Genesys Cloud region ({known})")
-    api = (api_url or f"https://api.{name}").rstrip("/")
-    login = login_url or genesys_login_url(api) or f"https://login.{name}"
-    return GenesysUrls(api, login.rstrip("/"))
-
-
 # --- operation table -------------------------------------------------------------------
 
 
