@@ -16,7 +16,7 @@ from bot.db.engine import create_engine, upgrade
 from bot.db.models import oauth_tokens
 from bot.db.oauth_tokens import OAuthTokenStore
 from bot.errors import ActionError
-from bot.jira_app.jobs import JiraAccess, JiraActionClients
+from bot.jira_app.access import JiraAccess, JiraActionClients
 from bot.rules.dryrun import dry_run
 from bot.rules.loader import load_rules
 from bot.services.actions import Done, Wait

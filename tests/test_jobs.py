@@ -28,13 +28,8 @@ from bot.db.registrations import (
 from bot.db.store import EventStore
 from bot.db.tenants import Tenants
 from bot.errors import ServiceDisabled
-from bot.jira_app.jobs import (
-    JiraAccess,
-    JiraActionClients,
-    WebhookMaintenance,
-    poll_all_failed,
-    prune,
-)
+from bot.jira_app.access import JiraAccess, JiraActionClients
+from bot.jira_app.jobs import WebhookMaintenance, poll_all_failed, prune
 from bot.pipeline.executor import ActionExecutor
 from bot.pipeline.processor import EventProcessor
 from bot.rules.loader import load_rules

@@ -19,7 +19,7 @@ from bot.cli.main import main
 from bot.core.delivery import parse_delivery
 from bot.core.outcomes import RunState, event_outcome
 from bot.db.models import events
-from bot.jira_app.jobs import JiraActionClients
+from bot.jira_app.access import JiraActionClients
 from bot.pipeline.executor import ActionExecutor
 from bot.pipeline.processor import EventProcessor
 from bot.rules.loader import load_rules

@@ -286,13 +286,13 @@ def _rules_test(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _webhooks_sync(settings: Settings, _args: argparse.Namespace) -> int:
-    from bot.jira_app.jobs import cmd_sync
+    from bot.cli.webhooks import cmd_sync
 
     return cmd_sync(settings)
 
 
 def _webhooks_list(settings: Settings, args: argparse.Namespace) -> int:
-    from bot.jira_app.jobs import cmd_list
+    from bot.cli.webhooks import cmd_list
 
     return cmd_list(settings, args.json)
 

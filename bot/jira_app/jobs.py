@@ -1,56 +1,38 @@
 """The scheduler's jobs: plain async functions with explicit dependencies and a given `now`.
 
 What is due is decided in `bot.core.due` (pure); these functions only read, call Jira, store.
-`bot.jira_app.scheduler` runs them; `deploybot webhooks sync|list` calls them directly.
+`bot.jira_app.scheduler` runs them; `deploybot webhooks sync|list` (bot.cli.webhooks) calls
+them directly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sys
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
-import aiohttp
-import orjson
 from sqlalchemy import delete, exists
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot.core.backoff import RetryPolicy
 from bot.core.delivery import parse_delivery
 from bot.core.due import failed_after_ms, prune_before, refresh_due
 from bot.core.webhook_plan import Need, RegisteredWebhook, plan_sync
-from bot.db.engine import create_engine, upgrade
 from bot.db.models import action_runs, events
-from bot.db.oauth_tokens import OAuthTokenStore
 from bot.db.registrations import (
-    OAUTH_REFRESH_TOKEN_KEY,
     Registrations,
     failed_cursor_key,
     kv_get,
     kv_set,
 )
 from bot.db.store import EventStore
-from bot.db.tenants import Tenant, Tenants
-from bot.errors import ActionError, PayloadError, RuleError
-from bot.rules.loader import load_rules
+from bot.errors import ActionError, PayloadError
+from bot.jira_app.access import JiraAccess, Target
 from bot.rules.model import RuleSet
-from bot.services import http
-from bot.services.jira import (
-    DEFAULT_POLICY,
-    ConnectAuth,
-    JiraClient,
-    SharedOAuthTokens,
-    token_seed,
-)
-from bot.settings import Settings
 
 log = logging.getLogger(__name__)
 
-DELIVERY_PATH = "/webhooks/jira"
 # Action runs that are finished for good; `dead` ones stay until someone replays them.
 PRUNABLE_RUN_STATUSES = ("succeeded", "skipped")
 _REPLAY_HEADERS = {"Content-Type": "application/json"}
@@ -73,117 +55,6 @@ def needs_from_rules(ruleset: RuleSet) -> tuple[list[Need], list[str]]:
             Need(rule.name, rule.events, rule.jql, rule.fields or None, rule.property_keys or None)
         )
     return needs, problems
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """One Jira deploybot registers webhooks with: a Connect tenant, or the OAuth app ("")."""
-
-    tenant: str
-    client: JiraClient
-
-
-@dataclass(frozen=True, slots=True)
-class JiraAccess:
-    """How to reach Jira: settings, database, HTTP session, and the clock tokens use."""
-
-    settings: Settings
-    engine: AsyncEngine
-    session: aiohttp.ClientSession
-    clock: Callable[[], float] = time.time
-    policy: RetryPolicy = DEFAULT_POLICY
-
-    @property
-    def delivery_url(self) -> str | None:
-        """Return the URL Jira delivers to (None without DEPLOYBOT_PUBLIC_URL)."""
-        public_url = self.settings.public_url
-        return None if not public_url else public_url.rstrip("/") + DELIVERY_PATH
-
-    def _client(self, base_url: str, auth: ConnectAuth | SharedOAuthTokens) -> JiraClient:
-        return JiraClient(self.session, base_url, auth, policy=self.policy, clock=self.clock)
-
-    def connect_client(self, tenant: Tenant) -> JiraClient:
-        """The client of one Connect tenant: requests signed with its shared secret."""
-        auth = ConnectAuth(self.settings.jira_app_key, tenant.shared_secret)
-        return self._client(tenant.base_url, auth)
-
-    async def targets(self) -> list[Target]:
-        """Return every Jira to manage: enabled Connect tenants, or the configured OAuth app."""
-        s = self.settings
-        if s.jira_auth_mode == "connect":
-            return [
-                Target(t.client_key, self.connect_client(t))
-                for t in await Tenants(self.engine).all_enabled()
-            ]
-        client = await self.oauth_client()
-        return [] if client is None else [Target("", client)]
-
-    async def oauth_client(self) -> JiraClient | None:
-        """The OAuth app's client, its access token shared through the database (None when
-        the OAuth settings are incomplete)."""
-        s = self.settings
-        if not (s.jira_base_url and s.jira_client_id and s.jira_client_secret):
-            return None
-        configured = s.jira_refresh_token
-        initial = await self.refresh_token()
-        if not configured and initial is None:
-            return None
-        tokens = SharedOAuthTokens(
-            self.session,
-            OAuthTokenStore(self.engine, s.jira_client_secret),
-            s.jira_token_url,
-            s.jira_client_id,
-            s.jira_client_secret,
-            configured or "",
-            initial_refresh_token=initial,
-            policy=self.policy,
-            clock=self.clock,
-        )
-        return self._client(s.jira_base_url, tokens)
-
-    async def refresh_token(self) -> str | None:
-        """Return the newest OAuth refresh token: the stored rotated one, else the setting."""
-        configured = self.settings.jira_refresh_token
-        seed = token_seed(configured or "")
-        state = await OAuthTokenStore(self.engine, self.settings.jira_client_secret or "").current()
-        if state is not None and state.seed == seed:
-            return state.refresh_token
-        # Where versions before the shared token kept it.
-        stored = await kv_get(self.engine, OAUTH_REFRESH_TOKEN_KEY)
-        if stored is not None:
-            stored_seed, _, token = stored.partition(":")
-            if token and stored_seed == seed:
-                return token
-        return configured
-
-
-class JiraActionClients:
-    """The clients `jira.*` actions use: the Jira of the event's tenant.
-
-    Connect mode: each installed, enabled tenant is its own site, reached with requests
-    signed by its shared secret. OAuth mode: the app's one site (tenant ""), its access
-    token shared with every worker, replica and the scheduler through the database.
-    """
-
-    def __init__(self, access: JiraAccess) -> None:
-        self._access = access
-        self._tenants = Tenants(access.engine)  # its lookups are cached
-        self._oauth: JiraClient | None = None
-
-    async def client(self, tenant: str) -> JiraClient | None:
-        mode = self._access.settings.jira_auth_mode
-        if mode == "oauth":
-            if tenant != "":
-                return None
-            if self._oauth is None:
-                self._oauth = await self._access.oauth_client()
-            return self._oauth
-        if mode != "connect":
-            return None
-        found = await self._tenants.get(tenant)
-        if found is None or not found.enabled:
-            return None
-        return self._access.connect_client(found)
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,90 +232,3 @@ async def prune(engine: AsyncEngine, now: datetime, retention: timedelta) -> tup
 
 
 # --- commands ----------------------------------------------------------------------------
-
-
-async def _with_access(settings: Settings, work: Callable[[JiraAccess], Awaitable[int]]) -> int:
-    engine = create_engine(settings.database_url)
-    try:
-        await upgrade(engine)
-        async with http.client_session(proxy=settings.proxy) as session:
-            return await work(JiraAccess(settings, engine, session))
-    finally:
-        await engine.dispose()
-
-
-async def run_sync_command(access: JiraAccess, ruleset: RuleSet, now: datetime) -> int:
-    """Sync every target with the rules, print what changed; 1 when anything was refused."""
-    url = access.delivery_url
-    if url is None:
-        print("deploybot: webhooks sync needs DEPLOYBOT_PUBLIC_URL", file=sys.stderr)
-        return 2
-    targets = await access.targets()
-    if not targets:
-        print(
-            "deploybot: no Jira to sync with (no Connect tenant installed, or the Jira"
-            " OAuth settings are incomplete)",
-            file=sys.stderr,
-        )
-        return 2
-    needs, problems = needs_from_rules(ruleset)
-    failed = bool(problems)
-    for problem in problems:
-        print(f"error: {problem}")
-    for target in targets:
-        name = target.tenant or "oauth app"
-        try:
-            r = await sync_webhooks(target, needs, Registrations(access.engine), url, now)
-        except ActionError as exc:
-            print(f"{name}: error: {exc}")
-            failed = True
-            continue
-        print(
-            f"{name}: registered {list(r.registered)}, deleted {list(r.deleted)},"
-            f" kept {list(r.kept)}, refreshed {list(r.refreshed)}"
-        )
-        for error in r.errors:
-            print(f"{name}: error: {error}")
-        failed = failed or bool(r.errors)
-    return 1 if failed else 0
-
-
-def cmd_sync(settings: Settings) -> int:
-    """`deploybot webhooks sync`: register what the rules need, delete what they do not."""
-    try:
-        ruleset = load_rules(settings.rules_dir, epic_label_field=settings.jira_epic_label_field)
-    except RuleError as exc:
-        for error in exc.errors:
-            print(f"error: {error}", file=sys.stderr)
-        print("deploybot: rules have errors; webhooks not synced", file=sys.stderr)
-        return 1
-    now = datetime.now(UTC)
-    return asyncio.run(_with_access(settings, lambda a: run_sync_command(a, ruleset, now)))
-
-
-def cmd_list(settings: Settings, as_json: bool) -> int:
-    """`deploybot webhooks list`: the stored registrations with JQL, events and expiry."""
-
-    async def work(engine: AsyncEngine) -> int:
-        try:
-            await upgrade(engine)
-            rows = await Registrations(engine).list()
-        finally:
-            await engine.dispose()
-        for row in rows:
-            if as_json:
-                sys.stdout.write(orjson.dumps(row.to_json()).decode() + "\n")
-                continue
-            expires = row.expires_at.isoformat(timespec="seconds") if row.expires_at else "-"
-            fields = f"  fields {','.join(row.spec.fields)}" if row.spec.fields else ""
-            if row.spec.property_keys:
-                fields += f"  property keys {','.join(row.spec.property_keys)}"
-            print(
-                f"{row.tenant or '-':<24} {row.webhook_id:>10}  expires {expires}"
-                f"  events {','.join(row.spec.events)}  jql {row.spec.jql}{fields}"
-            )
-        if not as_json:
-            print(f"{len(rows)} webhook(s)", file=sys.stderr)
-        return 0
-
-    return asyncio.run(work(create_engine(settings.database_url)))

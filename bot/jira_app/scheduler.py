@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bot.db.store import EventStore
 from bot.jira_app import jobs
+from bot.jira_app.access import JiraAccess
 from bot.rules.model import RuleSet
 from bot.settings import Settings
 
@@ -190,7 +191,7 @@ def scheduled_jobs(
     clock: Callable[[], float],
 ) -> list[Job]:
     """Build the scheduled jobs from the service's resources."""
-    access = jobs.JiraAccess(settings, engine, http, clock=clock)
+    access = JiraAccess(settings, engine, http, clock=clock)
     tick_s = settings.scheduler_interval_s
     retention = timedelta(days=settings.retention_days)
     maintenance = jobs.WebhookMaintenance(

@@ -18,7 +18,7 @@ from bot.db.engine import create_engine, upgrade
 from bot.db.store import EventStore, database_error
 from bot.db.tenants import Tenants
 from bot.db.writers import writer_for
-from bot.jira_app.jobs import DELIVERY_PATH, JiraAccess, JiraActionClients
+from bot.jira_app.access import DELIVERY_PATH, JiraAccess, JiraActionClients
 from bot.jira_app.scheduler import LEADER_CHECK_MAX_S, LeaderLock, Scheduler, scheduled_jobs
 from bot.pipeline.executor import ActionExecutor, RetryBudget
 from bot.pipeline.processor import EventProcessor
