@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from bot.pipeline.processor import wait_until_set
+from bot.pipeline.wakeup import wait_until_set
 
 
 async def test_returns_when_set_or_after_the_timeout() -> None:

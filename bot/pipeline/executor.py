@@ -30,6 +30,7 @@ from sqlalchemy.sql.elements import BindParameter
 from bot import logs
 from bot.core.due import next_attempt_at, next_check
 from bot.core.masking import mask_result, needs_rule_params
+from bot.db.claims import claim_statement
 from bot.db.clean import clean_text, clean_value
 from bot.db.engine import never_succeeds, save_until_done
 from bot.db.group_commit import GroupCommit
@@ -38,7 +39,7 @@ from bot.db.outcomes import update_outcomes
 from bot.db.store import database_error
 from bot.db.writers import writer_for
 from bot.errors import ActionError, ServiceDisabled, TemplateRenderError
-from bot.pipeline.processor import claim_statement, wait_until_set
+from bot.pipeline.wakeup import wait_until_set
 from bot.rules import workflow
 from bot.rules.model import RuleSet, Step
 from bot.rules.templates import build_context, render_params

@@ -10,23 +10,23 @@ event never yields a second set of action runs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, bindparam, case, delete, insert, or_, select, union_all, update
+from sqlalchemy import and_, bindparam, case, delete, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot import logs
 from bot.core.masking import mask_params
+from bot.db.claims import claim_statement
 from bot.db.clean import clean_text, clean_value
 from bot.db.engine import never_succeeds, save_until_done
 from bot.db.models import UTCDateTime, action_runs, events, rule_matches, upsert, utcnow
@@ -34,6 +34,7 @@ from bot.db.registrations import WebhookFilters
 from bot.db.store import database_error
 from bot.db.writers import writer_for
 from bot.errors import TemplateRenderError
+from bot.pipeline.wakeup import wait_until_set
 from bot.rules.engine import change_ref, evaluate, matched_webhook_ids
 from bot.rules.model import Evaluation, RuleSet
 from bot.rules.workflow import concurrency_key
@@ -110,67 +111,6 @@ class Claimed:
     body: bytes
     attempts: int
     tenant: str = ""
-
-
-async def wait_until_set(event: asyncio.Event, timeout_s: float) -> None:
-    """Wait until `event` is set or `timeout_s` passes, whichever is first.
-
-    Not `asyncio.wait_for(event.wait(), ...)`: on Python 3.11 that swallows a
-    cancellation arriving just as the event is set (it returns the result instead), and
-    a worker loop built on it then never stops. `asyncio.timeout` counts cancellations.
-    """
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(timeout_s):
-            await event.wait()
-
-
-def claim_statement(
-    table: Any,
-    dialect_name: str,
-    ready: Sequence[Any],
-    *,
-    owner: str,
-    lease_until: Any,
-    limit: int,
-    values: dict[str, Any],
-    returning: tuple[Any, ...],
-) -> Any:
-    """UPDATE ... WHERE id IN (SELECT ... LIMIT n [FOR UPDATE SKIP LOCKED]) RETURNING ...
-
-    One statement, so that on SQLite it takes the write lock at once (no read-then-write
-    upgrade that could deadlock), and on PostgreSQL replicas skip each other's rows.
-    `ready` lists conditions a row may meet, each on one status, so that on SQLite
-    each is its own walk of the (status, id) index, oldest first, stopping after `limit`
-    rows (as one OR, SQLite reads and sorts every matching row: the whole backlog, on
-    every claim). `lease_until` (and times in `ready`) may be values or bind parameters.
-    """
-    candidates: Any
-    if dialect_name == "postgresql":
-        candidates = (
-            select(table.c.id)
-            .where(or_(*ready))
-            .order_by(table.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-    else:
-        branches = [
-            select(table.c.id).where(cond).order_by(table.c.id).limit(limit).subquery()
-            for cond in ready
-        ]
-        each = union_all(*(select(b.c.id) for b in branches)).subquery()
-        candidates = select(each.c.id).order_by(each.c.id).limit(limit)
-    return (
-        update(table)
-        .where(table.c.id.in_(candidates.scalar_subquery()))
-        .values(
-            lease_owner=owner,
-            lease_until=lease_until,
-            attempts=table.c.attempts + 1,
-            **values,
-        )
-        .returning(*returning)
-    )
 
 
 class EventProcessor:

@@ -1,0 +1,57 @@
+"""Leasing rows to a worker: the claim statement the processor and the executor share."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import or_, select, union_all, update
+
+
+def claim_statement(
+    table: Any,
+    dialect_name: str,
+    ready: Sequence[Any],
+    *,
+    owner: str,
+    lease_until: Any,
+    limit: int,
+    values: dict[str, Any],
+    returning: tuple[Any, ...],
+) -> Any:
+    """UPDATE ... WHERE id IN (SELECT ... LIMIT n [FOR UPDATE SKIP LOCKED]) RETURNING ...
+
+    One statement, so that on SQLite it takes the write lock at once (no read-then-write
+    upgrade that could deadlock), and on PostgreSQL replicas skip each other's rows.
+    `ready` lists conditions a row may meet, each on one status, so that on SQLite
+    each is its own walk of the (status, id) index, oldest first, stopping after `limit`
+    rows (as one OR, SQLite reads and sorts every matching row: the whole backlog, on
+    every claim). `lease_until` (and times in `ready`) may be values or bind parameters.
+    """
+    candidates: Any
+    if dialect_name == "postgresql":
+        candidates = (
+            select(table.c.id)
+            .where(or_(*ready))
+            .order_by(table.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    else:
+        branches = [
+            select(table.c.id).where(cond).order_by(table.c.id).limit(limit).subquery()
+            for cond in ready
+        ]
+        each = union_all(*(select(b.c.id) for b in branches)).subquery()
+        candidates = select(each.c.id).order_by(each.c.id).limit(limit)
+    return (
+        update(table)
+        .where(table.c.id.in_(candidates.scalar_subquery()))
+        .values(
+            lease_owner=owner,
+            lease_until=lease_until,
+            attempts=table.c.attempts + 1,
+            **values,
+        )
+        .returning(*returning)
+    )
