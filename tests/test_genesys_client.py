@@ -132,7 +132,7 @@ async def test_every_operation_once(fake: FakeGenesys, client: GenesysClient) ->
         "PUT",
         f"{cfg}/versions/draft",
     )
-    assert fake.api_requests[-1].json() == edited
+    assert fake.api_requests[-1].json == edited
     got = await call(
         "get_webdeployments_configuration_versions_draft",
         {"configuration_id": cid},
@@ -475,7 +475,7 @@ async def test_publish_configuration_end_to_end(fake: FakeGenesys, client: Genes
     assert fake.deployments[did]["configuration"]["version"] == "2"
     assert result["deployment"]["configuration"] == fake.deployments[did]["configuration"]
     put = [r for r in fake.api_requests if r.method == "PUT" and r.path.endswith(did)]
-    assert put[0].json()["configuration"] == {"id": cid, "version": "2"}
+    assert put[0].json["configuration"] == {"id": cid, "version": "2"}
 
     # Run again (a retry after a crash): nothing new is published or changed.
     fake.requests.clear()

@@ -8,7 +8,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestServer, make_mocked_request
 
 from tests.fakes.genesys import MAX_BODY_BYTES, WD, FakeGenesys
 
@@ -115,13 +115,13 @@ async def test_injected_429_carries_retry_after_and_ratelimit_headers(
 
 
 async def test_seeded_fraction_is_reproducible(fake: FakeGenesys) -> None:
-    paths = [f"/api/v2/x/{i}" for i in range(200)]
+    requests = [make_mocked_request("GET", f"/api/v2/x/{i}") for i in range(200)]
     first = fake.inject("503", count=None, fraction=0.3, seed=42)
-    hits = [first.fires(p) for p in paths]
+    hits = [first.fires(r) is not None for r in requests]
     again = FakeGenesys().inject("503", count=None, fraction=0.3, seed=42)
-    assert [again.fires(p) for p in paths] == hits
+    assert [again.fires(r) is not None for r in requests] == hits
     assert 30 < sum(hits) < 90
-    assert not first.fires("/oauth/token")  # outside its path prefix
+    assert first.fires(make_mocked_request("POST", "/oauth/token")) is None  # not its prefix
 
 
 async def test_dropped_connection(

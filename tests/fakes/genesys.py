@@ -11,7 +11,6 @@ import asyncio
 import base64
 import binascii
 import json
-import random
 import secrets
 import time
 import uuid
@@ -22,6 +21,9 @@ from typing import Any, Literal
 
 from aiohttp import web
 
+from tests.fakes import base
+from tests.fakes.base import RecordedRequest
+
 MAX_BODY_BYTES = 512_000
 WD = "/api/v2/webdeployments"
 WIDGETS = "/api/v2/widgets/deployments"
@@ -30,53 +32,6 @@ WIDGET_CLIENT_TYPES = frozenset({"v1", "v2", "v1-http", "third-party"})
 
 FaultKind = Literal["429", "500", "503", "slow", "drop"]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass(frozen=True, slots=True)
-class RecordedRequest:
-    """One request as the fake received it."""
-
-    method: str
-    path: str
-    query: tuple[tuple[str, str], ...]
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        """Return the body parsed as JSON."""
-        return json.loads(self.body)
-
-
-@dataclass(slots=True)
-class Fault:
-    """A failure injected on matching requests, `count` times or for a seeded `fraction`.
-
-    A "slow" fault with `after=True` lets the request be processed first and holds only
-    the answer `delay_s`: the client gives up on a create that did happen.
-    """
-
-    kind: FaultKind
-    count: int | None
-    fraction: float
-    rng: random.Random
-    path_prefix: str
-    retry_after_s: int
-    delay_s: float
-    fired: int = 0
-    after: bool = False
-    echo_authorization: bool = False  # quote the request's Authorization in the error body
-
-    def fires(self, path: str) -> bool:
-        """Say whether this fault hits a request to `path` (and count it if so)."""
-        if not path.startswith(self.path_prefix):
-            return False
-        if self.count is not None:
-            if self.fired >= self.count:
-                return False
-        elif self.rng.random() >= self.fraction:
-            return False
-        self.fired += 1
-        return True
 
 
 class GenesysHTTPError(Exception):
@@ -151,8 +106,9 @@ class FakeGenesys:
         self.client_secret = client_secret
         self.token_expires_in_s = token_expires_in_s
         self._clock = clock
-        self.requests: list[RecordedRequest] = []
-        self.faults: list[Fault] = []
+        self._recorder = base.Recorder()
+        self.requests = self._recorder.requests
+        self.faults = base.FaultPlan()
         self.tokens: dict[str, float] = {}  # bearer token -> expiry (clock seconds)
         self.configurations: dict[str, _Configuration] = {}
         self.deployments: dict[str, dict[str, Any]] = {}
@@ -197,15 +153,29 @@ class FakeGenesys:
         delay_s: float = 0.5,
         after: bool = False,
         echo_authorization: bool = False,
-    ) -> Fault:
+    ) -> base.Injection:
         """Fail the next `count` matching requests (or, with count=None, a seeded fraction)."""
-        fault = Fault(
-            kind, count, fraction, random.Random(seed), path_prefix, retry_after_s, delay_s
+        headers = {}
+        if kind == "429":  # as Genesys sends it: the wait in seconds, and its own headers
+            reset_s = str(retry_after_s)
+            headers = {
+                "Retry-After": reset_s,
+                "inin-ratelimit-count": "300",
+                "inin-ratelimit-allowed": "300",
+                "inin-ratelimit-reset": reset_s,
+            }
+        fault = base.Fault(
+            kind=kind if kind in ("slow", "drop") else "status",
+            status=int(kind) if kind.isdigit() else 500,
+            headers=headers,
+            delay_s=delay_s,
+            after=after,
+            path_prefix=path_prefix,
+            echo_authorization=echo_authorization,
         )
-        fault.after = after
-        fault.echo_authorization = echo_authorization
-        self.faults.append(fault)
-        return fault
+        if count is None:
+            return self.faults.fail_fraction(fraction, fault, seed=seed)
+        return self.faults.fail_next(count, fault)
 
     def add_cobrowse_session(self, deployment_id: str) -> dict[str, Any]:
         """Start a cobrowse session on a deployment (a visitor would, not the API)."""
@@ -224,29 +194,15 @@ class FakeGenesys:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        body = await request.read()
-        self.requests.append(
-            RecordedRequest(
-                request.method,
-                request.path,
-                tuple(request.query.items()),
-                dict(request.headers),
-                body,
-            )
-        )
-        late_s = 0.0
-        for fault in self.faults:
-            if fault.fires(request.path):
-                if fault.kind == "slow" and fault.after:
-                    late_s = fault.delay_s
-                    break
-                answer = await self._apply(fault, request)
-                if answer is not None:
-                    return answer
-                break
+        body = (await self._recorder.record(request, request.path)).body
+        fault = self.faults.next(request)
+        if fault is not None and not (fault.kind == "slow" and fault.after):
+            answer = await self._apply(fault, request)
+            if answer is not None:
+                return answer
         response = await self._respond(request, handler, body)
-        if late_s:
-            await asyncio.sleep(late_s)  # done, but the client has given up by now
+        if fault is not None and fault.kind == "slow" and fault.after:
+            await asyncio.sleep(fault.delay_s)  # done, but the client has given up by now
         return response
 
     async def _respond(
@@ -269,7 +225,7 @@ class FakeGenesys:
         except web.HTTPMethodNotAllowed:
             return error_response(405, "method.not.allowed", f"{request.method} not allowed")
 
-    async def _apply(self, fault: Fault, request: web.Request) -> web.StreamResponse | None:
+    async def _apply(self, fault: base.Fault, request: web.Request) -> web.StreamResponse | None:
         if fault.kind == "slow":
             await asyncio.sleep(fault.delay_s)
             return None
@@ -277,22 +233,15 @@ class FakeGenesys:
             assert request.transport is not None
             request.transport.abort()  # the client sees the connection reset, no answer
             raise asyncio.CancelledError
-        if fault.kind == "429":
-            reset_s = str(fault.retry_after_s)
-            headers = {
-                "Retry-After": reset_s,
-                "inin-ratelimit-count": "300",
-                "inin-ratelimit-allowed": "300",
-                "inin-ratelimit-reset": reset_s,
-            }
+        if fault.status == 429:
+            reset_s = fault.headers["Retry-After"]
             message = f"Rate limit exceeded the maximum. Retry the request in [{reset_s}] seconds"
-            return error_response(429, "too.many.requests", message, headers)
-        status = int(fault.kind)
-        code = "internal.server.error" if status == 500 else "service.unavailable"
-        message = f"Injected {status}"
+            return error_response(429, "too.many.requests", message, fault.headers)
+        code = "internal.server.error" if fault.status == 500 else "service.unavailable"
+        message = f"Injected {fault.status}"
         if fault.echo_authorization:
             message += f" (Authorization: {request.headers.get('Authorization')})"
-        return error_response(status, code, message)
+        return error_response(fault.status, code, message)
 
     def _authorized(self, request: web.Request) -> bool:
         route = request.match_info.route

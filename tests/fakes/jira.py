@@ -27,6 +27,8 @@ import jwt
 from aiohttp import web
 from atlassian_jwt.url_utils import hash_url
 
+from tests.fakes.base import RecordedRequest
+
 Mode = Literal["connect", "oauth"]
 
 REST = "/rest/api/3/webhook"
@@ -175,19 +177,6 @@ DEFAULT_WORKFLOW: dict[str, list[tuple[str, str, str]]] = {
 }
 
 
-@dataclass
-class Recorded:
-    """One request the fake received."""
-
-    method: str
-    path: str  # relative to the fake's REST base (what qsh covers)
-    query: list[tuple[str, str]]
-    headers: dict[str, str]
-    body: bytes
-    status: int = 0
-    auth_error: str | None = None
-
-
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
 
@@ -220,7 +209,7 @@ class FakeJira:
     page_size_cap: int = 100
     webhooks: dict[int, FakeWebhook] = field(default_factory=dict)
     failures: list[FakeFailure] = field(default_factory=list)
-    requests: list[Recorded] = field(default_factory=list)
+    requests: list[RecordedRequest] = field(default_factory=list)
     access_tokens: dict[str, float] = field(default_factory=dict)  # token -> expiry
     token_grants: int = 0
     refused_grants: int = 0  # grants with a spent (or unknown) refresh token: invalid_grant
@@ -318,7 +307,7 @@ class FakeJira:
         self.issues[key] = issue
         return issue
 
-    def issue_requests(self) -> list[Recorded]:
+    def issue_requests(self) -> list[RecordedRequest]:
         """Return the recorded issue and search calls."""
         return [
             r
@@ -326,7 +315,7 @@ class FakeJira:
             if r.path.startswith(("/rest/api/3/issue", "/rest/api/3/search"))
         ]
 
-    def api_requests(self) -> list[Recorded]:
+    def api_requests(self) -> list[RecordedRequest]:
         """Return the recorded REST calls (not the token endpoint)."""
         return [r for r in self.requests if r.path.startswith(REST)]
 
@@ -364,12 +353,13 @@ class FakeJira:
     async def _record_and_auth(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        record = Recorded(
-            method=request.method,
-            path=self._relative(request.path) if request.path != TOKEN_PATH else TOKEN_PATH,
-            query=list(request.query.items()),
-            headers=dict(request.headers),
-            body=await request.read(),
+        path = self._relative(request.path) if request.path != TOKEN_PATH else TOKEN_PATH
+        record = RecordedRequest(
+            request.method,
+            path,
+            tuple(request.query.items()),
+            dict(request.headers),
+            await request.read(),
         )
         self.requests.append(record)
         if request.path != TOKEN_PATH:

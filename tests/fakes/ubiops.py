@@ -20,17 +20,18 @@ import email.parser
 import email.policy
 import json
 import math
-import random
 import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+
+from tests.fakes import base
 
 PREFIX = "/v2.1"
 USER = "deploybot@example.com"
@@ -71,55 +72,13 @@ class ApiError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True)
-class Fault:
-    """A failure to inject: an error status, a slow answer, or a dropped connection.
-
-    With `after=True` the request is processed first (state changes) and only the
-    answer is lost (a slow fault: held `delay_s` before it is sent), the case that
-    makes a retried create meet its own first attempt.
-    `method` / `path_contains` restrict which requests the fault applies to.
-    """
-
-    kind: str = "status"  # "status" | "slow" | "drop"
-    status: int = 500
-    headers: dict[str, str] = field(default_factory=dict)
-    delay_s: float = 0.0
-    after: bool = False
-    method: str | None = None
-    path_contains: str | None = None
-    # A careless service quoting the request's Authorization header in its error body.
-    echo_authorization: bool = False
-
-    def applies_to(self, request: web.Request) -> bool:
-        return (self.method is None or request.method == self.method) and (
-            self.path_contains is None or self.path_contains in request.path
-        )
-
-    @property
-    def label(self) -> str:
-        """Name the fault's kind for counting: "slow", "drop" or the status."""
-        return str(self.status) if self.kind == "status" else self.kind
+class Fault(base.Fault):
+    """A fault as UbiOps answers it (its error body: `{"error": ...}`)."""
 
     @staticmethod
     def rate_limited(reset_s: int) -> Fault:
         """A 429 as UbiOps sends it: the wait is in `x-ratelimit-reset` (seconds)."""
         return Fault(status=429, headers={"x-ratelimit-reset": str(reset_s)})
-
-
-@dataclass(frozen=True)
-class RecordedRequest:
-    """One request as the fake received it."""
-
-    method: str
-    path: str  # without the /v2.1 prefix
-    query: tuple[tuple[str, str], ...]
-    headers: dict[str, str]
-    body: bytes
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.body) if self.body else None
 
 
 @dataclass
@@ -185,15 +144,19 @@ class FakeUbiOps:
         self.projects: dict[str, dict[str, _Deployment]] = {p: {} for p in projects}
         self.project_variables: dict[str, dict[str, dict[str, Any]]] = {p: {} for p in projects}
         self.build_steps = build_steps
-        self.requests: list[RecordedRequest] = []
+        self._recorder = base.Recorder()
+        self.requests = self._recorder.requests
+        self.calls = self._recorder.calls
         self.rate_limit_per_minute = rate_limit_per_minute
         self._clock = clock
         self._window_start = clock()
         self._window_count = 0
-        self._faults: list[Fault] = []
-        self._fraction: tuple[float, Fault, random.Random] | None = None
-        self._mix: tuple[float, tuple[Fault, ...], random.Random] | None = None
-        self.injected: Counter[str] = Counter()  # faults answered, by `Fault.label`
+        self.faults = base.FaultPlan()
+        self.fail_next = self.faults.fail_next
+        self.fail_fraction = self.faults.fail_fraction
+        self.fail_mix = self.faults.fail_mix
+        self.clear_faults = self.faults.clear
+        self.injected = self.faults.injected  # faults answered, by `Fault.label`
         # A deployment request's answer: the version's code, given (version, input). By
         # default it doubles a number under "input" and echoes anything else; a version
         # named in `failing_versions` raises, as a broken model would.
@@ -203,23 +166,6 @@ class FakeUbiOps:
 
     # ----- test controls -------------------------------------------------------------
 
-    def fail_next(self, count: int, fault: Fault) -> None:
-        """Answer the next `count` matching requests with the fault."""
-        self._faults.extend([fault] * count)
-
-    def fail_fraction(self, fraction: float, fault: Fault, *, seed: int = 0) -> None:
-        """Answer about `fraction` of the matching requests with the fault (seeded)."""
-        self._fraction = (fraction, fault, random.Random(seed))
-
-    def fail_mix(self, fraction: float, faults: Sequence[Fault], *, seed: int = 0) -> None:
-        """Answer about `fraction` of the requests with one of `faults`, picked evenly (seeded)."""
-        self._mix = (fraction, tuple(faults), random.Random(seed))
-
-    def clear_faults(self) -> None:
-        self._faults.clear()
-        self._fraction = None
-        self._mix = None
-
     def add_project_variable(
         self, project: str, name: str, value: str, *, secret: bool = False
     ) -> None:
@@ -227,12 +173,6 @@ class FakeUbiOps:
         var_id = str(uuid.uuid4())
         var = {"id": var_id, "name": name, "value": value, "secret": secret}
         self.project_variables[project][var_id] = var
-
-    def calls(self, method: str, path_pattern: str) -> list[RecordedRequest]:
-        """The recorded requests with this method whose path matches the regex."""
-        return [
-            r for r in self.requests if r.method == method and re.fullmatch(path_pattern, r.path)
-        ]
 
     def deployment_names(self, project: str) -> list[str]:
         return list(self.projects[project])
@@ -290,21 +230,6 @@ class FakeUbiOps:
             app.router.add_route(method, path, handler)
         return app
 
-    def _next_fault(self, request: web.Request) -> Fault | None:
-        for i, fault in enumerate(self._faults):
-            if fault.applies_to(request):
-                return self._faults.pop(i)
-        if self._fraction is not None:
-            fraction, fault, rng = self._fraction
-            if fault.applies_to(request) and rng.random() < fraction:
-                return fault
-        if self._mix is not None:
-            fraction, faults, rng = self._mix
-            if rng.random() < fraction:
-                picked = rng.choice(faults)
-                return picked if picked.applies_to(request) else None
-        return None
-
     def _rate_limit_headers(self) -> tuple[dict[str, str], bool]:
         """Count this request in the current minute; say whether it is over the limit."""
         now = self._clock()
@@ -319,7 +244,7 @@ class FakeUbiOps:
         }
         return headers, self._window_count > limit
 
-    async def _fail(self, request: web.Request, fault: Fault) -> web.StreamResponse:
+    async def _fail(self, request: web.Request, fault: base.Fault) -> web.StreamResponse:
         if fault.kind == "drop":
             if request.transport is not None:
                 request.transport.close()
@@ -333,16 +258,7 @@ class FakeUbiOps:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        body = await request.read()
-        self.requests.append(
-            RecordedRequest(
-                method=request.method,
-                path=request.path.removeprefix(PREFIX),
-                query=tuple(request.query.items()),
-                headers=dict(request.headers),
-                body=body,
-            )
-        )
+        await self._recorder.record(request, request.path.removeprefix(PREFIX))
         limit_headers, over_limit = self._rate_limit_headers()
         response = await self._answer(request, handler, over_limit)
         for name, value in limit_headers.items():
@@ -354,9 +270,7 @@ class FakeUbiOps:
     ) -> web.StreamResponse:
         if over_limit:
             return web.json_response({"error": "Rate limit exceeded"}, status=429)
-        fault = self._next_fault(request)
-        if fault is not None:
-            self.injected[fault.label] += 1
+        fault = self.faults.next(request)
         if fault is not None and fault.kind == "slow" and not fault.after:
             await asyncio.sleep(fault.delay_s)  # the client has timed out by now
         elif fault is not None and not fault.after:

@@ -269,9 +269,7 @@ async def test_faulty_services_end_every_action_once(
     )
     ubiops_injected = Counter(ubiops.injected)
     ubiops_injected["503"] -= flaky_calls  # the always-failing deployment is not the mix
-    genesys_injected: Counter[str] = Counter()
-    for injected in genesys.faults:
-        genesys_injected[injected.kind] += injected.fired
+    genesys_injected = Counter(genesys.faults.injected)
     ubiops_calls = len(ubiops.requests) - flaky_calls
     genesys_calls = len(genesys.api_requests)
     publishes = {c.draft["name"]: len(c.versions) for c in genesys.configurations.values()}

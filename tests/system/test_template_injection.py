@@ -160,7 +160,7 @@ async def test_jira_text_reaches_the_services_literally(
         await engine.dispose()
 
     configurations = {
-        req.json()["name"]: req.json()
+        req.json["name"]: req.json
         for req in genesys.api_requests
         if req.method == "POST" and req.path == "/api/v2/webdeployments/configurations"
     }
