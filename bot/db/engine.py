@@ -66,7 +66,6 @@ def json_dumps(value: Any) -> str:
 # Every engine writes JSON columns the same way, and fast. (Read with the standard library:
 # orjson reads integers beyond 64 bits as floats.)
 _JSON = {"json_serializer": json_dumps}
-DRIVER_IDLE_S = 30.0  # Writes.run_driver: a connection unused this long is pinged again
 
 
 def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:

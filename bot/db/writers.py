@@ -14,6 +14,7 @@ import logging
 import sqlite3
 import time
 import weakref
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import QueuePool
 
 from bot.core.delivery import Delivery
-from bot.db.engine import _JSON, DRIVER_IDLE_S, _sqlite_pragmas, _watch_file, file_identity
+from bot.db.engine import _JSON, _sqlite_pragmas, _watch_file, file_identity
 from bot.db.group_commit import GroupCommit, ThreadGroupCommit
 from bot.db.models import utcnow
 from bot.errors import SettingsError
@@ -40,6 +41,7 @@ R_co = TypeVar("R_co", covariant=True)
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (tenant, delivery_id): what makes a delivery unique
+DRIVER_IDLE_S = 30.0  # PostgresWriter.run_driver: a connection unused this long is pinged again
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +175,7 @@ class _SqliteInsert:
         return created
 
 
-class Writer:
+class Writer(ABC):
     """Run write transactions: `run(fn, *args)` calls `fn(connection, *args)` in one.
 
     `fn` is synchronous SQLAlchemy code. Here it runs on the async engine (through
@@ -203,13 +205,14 @@ class Writer:
         """
         return await self.run(fn, *args, **kwargs)
 
+    @abstractmethod
     def event_commits(self, done: Done[R], failed: Failed, *, max_batch: int) -> EventCommits[R]:
         """A group commit of deliveries: `done(batch, new ids)` answers a committed batch,
         `failed(batch, error)` says what its submitters get when the write failed."""
-        raise NotImplementedError
 
     async def release(self) -> None:
         """Give back a connection held between calls (the event store stops)."""
+        return None  # only PostgresWriter holds one
 
     async def close(self) -> None:
         """Release what this writer holds (the engine is the caller's)."""
