@@ -158,11 +158,10 @@ async def test_the_app_runs_the_scheduler_and_prunes_at_start(
 
     try:
         client = await make_client(settings, scheduler_interval_s=1.0)
-        for _ in range(200):  # a new leader runs every job at once
-            if await remaining() == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert await remaining() == 0
+        async def pruned() -> bool:  # a new leader runs every job at once
+            return await remaining() == 0
+
+        await wait_for(pruned, timeout_s=10)
         await client.close()
         if not settings.is_sqlite:
             assert await lock_holders(engine) == []  # released at shutdown
