@@ -29,7 +29,7 @@ from bot.services.http import client_session
 from bot.services.outbound import OutboundClient
 from bot.services.ubiops import UbiOpsClient
 from bot.settings import Settings
-from bot.web import admin, jira, metrics
+from bot.web import admin, forge, jira, metrics
 from bot.web.errors import add_routes, json_errors
 from bot.web.install_keys import InstallKeys
 from bot.web.keys import (
@@ -237,6 +237,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             ],
         )
     admin.setup(app)
+    forge.setup(app)
     return app
 
 

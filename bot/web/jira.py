@@ -11,8 +11,8 @@ from yarl import URL
 
 from bot import logs
 from bot.core import verify
-from bot.core.hub_signature import SIGNATURE_HEADER, verify_hub_signature
 from bot.core.delivery import parse_delivery
+from bot.core.hub_signature import SIGNATURE_HEADER, verify_hub_signature
 from bot.core.text import is_identifier
 from bot.errors import PayloadError, VerificationError
 from bot.web.errors import read_body
