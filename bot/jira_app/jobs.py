@@ -172,7 +172,7 @@ class JiraActionClients:
 
     async def client(self, tenant: str) -> JiraClient | None:
         mode = self._access.settings.jira_auth_mode
-        if mode == "oauth":
+        if mode in ("oauth", "secret"):  # secret mode writes back with the OAuth app
             if tenant != "":
                 return None
             if self._oauth is None:
