@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from bot.pipeline.processor import EventProcessor
 from bot.rules.loader import load_rules
 from bot.rules.model import RuleSet
 from bot.settings import Settings
+from bot.web.metrics import read_snapshot, snapshot_families
 from tests.conftest import ClientFactory
 from tests.fakes.jira import FakeJira
 from tests.helpers import wait_for, write_rules
@@ -76,6 +78,10 @@ class World:
         client = await self.job(max_changes)._access.oauth_client()
         assert client is not None
         return await self.job(max_changes).run(client, self.rules, self.fake.now)
+
+
+def at(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
 
 
 def oauth_settings(database_url: str, fake: FakeJira, rules_dir: Path) -> Settings:
@@ -183,6 +189,12 @@ async def test_outage_window_is_caught_up_exactly_once(world: World) -> None:
     stats = await read_stats(world.engine)
     assert stats.caught_up_total == 3
     assert stats.newest_change_s == pytest.approx(fake.now - 2 * MIN, abs=1)
+    snapshot = await read_snapshot(world.engine, 0)
+    shown = {f.name: f.samples[0].value for f in snapshot_families(snapshot, at(fake.now))}
+    assert shown["deploybot_catch_up_changes"] == 3
+    assert shown["deploybot_catch_up_newest_change_timestamp_seconds"] == pytest.approx(
+        fake.now - 2 * MIN, abs=1
+    )
     searches = [r for r in fake.requests if r.path == core.SEARCH_PATH]
     assert dict(searches[0].query)["jql"].startswith('(project = OPS) AND updated >= "-')
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot import logs
 from bot.core import catch_up as core
@@ -62,15 +63,17 @@ class CatchUpStats:
     covered_until_s: float | None = None
 
 
-async def read_stats(access_engine: Any) -> CatchUpStats:
-    raw = await kv_get(access_engine, STATS_KEY)
-    if raw is None:
-        return CatchUpStats()
+def parse_stats(raw: str) -> CatchUpStats:
     try:
         data = json.loads(raw)
         return CatchUpStats(**{k: data.get(k) for k in CatchUpStats.__dataclass_fields__})
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, AttributeError):
         return CatchUpStats()
+
+
+async def read_stats(engine: AsyncEngine) -> CatchUpStats:
+    raw = await kv_get(engine, STATS_KEY)
+    return CatchUpStats() if raw is None else parse_stats(raw)
 
 
 class CatchUp:
