@@ -6,6 +6,8 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
+import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import select
@@ -19,6 +21,7 @@ from bot.rules.loader import load_rules
 from bot.settings import Settings
 from tests.conftest import ClientFactory
 from tests.fakes.forge import APP_ID, FakeForge, issue_updated_event
+from tests.fakes.jira import FakeJira
 from tests.helpers import stored_count, wait_for, write_rules
 
 RULE = """
@@ -160,8 +163,6 @@ async def test_bad_fit_is_refused_and_nothing_stored(
 
 
 def _without_exp(fake: FakeForge) -> str:
-    import jwt
-
     claims = fake.claims()
     del claims["exp"]
     return jwt.encode(claims, fake._key, algorithm="RS256", headers={"kid": fake.kid})
@@ -229,3 +230,77 @@ def test_rules_name_forge_events_by_their_jira_equivalent(settings: Settings) ->
     write_rules(settings.rules_dir, {"r.yaml": RULE.replace("avi:jira:updated:issue", "avi:x")})
     with pytest.raises(RuleError, match="Forge event"):
         load_rules(settings.rules_dir)
+
+
+COMMENT_RULE = """
+rules:
+  - name: comment-back
+    on:
+      events: ["avi:jira:updated:issue"]
+    when:
+      - changed: status
+        to: Ready to deploy
+    do:
+      - action: jira.add_comment
+        with: {issue: "{{ issue.key }}", body: "Seen by deploybot."}
+"""
+
+
+async def test_write_back_uses_the_app_system_token_the_event_carried(
+    make_client: ClientFactory, settings: Settings, fake_forge: FakeForge
+) -> None:
+    fake_jira = FakeJira(mode="oauth")
+    await fake_jira.start()
+    try:
+        issue = fake_jira.add_issue("OPS-7")
+        system_token = jwt.encode(
+            {"exp": int(fake_jira.now) + 900},
+            "a-forge-signing-key-of-32-bytes!!",
+            algorithm="HS256",
+        )
+        fake_jira.access_tokens[system_token] = fake_jira.now + 900
+        write_rules(settings.rules_dir, {"r.yaml": COMMENT_RULE})
+        client = await make_client(settings, **_settings(settings, fake_forge))
+        fit = fake_forge.fit(app=fake_forge.claims()["app"] | {"apiBaseUrl": fake_jira.base_url})
+        resp = await client.post(
+            "/webhooks/forge",
+            data=json.dumps(issue_updated_event()),
+            headers=_headers(fit, **{"x-forge-oauth-system": system_token}),
+        )
+        assert resp.status == 202, await resp.text()
+        await wait_for(lambda: len(issue.comments) == 1)
+        [post] = [r for r in fake_jira.requests if r.method == "POST"]
+        assert post.headers["Authorization"] == f"Bearer {system_token}"
+        assert post.auth_error is None
+    finally:
+        await fake_jira.close()
+
+
+async def test_without_a_system_token_write_back_waits_and_retries(
+    settings: Settings, database_url: str
+) -> None:
+    # The action clients find no token: the run is retried (not called without auth).
+    from bot.jira_app.jobs import JiraAccess, JiraActionClients
+    from bot.services.forge_tokens import ForgeSystemTokens
+
+    tokens = ForgeSystemTokens(clock=lambda: 1000.0)
+    engine = create_engine(database_url)
+    try:
+        async with aiohttp.ClientSession() as session:
+            clients = JiraActionClients(JiraAccess(settings, engine, session), tokens)
+            assert await clients.client("") is None
+            tokens.remember("https://api.atlassian.com/ex/jira/x", "not a jwt")
+            assert await clients.client("") is None
+            stale = jwt.encode(
+                {"exp": 1010}, "a-forge-signing-key-of-32-bytes!!", algorithm="HS256"
+            )  # within the margin
+            tokens.remember("https://api.atlassian.com/ex/jira/x", stale)
+            assert await clients.client("") is None
+            fresh = jwt.encode(
+                {"exp": 1600}, "a-forge-signing-key-of-32-bytes!!", algorithm="HS256"
+            )
+            tokens.remember("https://api.atlassian.com/ex/jira/x", fresh)
+            found = await clients.client("")
+            assert found is not None and found.base_url == "https://api.atlassian.com/ex/jira/x"
+    finally:
+        await engine.dispose()

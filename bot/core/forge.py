@@ -59,7 +59,8 @@ class Invocation:
     def api_base_url(self) -> str | None:
         app = self.claims.get("app")
         url = app.get("apiBaseUrl") if isinstance(app, Mapping) else None
-        return url if isinstance(url, str) and url.startswith("https://") else None
+        # Signed by Atlassian with the rest of the FIT: it names the site to call back.
+        return url.rstrip("/") if isinstance(url, str) and url.startswith("http") else None
 
 
 def bearer(authorization: str | None) -> str:

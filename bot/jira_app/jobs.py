@@ -39,6 +39,7 @@ from bot.errors import ActionError, PayloadError, RuleError
 from bot.rules.loader import load_rules
 from bot.rules.model import RuleSet
 from bot.services import http
+from bot.services.forge_tokens import ForgeSystemAuth, ForgeSystemTokens
 from bot.services.jira import (
     DEFAULT_POLICY,
     ConnectAuth,
@@ -165,10 +166,11 @@ class JiraActionClients:
     token shared with every worker, replica and the scheduler through the database.
     """
 
-    def __init__(self, access: JiraAccess) -> None:
+    def __init__(self, access: JiraAccess, forge: ForgeSystemTokens | None = None) -> None:
         self._access = access
         self._tenants = Tenants(access.engine)  # its lookups are cached
         self._oauth: JiraClient | None = None
+        self._forge = forge
 
     async def client(self, tenant: str) -> JiraClient | None:
         mode = self._access.settings.jira_auth_mode
@@ -177,6 +179,8 @@ class JiraActionClients:
                 return None
             if self._oauth is None:
                 self._oauth = await self._access.oauth_client()
+            if self._oauth is None and self._forge is not None:
+                return self._forge_client()
             return self._oauth
         if mode != "connect":
             return None
@@ -184,6 +188,16 @@ class JiraActionClients:
         if found is None or not found.enabled:
             return None
         return self._access.connect_client(found)
+
+    def _forge_client(self) -> JiraClient | None:
+        """Forge mode without the OAuth app: the app system token Forge events bring."""
+        assert self._forge is not None
+        held = self._forge.fresh()
+        if held is None:
+            return None
+        auth = ForgeSystemAuth(self._forge, held.api_base_url)
+        a = self._access
+        return JiraClient(a.session, held.api_base_url, auth, policy=a.policy, clock=a.clock)
 
 
 @dataclass(frozen=True, slots=True)

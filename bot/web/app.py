@@ -139,7 +139,7 @@ def jira_action_clients(app: web.Application) -> JiraActionClients:
     access = JiraAccess(
         app[SETTINGS], app[ENGINE], app[HTTP], clock=app[CLOCK], policy=http_policy(app[SETTINGS])
     )
-    return JiraActionClients(access)
+    return JiraActionClients(access, app.get(forge.FORGE_TOKENS))
 
 
 async def _workers(app: web.Application) -> AsyncIterator[None]:

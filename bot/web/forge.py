@@ -24,6 +24,7 @@ from bot import logs
 from bot.core import forge
 from bot.core.delivery import Delivery, is_json_content_type
 from bot.errors import PayloadError, UnsupportedMediaType, VerificationError
+from bot.services.forge_tokens import ForgeSystemTokens
 from bot.web.errors import add_routes, read_body
 from bot.web.keys import CLOCK, SETTINGS, STORE
 
@@ -107,9 +108,8 @@ class ForgeKeys:
 
 
 FORGE_KEYS = web.AppKey("forge_keys", ForgeKeys)
-# The latest app system token each Forge site sent (apiBaseUrl -> invocation): what
-# `jira.*` actions may use to call that site back.
-FORGE_INVOCATIONS = web.AppKey("forge_invocations", dict[str, forge.Invocation])
+# The newest app system token of each Forge site: what `jira.*` actions call it back with.
+FORGE_TOKENS = web.AppKey("forge_tokens", ForgeSystemTokens)
 
 
 async def _verify(request: web.Request) -> forge.Invocation:
@@ -148,7 +148,7 @@ async def receive_forge_event(request: web.Request) -> web.Response:
         body=orjson.dumps(payload),
     )
     if invocation.system_token and invocation.api_base_url:
-        request.app[FORGE_INVOCATIONS][invocation.api_base_url] = invocation
+        request.app[FORGE_TOKENS].remember(invocation.api_base_url, invocation.system_token)
     stored = await request.app[STORE].add("", delivery, source="forge")
     logs.info(
         log,
@@ -166,7 +166,6 @@ async def receive_forge_event(request: web.Request) -> web.Response:
 async def _keys_ctx(app: web.Application) -> AsyncIterator[None]:
     keys = ForgeKeys(app[SETTINGS].forge_jwks_url)
     app[FORGE_KEYS] = keys
-    app[FORGE_INVOCATIONS] = {}
     yield
     await keys.close()
 
@@ -175,5 +174,6 @@ def setup(app: web.Application) -> None:
     """Add the Forge endpoint (when FORGE_APP_ID is set) and its key cache."""
     if not app[SETTINGS].forge_app_id:
         return
+    app[FORGE_TOKENS] = ForgeSystemTokens(app[CLOCK])
     app.cleanup_ctx.append(_keys_ctx)
     add_routes(app, [("POST", FORGE_PATH, receive_forge_event)])
