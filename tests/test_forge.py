@@ -13,10 +13,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import select
 
 from bot.core import forge
+from bot.core.catalog import PlannedRequest
 from bot.db.engine import create_engine
 from bot.db.models import events
 from bot.db.queries import get_event
-from bot.errors import PayloadError, RuleError
+from bot.errors import ActionError, PayloadError, RuleError
 from bot.rules.loader import load_rules
 from bot.settings import Settings
 from tests.conftest import ClientFactory
@@ -276,10 +277,11 @@ async def test_write_back_uses_the_app_system_token_the_event_carried(
         await fake_jira.close()
 
 
-async def test_without_a_system_token_write_back_waits_and_retries(
+async def test_without_a_fresh_system_token_write_back_is_retried(
     settings: Settings, database_url: str
 ) -> None:
-    # The action clients find no token: the run is retried (not called without auth).
+    # No token yet: no client (the run is dead, as for an unconfigured service). A stale
+    # one: the call fails retryably, the next Forge event brings a fresh token.
     from bot.jira_app.jobs import JiraAccess, JiraActionClients
     from bot.services.forge_tokens import ForgeSystemTokens
 
@@ -295,7 +297,11 @@ async def test_without_a_system_token_write_back_waits_and_retries(
                 {"exp": 1010}, "a-forge-signing-key-of-32-bytes!!", algorithm="HS256"
             )  # within the margin
             tokens.remember("https://api.atlassian.com/ex/jira/x", stale)
-            assert await clients.client("") is None
+            stale_client = await clients.client("")
+            assert stale_client is not None
+            with pytest.raises(ActionError, match="no fresh Forge app system token") as caught:
+                await stale_client.send(PlannedRequest("GET", "/rest/api/3/myself"))
+            assert caught.value.retryable
             fresh = jwt.encode(
                 {"exp": 1600}, "a-forge-signing-key-of-32-bytes!!", algorithm="HS256"
             )

@@ -190,9 +190,11 @@ class JiraActionClients:
         return self._access.connect_client(found)
 
     def _forge_client(self) -> JiraClient | None:
-        """Forge mode without the OAuth app: the app system token Forge events bring."""
+        """Forge mode without the OAuth app: the app system token Forge events bring. Once
+        one came, its site is known: a stale token makes the call fail retryably (the next
+        event brings a fresh one); before any came there is no client (the run is dead)."""
         assert self._forge is not None
-        held = self._forge.fresh()
+        held = self._forge.fresh() or self._forge.latest()
         if held is None:
             return None
         auth = ForgeSystemAuth(self._forge, held.api_base_url)

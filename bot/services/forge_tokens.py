@@ -52,6 +52,10 @@ class ForgeSystemTokens:
         if held is None or exp >= held.expires_at:
             self._tokens[api_base_url] = SystemToken(api_base_url, token, float(exp))
 
+    def latest(self) -> SystemToken | None:
+        """The newest token held, fresh or not (which site to call back)."""
+        return max(self._tokens.values(), key=lambda t: t.expires_at, default=None)
+
     def fresh(self) -> SystemToken | None:
         """The freshest token still usable (deploybot serves one Jira site: tenant "")."""
         now = self._clock()
