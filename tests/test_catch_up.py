@@ -283,3 +283,21 @@ def test_catch_up_is_scheduled_by_mode() -> None:
     assert "catch-up" not in names(jira_catch_up=False)
     assert "catch-up" not in names(jira_auth_mode="connect")
     assert "catch-up" not in names(jira_client_id=None)
+
+
+async def test_status_page_shows_the_catch_up(
+    make_client: ClientFactory, settings: Settings
+) -> None:
+    engine = create_engine(settings.database_url)
+    await upgrade(engine)
+    stats = {"newest_change_s": 1_764_900_000.0, "caught_up_total": 7, "covered_until_s": None}
+    await kv_set(engine, "catch-up-stats", json.dumps(stats))
+    await engine.dispose()
+    client = await make_client(settings, admin_token="admin-" + "x" * 32, jira_catch_up=True)
+    page = await client.get("/", headers={"Authorization": "Bearer admin-" + "x" * 32})
+    body = await page.text()
+    assert page.status == 200
+    assert "Catch-up: 7 change(s)" in body and "2025-12-05 02:00:00 UTC" in body
+    off = await make_client(settings, admin_token="admin-" + "x" * 32, jira_catch_up=False)
+    page = await off.get("/", headers={"Authorization": "Bearer admin-" + "x" * 32})
+    assert "Catch-up:" not in await page.text()
