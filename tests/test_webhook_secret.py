@@ -118,3 +118,13 @@ def test_settings_read_secrets_and_keep_them_out_of_repr() -> None:
     assert settings.jira_webhook_secret == (SECRET, NEXT)
     assert SECRET not in repr(settings)
     assert SECRET in settings.secrets and NEXT in settings.secrets
+
+
+def test_start_up_warns_without_a_secret() -> None:
+    off = Settings(jira_auth_mode="secret").disabled_features()
+    assert "Jira deliveries are refused: JIRA_WEBHOOK_SECRET is not set" in off
+    assert not any("WEBHOOK_SECRET" in line for line in replace_secret().disabled_features())
+
+
+def replace_secret() -> Settings:
+    return Settings(jira_auth_mode="secret", jira_webhook_secret=(SECRET,))
