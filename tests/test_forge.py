@@ -310,3 +310,50 @@ async def test_without_a_fresh_system_token_write_back_is_retried(
             assert found is not None and found.base_url == "https://api.atlassian.com/ex/jira/x"
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status"),
+    [
+        (b"not json", "application/json", 400),
+        (b'["a list"]', "application/json", 400),
+        (b'{"eventType": "avi:jira:assigned:issue", "issue": {}}', "application/json", 400),
+        (b'{"eventType": "avi:jira:updated:issue", "issue": "OPS-1"}', "application/json", 400),
+        (b'{"eventType": "avi:jira:updated:issue\\u0000", "issue": {}}', "application/json", 400),
+        (json.dumps(issue_updated_event()).encode(), "text/plain", 415),
+        (json.dumps(issue_updated_event() | {"pad": "x" * 4096}).encode(), "application/json", 413),
+    ],
+)
+async def test_hostile_bodies_are_refused_and_nothing_stored(
+    make_client: ClientFactory,
+    settings: Settings,
+    fake_forge: FakeForge,
+    body: bytes,
+    content_type: str,
+    status: int,
+) -> None:
+    client = await make_client(settings, max_body_bytes=2048, **_settings(settings, fake_forge))
+    headers = _headers(fake_forge.fit()) | {"Content-Type": content_type}
+    resp = await client.post("/webhooks/forge", data=body, headers=headers)
+    assert resp.status == status, await resp.text()
+    assert await stored_count(settings) == 0
+
+
+async def test_odd_issue_key_is_stored_without_an_index_key(
+    make_client: ClientFactory, settings: Settings, fake_forge: FakeForge
+) -> None:
+    event = issue_updated_event()
+    event["issue"]["key"] = "OPS-1\x00\n"  # type: ignore[index]
+    client = await make_client(settings, **_settings(settings, fake_forge))
+    resp = await client.post(
+        "/webhooks/forge", data=json.dumps(event), headers=_headers(fake_forge.fit())
+    )
+    assert resp.status == 202, await resp.text()
+    engine = create_engine(settings.database_url)
+    try:
+        async with engine.connect() as conn:
+            row = (await conn.execute(select(events.c.issue_key, events.c.body))).one()
+    finally:
+        await engine.dispose()
+    assert row.issue_key is None
+    assert json.loads(row.body)["issue"]["key"] == "OPS-1\x00\n"
