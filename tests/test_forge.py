@@ -343,7 +343,7 @@ async def test_odd_issue_key_is_stored_without_an_index_key(
     make_client: ClientFactory, settings: Settings, fake_forge: FakeForge
 ) -> None:
     event = issue_updated_event()
-    event["issue"]["key"] = "OPS-1\x00\n"  # type: ignore[index]
+    event["issue"]["key"] = "OPS-1\x00\n"
     client = await make_client(settings, **_settings(settings, fake_forge))
     resp = await client.post(
         "/webhooks/forge", data=json.dumps(event), headers=_headers(fake_forge.fit())
