@@ -52,7 +52,17 @@ class Settings:
     scheduler_interval_s: float = 60.0
     webhooks_interval_s: float = 3600.0
     log_format: Literal["auto", "json", "text"] = "auto"
-    jira_auth_mode: Literal["oauth", "connect"] = "oauth"
+    jira_auth_mode: Literal["oauth", "connect", "secret"] = "oauth"
+    # secret mode: the admin webhooks' secrets (several during a rotation)
+    jira_webhook_secret: tuple[str, ...] = field(default=(), repr=False)
+    # Forge Remote (POST /webhooks/forge): the app's id (the FIT's `aud`) and its keys
+    forge_app_id: str | None = None
+    forge_jwks_url: str = "https://forge.cdn.prod.atlassian-dev.net/.well-known/jwks.json"
+    # Catch-up of changes no delivery brought: None is on in oauth mode (and in secret mode
+    # with the OAuth app configured for reading), off otherwise.
+    jira_catch_up: bool | None = None
+    jira_catch_up_margin_s: float = 300.0
+    jira_catch_up_max_changes: int = 500  # changes stored per tick at most
     jira_base_url: str | None = None
     jira_client_id: str | None = None
     jira_client_secret: str | None = field(default=None, repr=False)
@@ -90,6 +100,7 @@ class Settings:
             self.admin_token,
             self.jira_client_secret,
             self.jira_refresh_token,
+            *self.jira_webhook_secret,
             self.ubiops_api_token,
             self.genesys_client_secret,
             self.http_proxy_password,
@@ -129,6 +140,15 @@ class Settings:
         return notes
 
     @property
+    def catch_up(self) -> bool:
+        """Whether the scheduler catches up on changes no delivery brought."""
+        if self.jira_catch_up is not None:
+            return self.jira_catch_up
+        return self.jira_auth_mode in ("oauth", "secret") and bool(
+            self.jira_base_url and self.jira_client_id and self.jira_client_secret
+        )
+
+    @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
 
@@ -144,6 +164,8 @@ class Settings:
                 "Jira webhook registration is off: set JIRA_BASE_URL, JIRA_CLIENT_ID,"
                 " JIRA_CLIENT_SECRET and JIRA_REFRESH_TOKEN"
             )
+        if self.jira_auth_mode == "secret" and not self.jira_webhook_secret:
+            off.append("Jira deliveries are refused: JIRA_WEBHOOK_SECRET is not set")
         if self.jira_auth_mode == "connect" and not self.public_url:
             off.append("Connect install is off: DEPLOYBOT_PUBLIC_URL is not set")
         if not self.ubiops_api_token:
@@ -319,7 +341,19 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
         "DEPLOYBOT_LOG_FORMAT",
         _choice("DEPLOYBOT_LOG_FORMAT", ("auto", "json", "text")),
     ),
-    "jira_auth_mode": ("JIRA_AUTH_MODE", _choice("JIRA_AUTH_MODE", ("oauth", "connect"))),
+    "jira_auth_mode": (
+        "JIRA_AUTH_MODE",
+        _choice("JIRA_AUTH_MODE", ("oauth", "connect", "secret")),
+    ),
+    "jira_webhook_secret": ("JIRA_WEBHOOK_SECRET", _csv),
+    "forge_app_id": ("FORGE_APP_ID", _str),
+    "forge_jwks_url": ("FORGE_JWKS_URL", _url("FORGE_JWKS_URL")),
+    "jira_catch_up": ("JIRA_CATCH_UP", _bool("JIRA_CATCH_UP")),
+    "jira_catch_up_margin_s": ("JIRA_CATCH_UP_MARGIN_S", _float("JIRA_CATCH_UP_MARGIN_S", 0.0)),
+    "jira_catch_up_max_changes": (
+        "JIRA_CATCH_UP_MAX_CHANGES",
+        _int("JIRA_CATCH_UP_MAX_CHANGES", 1, 100_000),
+    ),
     "jira_base_url": ("JIRA_BASE_URL", _url("JIRA_BASE_URL")),
     "jira_client_id": ("JIRA_CLIENT_ID", _str),
     "jira_client_secret": ("JIRA_CLIENT_SECRET", _str),

@@ -84,7 +84,10 @@ ERROR_CASES = [
         [
             "r.yaml:4: unknown Jira webhook event 'jira:issue_moved' (expected: "
             "jira:issue_created, jira:issue_updated, jira:issue_deleted, comment_created, "
-            "comment_updated, comment_deleted, issue_property_set, issue_property_deleted)"
+            "comment_updated, comment_deleted, issue_property_set, issue_property_deleted, or"
+            " a Forge event: avi:jira:created:issue, avi:jira:updated:issue,"
+            " avi:jira:deleted:issue, avi:jira:commented:issue, avi:jira:created:comment,"
+            " avi:jira:updated:comment, avi:jira:deleted:comment)"
         ],
     ),
     (

@@ -158,6 +158,7 @@ async def test_the_app_runs_the_scheduler_and_prunes_at_start(
 
     try:
         client = await make_client(settings, scheduler_interval_s=1.0)
+
         async def pruned() -> bool:  # a new leader runs every job at once
             return await remaining() == 0
 

@@ -18,6 +18,7 @@ from bot.db.registrations import (
     kv_get,
 )
 from bot.db.tenants import Tenant, Tenants
+from bot.services.forge_tokens import ForgeSystemAuth, ForgeSystemTokens
 from bot.services.jira import (
     DEFAULT_POLICY,
     ConnectAuth,
@@ -122,18 +123,21 @@ class JiraActionClients:
     token shared with every worker, replica and the scheduler through the database.
     """
 
-    def __init__(self, access: JiraAccess) -> None:
+    def __init__(self, access: JiraAccess, forge: ForgeSystemTokens | None = None) -> None:
         self._access = access
         self._tenants = Tenants(access.engine)  # its lookups are cached
         self._oauth: JiraClient | None = None
+        self._forge = forge
 
     async def client(self, tenant: str) -> JiraClient | None:
         mode = self._access.settings.jira_auth_mode
-        if mode == "oauth":
+        if mode in ("oauth", "secret"):  # secret mode writes back with the OAuth app
             if tenant != "":
                 return None
             if self._oauth is None:
                 self._oauth = await self._access.oauth_client()
+            if self._oauth is None and self._forge is not None:
+                return self._forge_client()
             return self._oauth
         if mode != "connect":
             return None
@@ -141,3 +145,15 @@ class JiraActionClients:
         if found is None or not found.enabled:
             return None
         return self._access.connect_client(found)
+
+    def _forge_client(self) -> JiraClient | None:
+        """Forge mode without the OAuth app: the app system token Forge events bring. Once
+        one came, its site is known: a stale token makes the call fail retryably (the next
+        event brings a fresh one); before any came there is no client (the run is dead)."""
+        assert self._forge is not None
+        held = self._forge.fresh() or self._forge.latest()
+        if held is None:
+            return None
+        auth = ForgeSystemAuth(self._forge, held.api_base_url)
+        a = self._access
+        return JiraClient(a.session, held.api_base_url, auth, policy=a.policy, clock=a.clock)

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from bot.db.store import EventStore
 from bot.jira_app import jobs
 from bot.jira_app.access import JiraAccess
+from bot.jira_app.catch_up import CatchUp
 from bot.rules.model import RuleSet
 from bot.settings import Settings
 
@@ -207,12 +208,25 @@ def scheduled_jobs(
     async def prune(now: datetime) -> tuple[int, int]:
         return await jobs.prune(engine, now, retention)
 
+    catch_up = CatchUp(
+        access,
+        store,
+        rules,
+        margin_s=settings.jira_catch_up_margin_s,
+        max_changes=settings.jira_catch_up_max_changes,
+    )
     table = [
         Job("webhooks", tick_s, maintenance),
+        Job("catch-up", tick_s, catch_up),
         Job("failed-deliveries", tick_s, failed),
         Job("action-retries", tick_s, retries),
         Job("prune", PRUNE_INTERVAL_S, prune),
     ]
-    return [
-        j for j in table if j.name != "failed-deliveries" or settings.jira_auth_mode == "connect"
-    ]
+    off = set()
+    if settings.jira_auth_mode != "connect":
+        off.add("failed-deliveries")
+    if settings.jira_auth_mode == "secret":
+        off.add("webhooks")  # an administrator registers the webhooks in this mode
+    if not settings.catch_up:
+        off.add("catch-up")
+    return [j for j in table if j.name not in off]

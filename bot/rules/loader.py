@@ -22,6 +22,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from bot.core import apis, catalog
 from bot.core.catalog import Param
+from bot.core.forge import FORGE_EVENTS
 from bot.core.hosts import host_problem
 from bot.errors import RuleError
 from bot.rules import templates, workflow
@@ -413,11 +414,16 @@ class _Checker:
         if keys is None or "events" not in keys:
             return None
         events = self.strings(keys["events"][1], "on.events")
+        # A Forge event name stands for its Jira webhook event (Forge events are stored
+        # in that shape): one index entry, and webhook registration sees Jira's names.
+        if events:
+            events = tuple(dict.fromkeys(FORGE_EVENTS.get(item, item) for item in events))
         for item in events or ():
             if item not in JIRA_EVENTS:
                 self.error(
                     keys["events"][1],
-                    f"unknown Jira webhook event {item!r} (expected: {', '.join(JIRA_EVENTS)})",
+                    f"unknown Jira webhook event {item!r} (expected: {', '.join(JIRA_EVENTS)},"
+                    f" or a Forge event: {', '.join(FORGE_EVENTS)})",
                 )
         if events == ():
             self.error(keys["events"][1], "on.events must name at least one event")

@@ -29,6 +29,7 @@ from bot.errors import ActionError
 from bot.services import http
 from bot.services.actions import ActionResult, Done, KeyedAction, RunInfo, Wait
 from bot.services.adf import to_adf
+from bot.services.forge_tokens import ForgeSystemAuth
 from bot.services.http import OperationClient
 from bot.services.tokens import AccessToken, CachedToken, parse_token_answer
 
@@ -334,7 +335,7 @@ class JiraClient(OperationClient):
         self,
         session: aiohttp.ClientSession,
         base_url: str,
-        auth: ConnectAuth | OAuthTokens | SharedOAuthTokens,
+        auth: ConnectAuth | OAuthTokens | SharedOAuthTokens | ForgeSystemAuth,
         *,
         policy: RetryPolicy = DEFAULT_POLICY,
         limiter: http.RateLimiter | None = None,

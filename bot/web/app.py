@@ -30,7 +30,7 @@ from bot.services.outbound import OutboundClient
 from bot.services.runner import ActionRunner
 from bot.services.ubiops import UbiOpsClient
 from bot.settings import Settings
-from bot.web import admin, jira, metrics
+from bot.web import admin, forge, jira, metrics
 from bot.web.errors import add_routes, json_errors
 from bot.web.install_keys import InstallKeys
 from bot.web.keys import (
@@ -140,7 +140,7 @@ def jira_action_clients(app: web.Application) -> JiraActionClients:
     access = JiraAccess(
         app[SETTINGS], app[ENGINE], app[HTTP], clock=app[CLOCK], policy=http_policy(app[SETTINGS])
     )
-    return JiraActionClients(access)
+    return JiraActionClients(access, app.get(forge.FORGE_TOKENS))
 
 
 async def _workers(app: web.Application) -> AsyncIterator[None]:
@@ -238,6 +238,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
             ],
         )
     admin.setup(app)
+    forge.setup(app)
     return app
 
 

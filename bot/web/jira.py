@@ -12,6 +12,7 @@ from yarl import URL
 from bot import logs
 from bot.core import verify
 from bot.core.delivery import parse_delivery
+from bot.core.hub_signature import SIGNATURE_HEADER, verify_hub_signature
 from bot.core.text import is_identifier
 from bot.errors import PayloadError, VerificationError
 from bot.web.errors import read_body
@@ -52,8 +53,19 @@ async def _authenticate(request: web.Request) -> str:
 
 async def receive_delivery(request: web.Request) -> web.Response:
     """Verify, store (commit), then acknowledge a Jira webhook delivery."""
-    tenant = await _authenticate(request)
-    delivery = parse_delivery(request.headers, await read_body(request))
+    settings = request.app[SETTINGS]
+    if settings.jira_auth_mode == "secret":
+        # The signature covers the body: read it (within the size limit), then check it
+        # before anything parses or stores it. Admin webhooks are the one site's: tenant "".
+        body = await read_body(request)
+        verify_hub_signature(
+            request.headers.get(SIGNATURE_HEADER), body, settings.jira_webhook_secret
+        )
+        tenant = ""
+    else:
+        tenant = await _authenticate(request)
+        body = await read_body(request)
+    delivery = parse_delivery(request.headers, body)
     stored = await request.app[STORE].add(tenant, delivery)
     logs.info(
         log,

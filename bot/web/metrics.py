@@ -27,9 +27,11 @@ from bot.db.models import (
     EVENT_STATUSES,
     action_runs,
     events,
+    kv,
     utcnow,
     webhook_registrations,
 )
+from bot.jira_app.catch_up import STATS_KEY, CatchUpStats, parse_stats
 from bot.web.errors import Handler, add_routes
 from bot.web.keys import ENGINE, EXECUTOR, RULES
 
@@ -58,6 +60,7 @@ class Snapshot:
     run_counts: Mapping[str, int] = field(default_factory=dict)
     nearest_expiry: datetime | None = None
     rule_errors: int = 0
+    catch_up: CatchUpStats | None = None  # None: the catch-up never ran
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -110,6 +113,22 @@ def snapshot_families(snapshot: Snapshot, now: datetime) -> list[Metric]:
                 (snapshot.nearest_expiry - now).total_seconds(),
             )
         )
+    if snapshot.catch_up is not None:
+        families.append(
+            _gauge(
+                "deploybot_catch_up_changes",
+                "Jira changes the catch-up stored that no delivery had brought (in total)",
+                snapshot.catch_up.caught_up_total,
+            )
+        )
+        if snapshot.catch_up.newest_change_s is not None:
+            families.append(
+                _gauge(
+                    "deploybot_catch_up_newest_change_timestamp_seconds",
+                    "when the newest Jira change the catch-up saw was made",
+                    snapshot.catch_up.newest_change_s,
+                )
+            )
     return families
 
 
@@ -130,6 +149,7 @@ async def read_snapshot(engine: AsyncEngine, rule_errors: int) -> Snapshot:
             nearest = (
                 await conn.execute(select(func.min(webhook_registrations.c.expires_at)))
             ).scalar_one()
+            stats = (await conn.execute(select(kv.c.value).where(kv.c.key == STATS_KEY))).scalar()
     except Exception:  # a scrape reports the database as down rather than failing
         return Snapshot(database_up=False, rule_errors=rule_errors)
     return Snapshot(
@@ -138,6 +158,7 @@ async def read_snapshot(engine: AsyncEngine, rule_errors: int) -> Snapshot:
         run_counts={r.status: int(r.n) for r in rows if r.kind == "runs"},
         nearest_expiry=nearest,
         rule_errors=rule_errors,
+        catch_up=None if stats is None else parse_stats(str(stats)),
     )
 
 

@@ -19,6 +19,7 @@ from aiohttp import web
 from bot.db.models import EVENT_OUTCOMES
 from bot.db.queries import EventFilter, list_action_runs, search_events, status_counts
 from bot.db.registrations import Registrations
+from bot.jira_app.catch_up import read_stats
 from bot.web.errors import read_form
 from bot.web.keys import CLOCK, ENGINE, RULES, SETTINGS
 from bot.web.sessions import SESSION_TTL_S, SESSIONS
@@ -120,6 +121,9 @@ _PAGE = """{% extends "layout" %}{% block body %}
 <td class="{{ 'err' if w.expires_in_s is not none and w.expires_in_s < 86400 }}">
 {{ w.expires_in }}</td></tr>
 {% endfor %}</table>{% else %}<p class="muted">none registered</p>{% endif %}
+{% if catch_up %}<p>Catch-up: {{ catch_up.caught_up_total }} change(s) stored that no delivery
+brought; newest change seen {{ catch_up.newest_change_s | epoch }}; covered until
+{{ catch_up.covered_until_s | epoch }}.</p>{% endif %}
 
 <form class="out" method="post" action="/logout">
 <input type="hidden" name="csrf" value="{{ csrf }}">
@@ -133,6 +137,9 @@ _ENV = jinja2.Environment(
 )
 # ISO times to the second, for reading: 2026-05-01T10:00:00.123+00:00 -> 2026-05-01 10:00:00
 _ENV.filters["when"] = lambda iso: str(iso)[:19].replace("T", " ")
+_ENV.filters["epoch"] = lambda s: (
+    "never" if s is None else datetime.fromtimestamp(s, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+)
 
 
 def derived(admin_token: str, purpose: str) -> str:
@@ -205,6 +212,7 @@ async def page(request: web.Request) -> web.Response:
         dead_runs=await list_action_runs(engine, status="dead", limit=DEAD_RUNS_SHOWN),
         events=await search_events(engine, EventFilter(outcome=outcome), limit=RECENT_EVENTS),
         webhooks=await webhook_rows(request),
+        catch_up=await read_stats(engine) if request.app[SETTINGS].catch_up else None,
         csrf=csrf_token(token),
     )
 

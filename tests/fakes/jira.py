@@ -163,6 +163,8 @@ class FakeIssue:
     comments: list[dict[str, Any]] = field(default_factory=list)
     # status name -> transitions available from it: (id, name, target status)
     workflow: dict[str, list[tuple[str, str, str]]] = field(default_factory=dict)
+    # changelog entries, oldest first, as GET .../changelog answers them
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def status(self) -> str:
@@ -185,6 +187,13 @@ def _iso(seconds: float) -> str:
     """Jira's ISO form: milliseconds and a colon-less offset."""
     stamp = datetime.fromtimestamp(seconds, UTC)
     return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}+0000"
+
+
+def _epoch(value: Any) -> float:
+    """Seconds of Jira's ISO time (-inf when absent)."""
+    if not isinstance(value, str):
+        return float("-inf")
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
 
 
 def _error(status: int, *messages: str) -> web.Response:
@@ -216,6 +225,7 @@ class FakeJira:
     issues: dict[str, FakeIssue] = field(default_factory=dict)
     lose_comment_answers: int = 0  # comments stored whose answer is then lost (a 502)
     search_page_cap: int = 100
+    changelog_page_cap: int = 100
     origin: str = ""
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(10000))
     _runner: web.AppRunner | None = None
@@ -240,6 +250,7 @@ class FakeJira:
         app.router.add_get(issue + "/transitions", self._transitions)
         app.router.add_post(issue + "/transitions", self._transition)
         app.router.add_get(base + "/rest/api/3/search/jql", self._search)
+        app.router.add_get(issue + "/changelog", self._changelog)
         return app
 
     async def start(self) -> str:
@@ -531,7 +542,7 @@ class FakeJira:
         return self.issues.get(key) or next((i for i in self.issues.values() if i.id == key), None)
 
     def _issue_json(self, issue: FakeIssue, fields: str | None) -> dict[str, Any]:
-        wanted = None if fields in (None, "", "*all") else set(fields.split(","))
+        wanted = None if fields in (None, "", "*all", "*navigable") else set(fields.split(","))
         shown = {k: v for k, v in issue.fields.items() if wanted is None or k in wanted}
         return {
             "id": issue.id,
@@ -650,13 +661,26 @@ class FakeJira:
 
     async def _search(self, request: web.Request) -> web.Response:
         jql = request.query.get("jql", "")
-        match = re.fullmatch(r"\s*project\s*=\s*(\w+)\s*(?:ORDER BY key)?\s*", jql, re.I)
+        # `project = X`, or catch-up's `(project = X) AND updated >= "-Nm" ORDER BY updated ASC`
+        updated = re.fullmatch(
+            r'\s*\(\s*project\s*=\s*(\w+)\s*\)\s+AND\s+updated\s*>=\s*"-(\d+)m"'
+            r"\s*ORDER BY updated ASC\s*",
+            jql,
+            re.I,
+        )
+        match = updated or re.fullmatch(r"\s*project\s*=\s*(\w+)\s*(?:ORDER BY key)?\s*", jql, re.I)
         if match is None:
             return _error(400, f"The fake searches only 'project = X': {jql!r}")
         found = sorted(
             (i for i in self.issues.values() if i.fields["project"]["key"] == match[1]),
             key=lambda i: (i.key.split("-")[0], int(i.key.split("-")[1])),
         )
+        if updated is not None:
+            after = self.now - int(updated[2]) * 60
+            found = sorted(
+                (i for i in found if _epoch(i.fields.get("updated")) >= after),
+                key=lambda i: _epoch(i.fields.get("updated")),
+            )
         start = int(request.query.get("nextPageToken", "0") or 0)
         size = min(int(request.query.get("maxResults", 50)), self.search_page_cap)
         page = found[start : start + size]
@@ -667,6 +691,56 @@ class FakeJira:
         if not answer["isLast"]:
             answer["nextPageToken"] = str(start + size)
         return web.json_response(answer)
+
+    async def _changelog(self, request: web.Request) -> web.Response:
+        issue = self._find(request)
+        if issue is None:
+            return _error(404, "Issue does not exist or you do not have permission to see it.")
+        start = int(request.query.get("startAt", "0"))
+        size = min(int(request.query.get("maxResults", 50)), self.changelog_page_cap)
+        page = issue.history[start : start + size]
+        return web.json_response(
+            {
+                "startAt": start,
+                "maxResults": size,
+                "total": len(issue.history),
+                "isLast": start + size >= len(issue.history),
+                "values": page,
+            }
+        )
+
+    def change_status(self, key: str, to: str, *, at: float) -> dict[str, Any]:
+        """Record a status change at `at` (a changelog entry, `updated`); return the
+        `jira:issue_updated` payload Jira would deliver for it."""
+        issue = self.issues[key]
+        before = issue.status
+        history = {
+            "id": str(next(self._ids)),
+            "author": {"accountId": "5b10a2844c20165700ede21g", "displayName": "Ada Ops"},
+            "created": _iso(at),
+            "items": [
+                {
+                    "field": "status",
+                    "fieldtype": "jira",
+                    "fieldId": "status",
+                    "from": None,
+                    "fromString": before,
+                    "to": None,
+                    "toString": to,
+                }
+            ],
+        }
+        issue.history.append(history)
+        issue.fields["status"] = {"name": to}
+        issue.fields["updated"] = _iso(at)
+        return {
+            "timestamp": _ms(at),
+            "webhookEvent": "jira:issue_updated",
+            "issue_event_type_name": "issue_generic",
+            "user": history["author"],
+            "issue": self._issue_json(issue, None),
+            "changelog": {"id": history["id"], "items": history["items"]},
+        }
 
     # -- deliveries --------------------------------------------------------------------
 
