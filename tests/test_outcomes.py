@@ -187,3 +187,58 @@ async def test_a_failed_rollout_is_seen_and_jira_is_told(
         rows_now = await conn.execute(select(events.c.issue_key, events.c.outcome))
         found = {key: outcome for key, outcome in rows_now.tuples()}
     assert found == {"OPS-1": "running", "OPS-2": "succeeded", "OPS-3": "ignored"}
+
+
+ON_FAILURE_RULES = """
+rules:
+  - name: roll-out
+    on: {events: [jira:issue_updated]}
+    do:
+      - id: model
+        action: ubiops.deployments_get
+        with:
+          project_name: ml-prod
+          deployment_name: "{{ issue.fields.customfield_10050 }}"   # not on the ticket
+    on_failure:
+      - action: jira.add_comment
+        with:
+          issue: "{{ issue.key }}"
+          body: "Failed at step {{ failure.step }} ({{ failure.action }}): {{ failure.error }}"
+      - action: jira.transition_issue
+        with: {issue: "{{ issue.key }}", transition: Deploy failed}
+"""
+
+
+async def test_a_failing_rollout_comments_its_error_and_transitions_the_ticket(
+    world: World, tmp_path: Path
+) -> None:
+    world.fake.add_issue("OPS-9")
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    (rules_dir / "r.yaml").write_text(ON_FAILURE_RULES)
+    ruleset = load_rules(rules_dir)
+    store = await start_store(world.engine)
+    try:
+        body = json.dumps(issue_updated_payload(key="OPS-9")).encode()
+        delivery = parse_delivery({"Content-Type": "application/json"}, body, delivery_id="f-9")
+        stored = await store.add(tenant_of(world), delivery)
+    finally:
+        await store.close()
+    assert await EventProcessor(world.engine, lambda: ruleset).run_once() == 1
+    runner = ActionRunner({}, per_tenant={"jira": JiraActionClients(world.access())})
+    executor = ActionExecutor(world.engine, runner, rules_dir=rules_dir)
+    for _ in range(10):
+        if not await executor.run_once():
+            break
+
+    issue = world.fake.issues["OPS-9"]
+    assert issue.status == "Failed"  # the on_failure transition
+    [comment] = issue.comments
+    text = json.dumps(comment["body"])
+    assert "Failed at step 1 (ubiops.deployments_get)" in text
+    assert "customfield_10050" in text  # the step's error, told on the ticket
+    async with world.engine.connect() as conn:
+        outcome = (
+            await conn.execute(select(events.c.outcome).where(events.c.id == stored.event_id))
+        ).scalar_one()
+    assert outcome == "failed"
