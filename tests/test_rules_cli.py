@@ -239,7 +239,7 @@ def test_high_level_actions_are_checked_and_shown_without_a_single_request(
     from bot.core.catalog import Param
     from bot.services.actions import Done, HighLevelAction, ServiceClient
 
-    async def run(client: ServiceClient, params: object, state: object) -> Done:
+    async def run(client: ServiceClient, params: object, state: object, run: object) -> Done:
         return Done(None)  # pragma: no cover - a dry run never runs actions
 
     deploy = HighLevelAction(

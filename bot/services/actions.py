@@ -51,11 +51,6 @@ class TenantClients(Protocol):
         ...
 
 
-ActionFn = Callable[
-    [ServiceClient, Mapping[str, Any], dict[str, Any] | None], Awaitable[ActionResult]
-]
-
-
 @dataclass(frozen=True, slots=True)
 class RunInfo:
     """Which action run is running: keyed actions mark what they make with `key` and look
@@ -65,7 +60,9 @@ class RunInfo:
     lookup_first: bool = False
 
 
-KeyedActionFn = Callable[
+# An action's code: its client, rendered parameters, its saved state (None at first), and
+# which run it is (actions that mark what they make, e.g. a comment, use its key).
+ActionFn = Callable[
     [ServiceClient, Mapping[str, Any], dict[str, Any] | None, RunInfo], Awaitable[ActionResult]
 ]
 
@@ -75,23 +72,9 @@ PreviewFn = Callable[[Mapping[str, Any]], PlannedRequest]
 
 
 @dataclass(frozen=True, slots=True)
-class KeyedAction:
-    """A high-level action that needs to know its run (e.g. jira.add_comment's marker)."""
-
-    service: str
-    name: str
-    params: tuple[Param, ...]
-    run: KeyedActionFn
-    preview: PreviewFn | None = None
-
-    @property
-    def full_name(self) -> str:
-        return f"{self.service}.{self.name}"
-
-
-@dataclass(frozen=True, slots=True)
 class HighLevelAction:
-    """An action made of several calls (e.g. ubiops.deploy_revision), resumable by state."""
+    """deploybot's own action (e.g. ubiops.deploy_revision, jira.add_comment): several calls,
+    resumable by state."""
 
     service: str
     name: str

@@ -30,7 +30,7 @@ from bot.core.catalog import (
     check_params,
 )
 from bot.errors import ActionError, ServiceDisabled
-from bot.services.actions import ActionResult, Done, HighLevelAction, ServiceClient
+from bot.services.actions import ActionResult, Done, HighLevelAction, RunInfo, ServiceClient
 from bot.services.http import OperationClient, RateLimiter, Sleep
 from bot.services.tokens import AccessToken, CachedToken, parse_token_answer
 
@@ -281,7 +281,7 @@ async def publish_configuration(client: ServiceClient, params: Mapping[str, Any]
 
 
 async def _publish_action(
-    client: ServiceClient, params: Mapping[str, Any], state: dict[str, Any] | None
+    client: ServiceClient, params: Mapping[str, Any], state: dict[str, Any] | None, _run: RunInfo
 ) -> ActionResult:
     # Every call is short, so the action finishes in one go; `state` is never needed.
     return Done(await publish_configuration(client, params))

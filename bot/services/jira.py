@@ -27,7 +27,7 @@ from bot.core.webhook_plan import AuthMode, RegisteredWebhook, SyncPlan, Webhook
 from bot.db.oauth_tokens import OAuthTokenStore, TokenState
 from bot.errors import ActionError
 from bot.services import http
-from bot.services.actions import ActionResult, Done, KeyedAction, RunInfo, Wait
+from bot.services.actions import ActionResult, Done, HighLevelAction, RunInfo, Wait
 from bot.services.adf import to_adf
 from bot.services.forge_tokens import ForgeSystemAuth
 from bot.services.http import OperationClient
@@ -793,20 +793,20 @@ def _preview_search(params: Mapping[str, Any]) -> PlannedRequest:
 
 
 # Params are named as the rule writes them; `fields` and `expand` take a list or a text.
-ACTIONS: tuple[KeyedAction, ...] = (
-    KeyedAction(
+ACTIONS: tuple[HighLevelAction, ...] = (
+    HighLevelAction(
         SERVICE, "add_comment", ACTION_PARAMS["add_comment"], add_comment, _preview_comment
     ),
-    KeyedAction(
+    HighLevelAction(
         SERVICE,
         "transition_issue",
         ACTION_PARAMS["transition_issue"],
         transition_issue,
         _preview_transition,
     ),
-    KeyedAction(SERVICE, "edit_issue", ACTION_PARAMS["edit_issue"], edit_issue, _preview_edit),
-    KeyedAction(SERVICE, "get_issue", ACTION_PARAMS["get_issue"], get_issue, _preview_get),
-    KeyedAction(
+    HighLevelAction(SERVICE, "edit_issue", ACTION_PARAMS["edit_issue"], edit_issue, _preview_edit),
+    HighLevelAction(SERVICE, "get_issue", ACTION_PARAMS["get_issue"], get_issue, _preview_get),
+    HighLevelAction(
         SERVICE, "search_issues", ACTION_PARAMS["search_issues"], search_issues, _preview_search
     ),
 )

@@ -21,7 +21,7 @@ from bot.core.catalog import PlannedRequest
 from bot.core.hosts import host_problem
 from bot.errors import ActionError
 from bot.services import http
-from bot.services.actions import ActionResult, Done, HighLevelAction
+from bot.services.actions import ActionResult, Done, HighLevelAction, RunInfo
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
 MAX_TEXT_CHARS = 2000  # of a non-JSON answer kept as the step's result
@@ -115,7 +115,7 @@ def _expected(value: Any) -> frozenset[int] | None:
 
 
 async def request(
-    client: Any, params: Mapping[str, Any], _state: dict[str, Any] | None
+    client: Any, params: Mapping[str, Any], _state: dict[str, Any] | None, _run: RunInfo
 ) -> ActionResult:
     """The `http.request` action."""
     return Done(await client.call("request", params))

@@ -29,7 +29,6 @@ from bot.services.actions import (
     ActionResult,
     Done,
     HighLevelAction,
-    KeyedAction,
     RunInfo,
     ServiceClient,
     TenantClients,
@@ -37,7 +36,7 @@ from bot.services.actions import (
 
 
 @functools.cache
-def high_level_actions() -> Mapping[str, HighLevelAction | KeyedAction]:
+def high_level_actions() -> Mapping[str, HighLevelAction]:
     """Every adapter's `ACTIONS` table, keyed by `service.action`."""
     return {
         action.full_name: action
@@ -46,7 +45,7 @@ def high_level_actions() -> Mapping[str, HighLevelAction | KeyedAction]:
     }
 
 
-def action_registry() -> dict[str, Operation | HighLevelAction | KeyedAction]:
+def action_registry() -> dict[str, Operation | HighLevelAction]:
     """Every action a rule can name, with the services' own (the dry run's previews)."""
     return {**registry(), **high_level_actions()}
 
@@ -126,9 +125,7 @@ class ActionRunner:
         if action is not None:
             check_params(action.full_name, action.params, params)
             resolved = self._resolve_paths(action.params, params)
-            if isinstance(action, KeyedAction):
-                return await action.run(client, resolved, state, RunInfo(key, lookup_first))
-            return await action.run(client, resolved, state)
+            return await action.run(client, resolved, state, RunInfo(key, lookup_first))
         assert op is not None
         resolved = self._resolve_paths(op.params, params)
         return Done(await self._call(client, op, resolved, lookup_first=lookup_first))

@@ -19,7 +19,7 @@ from bot.core.apis.ubiops import DEPLOY_REVISION_PARAMS, OPERATIONS_BY_NAME, SER
 from bot.core.backoff import RetryPolicy
 from bot.core.catalog import PlannedRequest
 from bot.errors import ActionError
-from bot.services.actions import ActionResult, Done, HighLevelAction, ServiceClient, Wait
+from bot.services.actions import ActionResult, Done, HighLevelAction, RunInfo, ServiceClient, Wait
 from bot.services.http import OperationClient, RateLimiter, Response, Sleep
 
 DEFAULT_BASE_URL = "https://api.ubiops.com/v2.1"
@@ -90,7 +90,7 @@ def poll_delay_s(polls: int) -> float:
 
 
 async def deploy_revision(
-    client: ServiceClient, params: Mapping[str, Any], state: dict[str, Any] | None
+    client: ServiceClient, params: Mapping[str, Any], state: dict[str, Any] | None, _run: RunInfo
 ) -> ActionResult:
     """Upload a deployment file, then follow its revision until the build is final.
 

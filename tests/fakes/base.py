@@ -36,6 +36,17 @@ class RecordedRequest:
         return json.loads(self.body) if self.body else None
 
 
+async def recorded(request: web.Request, path: str) -> RecordedRequest:
+    """`request` as a fake keeps it (`path` relative to the fake's API base)."""
+    return RecordedRequest(
+        request.method,
+        path,
+        tuple(request.query.items()),
+        dict(request.headers),
+        await request.read(),
+    )
+
+
 class Recorder:
     """Keeps every request a fake receives, in order."""
 
@@ -43,15 +54,8 @@ class Recorder:
         self.requests: list[RecordedRequest] = []
 
     async def record(self, request: web.Request, path: str) -> RecordedRequest:
-        recorded = RecordedRequest(
-            request.method,
-            path,
-            tuple(request.query.items()),
-            dict(request.headers),
-            await request.read(),
-        )
-        self.requests.append(recorded)
-        return recorded
+        self.requests.append(await recorded(request, path))
+        return self.requests[-1]
 
     def calls(self, method: str, path_pattern: str) -> list[RecordedRequest]:
         """The recorded requests with this method whose path matches the regex."""

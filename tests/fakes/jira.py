@@ -27,7 +27,7 @@ import jwt
 from aiohttp import web
 from atlassian_jwt.url_utils import hash_url
 
-from tests.fakes.base import RecordedRequest
+from tests.fakes.base import RecordedRequest, recorded
 
 Mode = Literal["connect", "oauth"]
 
@@ -365,13 +365,7 @@ class FakeJira:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         path = self._relative(request.path) if request.path != TOKEN_PATH else TOKEN_PATH
-        record = RecordedRequest(
-            request.method,
-            path,
-            tuple(request.query.items()),
-            dict(request.headers),
-            await request.read(),
-        )
+        record = await recorded(request, path)
         self.requests.append(record)
         if request.path != TOKEN_PATH:
             record.auth_error = self._auth_error(request)
