@@ -73,7 +73,8 @@ class LeaderLock:
             await self._conn.execute(text("SELECT 1"))  # the lock lives as long as this works
             await self._conn.commit()
             return True
-        except (SQLAlchemyError, OSError) as exc:
+        except Exception as exc:
+            # Whatever keeps us from the database, we do not lead; the loop must live on.
             log.warning("scheduler leadership lost or not taken: %s", exc)
             await self._drop()
             return False
