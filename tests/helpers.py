@@ -7,20 +7,33 @@ import asyncio
 import inspect
 import json
 import textwrap
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestClient
 from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.core.apis import ubiops
+from bot.core.backoff import RetryPolicy
 from bot.core.catalog import Operation, Param
-from bot.db.engine import create_engine
+from bot.db.engine import create_engine, upgrade
 from bot.db.models import events
 from bot.db.queries import get_event
+from bot.db.store import EventStore
+from bot.db.tenants import Tenants
+from bot.jira_app.access import JiraAccess
+from bot.jira_app.jobs import WebhookMaintenance
+from bot.rules.model import RuleSet
 from bot.settings import Settings
 from tests.conftest import CLIENT_SECRET
-from tests.signing import oauth_token
+from tests.fakes.jira import FakeJira
+from tests.signing import InstallKeys, oauth_token
 
 DATA_DIR = Path(__file__).parent / "data"
 _PROJECT = Param("project_name", "path", required=True)
@@ -243,3 +256,115 @@ async def event_when_runs_are(database_url: str, event_id: int, statuses: list[s
         await engine.dispose()
     assert shown is not None
     return shown
+
+
+PUBLIC_URL = "https://deploybot.example.com/app"
+
+
+CLIENT_KEY = "jira:tenant-1"
+
+
+SECRET = "tenant-shared-secret-" + "abcdef0123456789" * 3
+
+
+class KeyServer:
+    """Serves install public keys by kid, as connect-install-keys.atlassian.com does."""
+
+    def __init__(self, keys: InstallKeys) -> None:
+        self.keys = keys
+        self.fetches: list[str] = []
+
+    def app(self) -> web.Application:
+        async def key(request: web.Request) -> web.Response:
+            kid = request.match_info["kid"]
+            self.fetches.append(kid)
+            if kid != self.keys.kid:
+                return web.Response(status=404)
+            return web.Response(text=self.keys.public_pem)
+
+        app = web.Application()
+        app.router.add_get("/{kid}", key)
+        return app
+
+
+def install_body(secret: str = SECRET, client_key: str = CLIENT_KEY) -> dict[str, str]:
+    return {
+        "key": "deploybot",
+        "clientKey": client_key,
+        "sharedSecret": secret,
+        "baseUrl": "https://tenant-1.atlassian.net",
+        "eventType": "installed",
+    }
+
+
+async def install(
+    client: TestClient[Any, Any], keys: InstallKeys, body: dict[str, str] | None = None, **sign: Any
+) -> int:
+    body = body or install_body()
+    token = keys.sign(
+        "POST",
+        "/lifecycle/installed",
+        client_key=sign.pop("client_key", body["clientKey"]),
+        audience=sign.pop("audience", PUBLIC_URL),
+        **sign,
+    )
+    resp = await client.post(
+        "/lifecycle/installed", json=body, headers={"Authorization": f"JWT {token}"}
+    )
+    return resp.status
+
+
+QUICK = RetryPolicy(max_attempts=2, base_delay_s=0.0, max_delay_s=0.0, timeout_s=5.0)
+
+
+@dataclass
+class World:
+    fake: FakeJira
+    engine: AsyncEngine
+    session: aiohttp.ClientSession
+    settings: Settings
+
+    def access(self, engine: AsyncEngine | None = None) -> JiraAccess:
+        fake = self.fake
+        return JiraAccess(
+            self.settings, engine or self.engine, self.session, clock=lambda: fake.now, policy=QUICK
+        )
+
+    def maintenance(self, rules: RuleSet, interval_days: float = 1) -> WebhookMaintenance:
+        return WebhookMaintenance(self.access(), lambda: rules, timedelta(days=interval_days))
+
+
+async def make_world(mode: str, database_url: str) -> AsyncIterator[World]:
+    fake = FakeJira(mode=mode)  # type: ignore[arg-type]
+    await fake.start()
+    engine = create_engine(database_url)
+    await upgrade(engine)
+    settings = Settings(
+        database_url=database_url,
+        public_url=PUBLIC_URL,
+        jira_auth_mode=mode,  # type: ignore[arg-type]
+        jira_app_key=fake.app_key,
+        jira_base_url=fake.base_url,
+        jira_client_id=fake.client_id,
+        jira_client_secret=fake.client_secret,
+        jira_refresh_token=fake.refresh_token,
+        jira_token_url=fake.token_url,
+    )
+    if mode == "connect":
+        await Tenants(engine).install(fake.client_key, fake.shared_secret, fake.base_url)
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield World(fake, engine, session, settings)
+    finally:
+        await engine.dispose()
+        await fake.close()
+
+
+def tenant_of(w: World) -> str:
+    return w.fake.client_key if w.fake.mode == "connect" else ""
+
+
+async def start_store(engine: AsyncEngine) -> EventStore:
+    store = EventStore(engine)
+    await store.start()
+    return store

@@ -8,37 +8,21 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from bot.settings import Settings
 from tests.conftest import ClientFactory
-from tests.helpers import PAYLOAD, stored_count
+from tests.helpers import (
+    CLIENT_KEY,
+    PAYLOAD,
+    PUBLIC_URL,
+    SECRET,
+    KeyServer,
+    install,
+    install_body,
+    stored_count,
+)
 from tests.signing import InstallKeys, connect_claims_token, connect_token
-
-PUBLIC_URL = "https://deploybot.example.com/app"
-CLIENT_KEY = "jira:tenant-1"
-SECRET = "tenant-shared-secret-" + "abcdef0123456789" * 3
-
-
-class KeyServer:
-    """Serves install public keys by kid, as connect-install-keys.atlassian.com does."""
-
-    def __init__(self, keys: InstallKeys) -> None:
-        self.keys = keys
-        self.fetches: list[str] = []
-
-    def app(self) -> web.Application:
-        async def key(request: web.Request) -> web.Response:
-            kid = request.match_info["kid"]
-            self.fetches.append(kid)
-            if kid != self.keys.kid:
-                return web.Response(status=404)
-            return web.Response(text=self.keys.public_pem)
-
-        app = web.Application()
-        app.router.add_get("/{kid}", key)
-        return app
 
 
 @pytest.fixture
@@ -59,33 +43,6 @@ async def connect_client(
         jira_connect_keys_url=str(key_server[1].make_url("")).rstrip("/"),
     )
     return client
-
-
-def install_body(secret: str = SECRET, client_key: str = CLIENT_KEY) -> dict[str, str]:
-    return {
-        "key": "deploybot",
-        "clientKey": client_key,
-        "sharedSecret": secret,
-        "baseUrl": "https://tenant-1.atlassian.net",
-        "eventType": "installed",
-    }
-
-
-async def install(
-    client: TestClient[Any, Any], keys: InstallKeys, body: dict[str, str] | None = None, **sign: Any
-) -> int:
-    body = body or install_body()
-    token = keys.sign(
-        "POST",
-        "/lifecycle/installed",
-        client_key=sign.pop("client_key", body["clientKey"]),
-        audience=sign.pop("audience", PUBLIC_URL),
-        **sign,
-    )
-    resp = await client.post(
-        "/lifecycle/installed", json=body, headers={"Authorization": f"JWT {token}"}
-    )
-    return resp.status
 
 
 async def deliver(

@@ -16,16 +16,9 @@ from bot.db.engine import create_engine
 from bot.db.models import tenants
 from bot.settings import Settings, from_env
 from tests.conftest import ClientFactory
+from tests.helpers import CLIENT_KEY, PUBLIC_URL, SECRET, KeyServer, install, install_body
 from tests.signing import InstallKeys, connect_token
-from tests.test_connect import (
-    CLIENT_KEY,
-    PUBLIC_URL,
-    SECRET,
-    KeyServer,
-    deliver,
-    install,
-    install_body,
-)
+from tests.test_connect import deliver
 
 Client = TestClient[Any, Any]
 

@@ -24,7 +24,7 @@ from bot.services.adf import plain_text, to_adf
 from bot.services.jira import MARKER_PROPERTY, marker
 from bot.services.runner import ActionRunner, action_registry
 from tests.fakes.jira import issue_updated_payload
-from tests.test_jobs import QUICK, World, make_world, tenant_of
+from tests.helpers import QUICK, World, make_world, tenant_of
 
 
 @pytest.fixture(params=["connect", "oauth"])

@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import aiohttp
 import pytest
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from bot.core.backoff import RetryPolicy
 from bot.core.delivery import parse_delivery
 from bot.db.engine import create_engine, upgrade
 from bot.db.models import action_runs, events
@@ -25,20 +23,18 @@ from bot.db.registrations import (
     failed_cursor_key,
     kv_get,
 )
-from bot.db.store import EventStore
 from bot.db.tenants import Tenants
 from bot.errors import ServiceDisabled
-from bot.jira_app.access import JiraAccess, JiraActionClients
+from bot.jira_app.access import JiraActionClients
 from bot.jira_app.jobs import WebhookMaintenance, poll_all_failed, prune
 from bot.pipeline.executor import ActionExecutor
 from bot.pipeline.processor import EventProcessor
 from bot.rules.loader import load_rules
 from bot.rules.model import Rule, RuleSet
 from bot.services.runner import ActionRunner
-from bot.settings import Settings
-from tests.fakes.jira import FakeJira, FakeWebhook, issue_updated_payload
+from tests.fakes.jira import FakeWebhook, issue_updated_payload
+from tests.helpers import World, make_world, start_store, tenant_of
 
-QUICK = RetryPolicy(max_attempts=2, base_delay_s=0.0, max_delay_s=0.0, timeout_s=5.0)
 PUBLIC_URL = "https://deploybot.example.com"
 DAY = 86400
 
@@ -55,49 +51,6 @@ def at(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
 
 
-@dataclass
-class World:
-    fake: FakeJira
-    engine: AsyncEngine
-    session: aiohttp.ClientSession
-    settings: Settings
-
-    def access(self, engine: AsyncEngine | None = None) -> JiraAccess:
-        fake = self.fake
-        return JiraAccess(
-            self.settings, engine or self.engine, self.session, clock=lambda: fake.now, policy=QUICK
-        )
-
-    def maintenance(self, rules: RuleSet, interval_days: float = 1) -> WebhookMaintenance:
-        return WebhookMaintenance(self.access(), lambda: rules, timedelta(days=interval_days))
-
-
-async def make_world(mode: str, database_url: str) -> AsyncIterator[World]:
-    fake = FakeJira(mode=mode)  # type: ignore[arg-type]
-    await fake.start()
-    engine = create_engine(database_url)
-    await upgrade(engine)
-    settings = Settings(
-        database_url=database_url,
-        public_url=PUBLIC_URL,
-        jira_auth_mode=mode,  # type: ignore[arg-type]
-        jira_app_key=fake.app_key,
-        jira_base_url=fake.base_url,
-        jira_client_id=fake.client_id,
-        jira_client_secret=fake.client_secret,
-        jira_refresh_token=fake.refresh_token,
-        jira_token_url=fake.token_url,
-    )
-    if mode == "connect":
-        await Tenants(engine).install(fake.client_key, fake.shared_secret, fake.base_url)
-    try:
-        async with aiohttp.ClientSession() as session:
-            yield World(fake, engine, session, settings)
-    finally:
-        await engine.dispose()
-        await fake.close()
-
-
 @pytest.fixture(params=["connect", "oauth"])
 async def world(request: pytest.FixtureRequest, database_url: str) -> AsyncIterator[World]:
     async for w in make_world(request.param, database_url):
@@ -108,10 +61,6 @@ async def world(request: pytest.FixtureRequest, database_url: str) -> AsyncItera
 async def connect(database_url: str) -> AsyncIterator[World]:
     async for w in make_world("connect", database_url):
         yield w
-
-
-def tenant_of(w: World) -> str:
-    return w.fake.client_key if w.fake.mode == "connect" else ""
 
 
 async def test_ninety_days_of_ticks_never_let_a_webhook_lapse(
@@ -191,12 +140,6 @@ async def test_sync_reports_what_jira_refused_and_keeps_the_rest(world: World) -
     assert report.errors[0] == "Jira refused the webhook for rules odd"
     assert "not supported in webhook JQL" in report.errors[1]
     assert [r.spec.jql for r in await Registrations(world.engine).list()] == ["project = OPS"]
-
-
-async def start_store(engine: AsyncEngine) -> EventStore:
-    store = EventStore(engine)
-    await store.start()
-    return store
 
 
 async def stored_events(engine: AsyncEngine) -> list[tuple[str, str]]:

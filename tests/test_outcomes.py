@@ -26,7 +26,7 @@ from bot.rules.loader import load_rules
 from bot.services.runner import ActionRunner
 from bot.web.metrics import Metrics
 from tests.fakes.jira import issue_updated_payload
-from tests.test_jobs import World, make_world, start_store, tenant_of
+from tests.helpers import World, make_world, start_store, tenant_of
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 LATER = NOW + timedelta(seconds=30)

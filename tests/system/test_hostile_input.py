@@ -39,10 +39,19 @@ from bot.rules.loader import JIRA_EVENTS
 from bot.settings import Settings
 from tests.conftest import CLIENT_SECRET, ClientFactory
 from tests.fakes.ubiops import FakeUbiOps
-from tests.helpers import TOKEN, issue_updated, wait_for
+from tests.helpers import (
+    CLIENT_KEY,
+    PUBLIC_URL,
+    SECRET,
+    TOKEN,
+    KeyServer,
+    install,
+    install_body,
+    issue_updated,
+    wait_for,
+)
 from tests.signing import InstallKeys, connect_claims_token, connect_token, forge_token
 from tests.signing import oauth_token as signed_oauth_token
-from tests.test_connect import CLIENT_KEY, PUBLIC_URL, SECRET, KeyServer, install, install_body
 
 ARTIFACT = Path(__file__).resolve().parents[2] / "test-artifacts" / "system-hostile.json"
 MAX_EXAMPLES = 100  # per hypothesis category: bounded (the whole file runs in seconds)

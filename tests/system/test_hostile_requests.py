@@ -34,11 +34,10 @@ from bot.web.keys import HTTP
 from bot.web.sessions import LOGIN_BURST, LOGIN_REFILL_S, SESSION_TTL_S
 from bot.web.status import csrf_token
 from tests.conftest import CLIENT_SECRET, ClientFactory
-from tests.helpers import issue_updated
+from tests.helpers import CLIENT_KEY, PUBLIC_URL, SECRET, KeyServer, install_body, issue_updated
 from tests.signing import InstallKeys, connect_claims_token
 from tests.signing import oauth_token as signed_oauth_token
 from tests.system.test_hostile_input import _row_counts
-from tests.test_connect import CLIENT_KEY, PUBLIC_URL, SECRET, KeyServer, install_body
 
 ADMIN = "admin-token-" + "0123456789" * 3
 NOTHING = {"events": 0, "rule_matches": 0, "action_runs": 0}

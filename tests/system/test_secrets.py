@@ -33,7 +33,7 @@ from tests.conftest import CLIENT_SECRET
 from tests.fakes.genesys import FakeGenesys
 from tests.fakes.jira import FakeJira
 from tests.fakes.ubiops import FakeUbiOps, Fault
-from tests.helpers import issue_updated, wait_for
+from tests.helpers import KeyServer, issue_updated, wait_for
 from tests.signing import InstallKeys, connect_token, oauth_token
 from tests.system.harness import (
     VERSION_PER_ISSUE_RULE,
@@ -41,7 +41,6 @@ from tests.system.harness import (
     create_churn_deployment,
     service_env,
 )
-from tests.test_connect import KeyServer
 
 ADMIN_TOKEN = "admin-token-" + "A7" * 20
 REFRESH_TOKEN = "jira-refresh-" + "R5" * 20
