@@ -37,7 +37,7 @@ from bot.db.models import action_runs, events
 UBIOPS_TOKEN = "bench-ubiops-token-" + "u" * 24
 
 
-def spawn_fake_ubiops(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+def spawn_fake_ubiops(workdir: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
     """Run the fake UbiOps API in its own process; return it and its base URL."""
     port = harness.free_port()
     with (workdir / "fake-ubiops.log").open("wb") as log:
@@ -50,6 +50,7 @@ def spawn_fake_ubiops(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
                 str(port),
                 "--token",
                 UBIOPS_TOKEN,
+                *extra,
             ],
             cwd=harness.ROOT,
             stdout=log,
@@ -58,9 +59,9 @@ def spawn_fake_ubiops(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"http://127.0.0.1:{port}/v2.1"
 
 
-async def start_fake_ubiops(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+async def start_fake_ubiops(workdir: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
     """Run the fake UbiOps, with the deployment the rule targets, once it answers."""
-    proc, base_url = spawn_fake_ubiops(workdir)
+    proc, base_url = spawn_fake_ubiops(workdir, *extra)
     deadline = time.monotonic() + 30
     async with aiohttp.ClientSession(headers={"Authorization": f"Token {UBIOPS_TOKEN}"}) as session:
         while True:
