@@ -166,10 +166,7 @@ async def run(args: argparse.Namespace, workdir: Path, database_url: str) -> Non
             restarted = time.monotonic()
             procs[0] = spawn(workdir, ports[0], database_url, ubiops_url)
             done = await until_released(database_url, owners, args.timeout)
-            ready = await asyncio.to_thread(
-                harness.wait_http, f"http://127.0.0.1:{ports[0]}/readyz"
-            )
-            del ready
+            await asyncio.to_thread(harness.wait_http, f"http://127.0.0.1:{ports[0]}/readyz")
             print(
                 f"restarted process resumed every claim {done - restarted:.2f} s after its"
                 f" spawn (ready at {time.monotonic() - restarted:.2f} s; goal < 5 s)"
