@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -24,6 +25,25 @@ def main() -> None:
     args = parser.parse_args()
     fake = FakeUbiOps(token=args.token, projects=(args.project,), rate_limit_per_minute=10**9)
     app = fake.app()
+    # When each version's create arrived (monotonic clock, shared by the host's processes):
+    # bench/pipeline.py's reaction time is this minus its delivery's 202.
+    arrivals: dict[str, float] = {}
+
+    @web.middleware
+    async def arrival(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.method == "POST" and request.path.endswith("/versions"):
+            at = time.monotonic()
+            version = str((await request.json()).get("version", ""))
+            arrivals.setdefault(version, at)
+        return await handler(request)
+
+    async def show_arrivals(request: web.Request) -> web.Response:
+        return web.json_response(arrivals)
+
+    app.middlewares.append(arrival)
+    app.router.add_get("/bench/arrivals", show_arrivals)
     if args.post_delay_s:
         delay = args.post_delay_s
 
