@@ -37,9 +37,8 @@ def dead_process() -> Iterator[ProcessIdentity]:
     """The identity of a process of this host that ran and was SIGKILLed."""
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        identity = ProcessIdentity(
-            "deadbeef", socket.gethostname(), child.pid, _start_time(child.pid)
-        )
+        me = ProcessIdentity.current()  # the child shares this host and pid namespace
+        identity = ProcessIdentity("deadbeef", me.host, child.pid, _start_time(child.pid))
         assert pid_alive(child.pid, identity.started)
         yield identity
     finally:
@@ -140,3 +139,13 @@ def test_a_reused_pid_or_a_silent_process_is_dead() -> None:
     assert not is_dead(row(host="elsewhere", started="0"), me, now, after)  # can't tell
     assert is_dead(row(host="elsewhere", heartbeat_at=now - after * 2), me, now, after)
     assert not is_dead(row(id=me.id, heartbeat_at=now - after * 2), me, now, after)
+
+
+def test_the_host_names_the_pid_namespace() -> None:
+    # Two containers with the host's name (host networking) have their own pids: a pid
+    # absent from one's /proc says nothing about a process of the other.
+    if not os.path.exists("/proc/self/ns/pid"):
+        pytest.skip("no pid namespaces here")
+    assert ProcessIdentity.current().host == (
+        f"{socket.gethostname()} {os.readlink('/proc/self/ns/pid')}"
+    )

@@ -55,6 +55,19 @@ def _start_time(pid: int) -> str:
     return fields[19].decode() if len(fields) > 19 else ""
 
 
+def _host() -> str:
+    """Where this process's pid means something: the host name and the pid namespace.
+
+    Containers sharing the host's name (host networking) each have a pid namespace of
+    their own, where another's pid is absent though it runs: they only see heartbeats.
+    """
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return socket.gethostname()
+    return f"{socket.gethostname()} {namespace}"[:255]
+
+
 def pid_alive(pid: int, started: str) -> bool:
     """Whether the process `pid` that started at `started` still runs on this host."""
     if os.path.isdir("/proc/self"):
@@ -78,7 +91,7 @@ class ProcessIdentity:
     @classmethod
     def current(cls) -> ProcessIdentity:
         pid = os.getpid()
-        return cls(uuid.uuid4().hex[:16], socket.gethostname(), pid, _start_time(pid))
+        return cls(uuid.uuid4().hex[:16], _host(), pid, _start_time(pid))
 
     @property
     def events_owner(self) -> str:
