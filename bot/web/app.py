@@ -167,6 +167,7 @@ async def _workers(app: web.Application) -> AsyncIterator[None]:
         concurrency=settings.workers,
         rules=lambda: watcher.current,
         owner=liveness.identity.actions_owner,
+        ingest_busy=app[STORE].busy,
     )
     processor = EventProcessor(
         app[ENGINE],
