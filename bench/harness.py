@@ -76,6 +76,35 @@ def write_rules(folder: Path, count: int, *, ubiops_call: bool = False) -> Path:
     return folder
 
 
+def write_matching_rule(folder: Path) -> Path:
+    """One rule every bench delivery matches, three UbiOps calls (create, two reads)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = "project_name: ml-prod\n          deployment_name: churn"
+    (folder / "bench.yaml").write_text(
+        f"""rules:
+  - name: rollout
+    on: {{events: [jira:issue_updated]}}
+    when:
+      - changed: status
+        to: Ready to deploy
+    do:
+      - id: version
+        action: ubiops.deployment_versions_create
+        with:
+          {target}
+          data: {{version: "{{{{ issue.key | lower }}}}", environment: python3-11}}
+      - action: ubiops.deployment_versions_get
+        with:
+          {target}
+          version: "{{{{ steps.version.version }}}}"
+      - action: ubiops.deployments_get
+        with:
+          {target}
+"""
+    )
+    return folder
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

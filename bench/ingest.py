@@ -29,11 +29,13 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import harness
+from bench.pipeline import UBIOPS_TOKEN, start_fake_ubiops
 
 WRK_HINT = "wrk is not installed; on Debian: apt-get update && apt-get install -y wrk"
 
 LUA = r"""
 local token, body, prefix, ids_path = %(token)s, %(body)s, %(prefix)s, %(ids_path)s
+local numbered = body:find("@N@", 1, true) ~= nil  -- --matching: each its own change
 counter, accepted, ids = 0, 0, {}  -- globals: `done` reads them with thread:get
 local threads = {}
 local next_id = 0
@@ -55,6 +57,9 @@ end
 function request()
   counter = counter + 1
   wrk.headers["X-Atlassian-Webhook-Identifier"] = prefix .. "-" .. tid .. "-" .. counter
+  if numbered then
+    return wrk.format(nil, nil, nil, (body:gsub("@N@", %(number)s .. tid .. "0" .. counter)))
+  end
   return wrk.format()
 end
 
@@ -109,7 +114,11 @@ def lua_string(text: str) -> str:
 
 def run_wrk(port: int, args: argparse.Namespace, workdir: Path, connections: int) -> Load:
     """Drive one server with wrk; return what its `done` hook reported."""
-    body = json.dumps(harness.issue_updated(), ensure_ascii=True)
+    payload = harness.issue_updated()
+    if args.matching:  # another issue and change each: a run of the rule each (one a change)
+        payload["issue"].update(key="OPS-@N@", id="@N@")
+        payload["changelog"]["id"] = "@N@"
+    body = json.dumps(payload, ensure_ascii=True)
     script = workdir / f"deliveries-{port}.lua"
     script.write_text(
         LUA
@@ -118,6 +127,7 @@ def run_wrk(port: int, args: argparse.Namespace, workdir: Path, connections: int
             "body": lua_string(body),
             "prefix": lua_string(uuid.uuid4().hex[:12]),
             "ids_path": lua_string(str(ids_path(workdir, port))),
+            "number": lua_string(str(uuid.uuid4().int % 10**6 + 10**6)),
         }
     )
     out = subprocess.run(
@@ -246,14 +256,29 @@ def report(name: str, load: Load) -> None:
 
 
 def bench_deploybot(
-    name: str, rule_count: int, args: argparse.Namespace, workdir: Path, database_url: str
+    name: str,
+    rule_count: int,
+    args: argparse.Namespace,
+    workdir: Path,
+    database_url: str,
+    ubiops_url: str | None = None,
 ) -> Load:
-    """Run `deploybot serve` (x processes) with `rule_count` rules; check rows against 202s."""
-    rules = harness.write_rules(workdir / f"rules-{rule_count}", rule_count)
+    """Run `deploybot serve` (x processes) with `rule_count` rules; check rows against 202s.
+    With `ubiops_url`, the rules are one 3-step rule every delivery matches, acting there."""
+    if ubiops_url:
+        rules = harness.write_matching_rule(workdir / "rules-matching")
+        extra = {
+            "UBIOPS_API_URL": ubiops_url,
+            "UBIOPS_API_TOKEN": UBIOPS_TOKEN,
+            "UBIOPS_RATE_LIMIT_PER_MINUTE": "1000000",
+        }
+    else:
+        rules = harness.write_rules(workdir / f"rules-{rule_count}", rule_count)
+        extra = {}
     ports = [harness.free_port() for _ in range(args.processes)]
     with contextlib.ExitStack() as stack:
         procs = [
-            stack.enter_context(harness.deploybot(workdir, port, database_url, rules))
+            stack.enter_context(harness.deploybot(workdir, port, database_url, rules, **extra))
             for port in ports
         ]
         spies = [
@@ -272,7 +297,25 @@ def bench_deploybot(
             f"FAILED: {load.accepted} 202s, {len(event_ids)} event ids, {missing} not stored"
         )
     print(f"{'':<28} every 202 is a stored row ({load.accepted} checked)")
+    if ubiops_url:
+        print(f"{'':<28} action runs at the end: {asyncio.run(run_statuses(database_url))}")
     return load
+
+
+async def run_statuses(database_url: str) -> dict[str, int]:
+    """Action runs by status (the matching rule's runs, acted on during the load)."""
+    from sqlalchemy import func, select
+
+    from bot.db.engine import create_engine
+    from bot.db.models import action_runs
+
+    engine = create_engine(database_url)
+    try:
+        async with engine.connect() as conn:
+            query = select(action_runs.c.status, func.count()).group_by(action_runs.c.status)
+            return {str(status): int(n) for status, n in await conn.execute(query)}
+    finally:
+        await engine.dispose()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--profile", type=Path, help="folder for py-spy profiles (collapsed stacks) of deploybot"
+    )
+    parser.add_argument(
+        "--matching",
+        action="store_true",
+        help="every delivery matches a 3-step rule acting on a fake UbiOps (its own process)",
     )
     parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -314,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError:
             print(harness.log_tail(workdir), file=sys.stderr)
             raise
-    labels = ("10 rules", f"{args.rules} rules")
+    labels = ("matching 3-step rule",) if args.matching else ("10 rules", f"{args.rules} rules")
     for i, (bare, *results) in enumerate(rounds):
         ratios = ", ".join(
             f"{label} {load.rps / bare.rps:.2f}"
@@ -335,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def one_round(
     args: argparse.Namespace, workdir: Path, database_url: str, index: int
-) -> tuple[Load, Load, Load]:
+) -> tuple[Load, ...]:
     """The bare handler, then deploybot with 10 and with `--rules` rules, in turn."""
     # SQLite: a fresh file each round; a PostgreSQL database is the caller's.
     database_url = database_url or f"sqlite+aiosqlite:///{workdir / f'bench-{index}.db'}"
@@ -349,6 +397,16 @@ def one_round(
     ) as bare_proc:
         bare = drive([port], args, workdir, [bare_proc.pid])
     report("bare aiohttp", bare)
+    if args.matching:
+        fake, ubiops_url = asyncio.run(start_fake_ubiops(workdir))
+        try:
+            matching = bench_deploybot(
+                "deploybot (matching)", 1, args, workdir, database_url, ubiops_url
+            )
+        finally:
+            fake.terminate()
+            fake.wait(10)
+        return bare, matching
     return (
         bare,
         bench_deploybot("deploybot (10 rules)", 10, args, workdir, database_url),

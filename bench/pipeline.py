@@ -37,7 +37,7 @@ from bot.db.models import action_runs, events
 UBIOPS_TOKEN = "bench-ubiops-token-" + "u" * 24
 
 
-def spawn_fake_ubiops(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+def spawn_fake_ubiops(workdir: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
     """Run the fake UbiOps API in its own process; return it and its base URL."""
     port = harness.free_port()
     with (workdir / "fake-ubiops.log").open("wb") as log:
@@ -50,6 +50,7 @@ def spawn_fake_ubiops(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
                 str(port),
                 "--token",
                 UBIOPS_TOKEN,
+                *extra,
             ],
             cwd=harness.ROOT,
             stdout=log,
@@ -58,9 +59,9 @@ def spawn_fake_ubiops(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"http://127.0.0.1:{port}/v2.1"
 
 
-async def start_fake_ubiops(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+async def start_fake_ubiops(workdir: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
     """Run the fake UbiOps, with the deployment the rule targets, once it answers."""
-    proc, base_url = spawn_fake_ubiops(workdir)
+    proc, base_url = spawn_fake_ubiops(workdir, *extra)
     deadline = time.monotonic() + 30
     async with aiohttp.ClientSession(headers={"Authorization": f"Token {UBIOPS_TOKEN}"}) as session:
         while True:
@@ -95,9 +96,11 @@ async def send(
     connections: int,
     most: int | None,
     rate: float | None = None,
+    accepted_at: dict[str, float] | None = None,
 ) -> int:
     """POST deliveries (each its own id and issue key) for `duration_s`, as fast as the
-    connections go or `rate` a second; return the 202s."""
+    connections go or `rate` a second; return the 202s (their times by issue key, in
+    `accepted_at`)."""
     token = harness.oauth_token()
     template = harness.issue_updated()
     numbers = itertools.count()
@@ -125,6 +128,8 @@ async def send(
                 await resp.read()
                 if resp.status == 202:
                     accepted += 1
+                    if accepted_at is not None:
+                        accepted_at[f"ops-{n}"] = time.monotonic()
                 else:
                     raise RuntimeError(f"delivery answered {resp.status}")
 
@@ -134,6 +139,23 @@ async def send(
             *(connection(session, urls[i % len(urls)]) for i in range(connections))
         )
     return accepted
+
+
+async def reaction_times(base_url: str, accepted_at: dict[str, float]) -> list[float]:
+    """Per event, seconds from its delivery's 202 to its UbiOps create's arrival, sorted."""
+    root = base_url.rsplit("/v2.1", 1)[0]
+    headers = {"Authorization": f"Token {UBIOPS_TOKEN}"}
+    async with (
+        aiohttp.ClientSession(headers=headers) as session,
+        session.get(f"{root}/bench/arrivals") as resp,
+    ):
+        resp.raise_for_status()
+        arrivals: dict[str, float] = await resp.json()
+    return sorted(arrivals[k] - at for k, at in accepted_at.items() if k in arrivals)
+
+
+def percentile(values: list[float], share: float) -> float:
+    return values[min(len(values) - 1, int(share * len(values)))]
 
 
 async def backlog(database_url: str) -> tuple[int, int, int]:
@@ -224,7 +246,10 @@ async def _run(args: argparse.Namespace, workdir: Path, database_url: str, ubiop
         timeline = (
             asyncio.create_task(print_timeline(database_url, started)) if args.timeline else None
         )
-        accepted = await send(urls, args.duration, args.connections, args.events, args.rate)
+        accepted_at: dict[str, float] = {}
+        accepted = await send(
+            urls, args.duration, args.connections, args.events, args.rate, accepted_at
+        )
         sent_s = time.monotonic() - started
         deadline = time.monotonic() + args.drain_timeout
         while True:
@@ -247,6 +272,7 @@ async def _run(args: argparse.Namespace, workdir: Path, database_url: str, ubiop
             await asyncio.to_thread(spy.wait)
         await asyncio.to_thread(stack.close)
     creates = await versions_created(ubiops_url)
+    reactions = await reaction_times(ubiops_url, accepted_at)
     # The largest child: the deploybot processes have exited by now (the fake has not).
     peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(
@@ -255,6 +281,12 @@ async def _run(args: argparse.Namespace, workdir: Path, database_url: str, ubiop
     )
     print(f"sustained {accepted / drained_s:.0f} events/s end to end (goal >= 1000)")
     print(f"UbiOps creates {creates} for {accepted} events; peak RSS {peak_mib:.0f} MiB")
+    if reactions:
+        print(
+            f"reaction, 202 to the UbiOps create: p50 {1000 * percentile(reactions, 0.5):.1f} ms,"
+            f" p99 {1000 * percentile(reactions, 0.99):.1f} ms, max {1000 * reactions[-1]:.1f} ms"
+            f" ({len(reactions)} events; goal p99 < 50 ms at --rate 50)"
+        )
     sender_s = resource.getrusage(resource.RUSAGE_SELF)
     print(
         f"CPU seconds: deploybot {busy_s:.1f}, sender {sender_s.ru_utime + sender_s.ru_stime:.1f}"

@@ -39,6 +39,8 @@ class Settings:
     client_timeout_s: float = 15.0
     lease_s: float = 60.0
     action_lease_s: float = 120.0  # a run's claim: longer than any one call of its action
+    # Each process's heartbeat; one silent for 5 of them is dead and its claims are taken back.
+    heartbeat_s: float = 2.0
     workers: int = 8
     http_timeout_s: float = 30.0  # one call to UbiOps/Genesys/Jira, connect to last byte
     http_attempts: int = 4  # calls per action attempt (a lost POST answer is never repeated)
@@ -311,6 +313,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "max_body_bytes": ("DEPLOYBOT_MAX_BODY_BYTES", _int("DEPLOYBOT_MAX_BODY_BYTES", 1024, 1 << 30)),
     "lease_s": ("DEPLOYBOT_LEASE_S", _float("DEPLOYBOT_LEASE_S", 1.0)),
     "action_lease_s": ("DEPLOYBOT_ACTION_LEASE_S", _float("DEPLOYBOT_ACTION_LEASE_S", 1.0)),
+    "heartbeat_s": ("DEPLOYBOT_HEARTBEAT_S", _float("DEPLOYBOT_HEARTBEAT_S", 0.1)),
     "workers": ("DEPLOYBOT_WORKERS", _int("DEPLOYBOT_WORKERS", 0, 64)),
     "http_timeout_s": ("DEPLOYBOT_HTTP_TIMEOUT_S", _float("DEPLOYBOT_HTTP_TIMEOUT_S", 0.1)),
     "http_attempts": ("DEPLOYBOT_HTTP_ATTEMPTS", _int("DEPLOYBOT_HTTP_ATTEMPTS", 1, 20)),

@@ -42,3 +42,9 @@ def test_waiting_bench_measures_idle_waits() -> None:
     out = run_bench("waiting.py", "--runs", "50", "--duration", "1", "--ticks", "20")
     assert "50 runs waiting on until" in out
     assert "due-check per tick (claim, nothing due)" in out
+
+
+def test_recovery_bench_kills_restarts_and_resumes_without_repeating_a_create() -> None:
+    out = run_bench("recovery.py", "--rate", "40", "--send-s", "1", "--post-delay-s", "0.5")
+    assert "restarted process resumed every claim" in out
+    assert "(one per event: nothing done twice)" in out

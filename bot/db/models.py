@@ -203,6 +203,19 @@ oauth_tokens = Table(
     Column("updated_at", UTCDateTime, nullable=False),
 )
 
+# Worker processes alive, each beating its heartbeat (bot/pipeline/liveness.py): a dead
+# one's claims (lease_owner "events-<id>" / "actions-<id>") are taken back at once.
+processes = Table(
+    "processes",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started", String(64), nullable=False),  # the kernel's start time of pid
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("heartbeat_at", UTCDateTime, nullable=False),
+)
+
 EVENT_STATUSES = ("received", "processing", "processed", "failed")
 # waiting: a step's `until` does not hold yet (due again at next_attempt_at); held: an
 # `on_failure` step, released when a step of `do` is dead; superseded: `pending: latest`.

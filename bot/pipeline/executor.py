@@ -91,6 +91,10 @@ class _AttemptRecord:
 
 
 ACTIVE = ("pending", "running", "retrying", "waiting")  # a run of these holds its key
+# While deliveries load the write path, claims (a commit each, and an outcome commit after
+# them) come at most this often, for all free slots at once: the deliveries' commits
+# queue behind them in the one writer (see docs/performance.md, issue #23).
+BUSY_CLAIM_PAUSE_S = 0.05
 
 
 def due_conditions(now: datetime | BindParameter[datetime]) -> list[ColumnElement[bool]]:
@@ -257,8 +261,10 @@ class ActionExecutor:
         clock: Callable[[], datetime] = utcnow,
         rng: random.Random | None = None,
         rules: Callable[[], RuleSet] | None = None,
+        ingest_busy: Callable[[], bool] = lambda: False,
     ) -> None:
         self._engine = engine
+        self._ingest_busy = ingest_busy
         self._rules = rules  # the rule set in force: where masked secrets are read
         self._writes = writer_for(engine)
         self._runner = runner
@@ -741,6 +747,9 @@ class ActionExecutor:
                     task = asyncio.create_task(self.execute(run))
                     inflight.add(task)
                     task.add_done_callback(finished)
+                if claimed and self._ingest_busy():
+                    await asyncio.sleep(BUSY_CLAIM_PAUSE_S)
+                    continue
                 if claimed and len(inflight) < self._concurrency:
                     continue  # more may be due right now
                 await wait_until_set(self.wakeup, poll_s)

@@ -21,6 +21,7 @@ from bot.db.writers import writer_for
 from bot.jira_app.access import DELIVERY_PATH, JiraAccess, JiraActionClients
 from bot.jira_app.scheduler import LEADER_CHECK_MAX_S, LeaderLock, Scheduler, scheduled_jobs
 from bot.pipeline.executor import ActionExecutor, RetryBudget
+from bot.pipeline.liveness import Liveness
 from bot.pipeline.processor import EventProcessor
 from bot.rules.watcher import RuleWatcher
 from bot.services.actions import ServiceClient
@@ -151,6 +152,7 @@ async def _workers(app: web.Application) -> AsyncIterator[None]:
             RuleWatcher, settings.rules_dir, epic_label_field=settings.jira_epic_label_field
         )
     )
+    liveness = Liveness(app[ENGINE], heartbeat_s=settings.heartbeat_s)
     executor = ActionExecutor(
         app[ENGINE],
         ActionRunner(
@@ -165,6 +167,8 @@ async def _workers(app: web.Application) -> AsyncIterator[None]:
         ),
         concurrency=settings.workers,
         rules=lambda: watcher.current,
+        owner=liveness.identity.actions_owner,
+        ingest_busy=app[STORE].busy,
     )
     processor = EventProcessor(
         app[ENGINE],
@@ -173,19 +177,29 @@ async def _workers(app: web.Application) -> AsyncIterator[None]:
         on_planned=executor.wakeup.set,
         ingest_busy=app[STORE].busy,
         rules_ready=lambda: watcher.loaded,
+        owner=liveness.identity.events_owner,
     )
     app[STORE].on_commit = processor.wakeup.set
+
+    def reclaimed() -> None:
+        processor.wakeup.set()
+        executor.wakeup.set()
+
+    liveness.on_reclaimed = reclaimed
+    # Before the first claim: a crashed predecessor's claims are taken back at once.
+    await liveness.beat(durable=True)
     app[RULES], app[PROCESSOR], app[EXECUTOR] = watcher, processor, executor
     tasks = [
         asyncio.create_task(watcher.run(RULES_POLL_S), name="rules-watcher"),
         asyncio.create_task(processor.run(), name="event-processor"),
         asyncio.create_task(executor.run(), name="action-executor"),
+        asyncio.create_task(liveness.run(), name="heartbeat"),
     ]
     yield
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    for release in (processor.release, executor.release):
+    for release in (processor.release, executor.release, liveness.stop):
         with contextlib.suppress(Exception):  # the database may be gone: leases expire anyway
             await release()
 

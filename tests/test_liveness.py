@@ -1,0 +1,151 @@
+"""A dead process's claims are taken back at once (bot/pipeline/liveness.py): by its
+restarted successor on the same host (its pid is gone), by any replica once its heartbeat
+is silent; a live holder's claims are left alone. Real database (both engines), the
+real fake UbiOps, real processes killed for the dead ones."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import timedelta
+from types import SimpleNamespace
+
+import pytest
+from sqlalchemy import select
+
+from bot.core.delivery import Delivery
+from bot.db.models import processes, utcnow
+from bot.pipeline.liveness import (
+    DEAD_AFTER_BEATS,
+    Liveness,
+    ProcessIdentity,
+    _start_time,
+    is_dead,
+    pid_alive,
+)
+from bot.pipeline.processor import EventProcessor
+from tests.test_workflows import Env, _uploads, drive, issue_updated
+from tests.test_workflows import env as env  # the fixture
+
+
+@pytest.fixture
+def dead_process() -> Iterator[ProcessIdentity]:
+    """The identity of a process of this host that ran and was SIGKILLed."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        me = ProcessIdentity.current()  # the child shares this host and pid namespace
+        identity = ProcessIdentity("deadbeef", me.host, child.pid, _start_time(child.pid))
+        assert pid_alive(child.pid, identity.started)
+        yield identity
+    finally:
+        child.kill()
+        child.wait()
+
+
+def _kill(identity: ProcessIdentity) -> None:
+    os.kill(identity.pid, signal.SIGKILL)
+    os.waitpid(identity.pid, 0)
+
+
+async def _claims_of(env: Env, identity: ProcessIdentity) -> tuple[int, int, int]:
+    """`identity`'s process: a run holding its rule's concurrency key, an event being
+    evaluated; and a run of the same key queued behind the first. Returns their ids."""
+    holder = await env.deliver(issue_updated("OPS-1"), "d-1")
+    queued = await env.deliver(issue_updated("OPS-2"), "d-2")
+    crashed = env.executor(lease_s=120, owner=identity.actions_owner)
+    assert [r.event_id for r in await crashed.claim(4)] == [holder]
+    stored = await env.store.add(
+        "", Delivery("d-3", 0, "jira:issue_updated", "OPS-3", b'{"webhookEvent": "x"}')
+    )
+    assert stored.event_id is not None
+    evaluating = EventProcessor(
+        env.engine, env.processor._rules, clock=env.clock, owner=identity.events_owner
+    )
+    assert [c.id for c in await evaluating.claim()] == [stored.event_id]
+    return holder, queued, stored.event_id
+
+
+async def test_a_restarted_process_takes_back_its_dead_predecessors_claims_at_once(
+    env: Env, dead_process: ProcessIdentity
+) -> None:
+    await Liveness(env.engine, dead_process, clock=env.clock).beat()
+    holder, queued, evaluating = await _claims_of(env, dead_process)
+    _kill(dead_process)
+    survivor = env.executor(lease_s=120)
+    assert await survivor.claim(4) == []  # leases alone would hold them for 60-120 s
+    # The successor starts on the same host: its predecessor's pid is gone.
+    woken: list[bool] = []
+    assert (
+        await Liveness(env.engine, clock=env.clock, on_reclaimed=lambda: woken.append(True)).beat()
+        == 2
+    )
+    assert woken == [True]
+    # No time passes: the event is claimed again, and the run, resumed, looks first.
+    assert [c.id for c in await env.processor.claim()] == [evaluating]
+    resumed = await survivor.claim(4)
+    assert [(r.event_id, r.step_index, r.resumed) for r in resumed] == [(holder, 0, True)]
+    await survivor.release()
+    await drive(env.executor(), env.clock)
+    # The key went on from the holder to the queued run; nothing was created twice.
+    assert (await env.statuses(holder))[:5] == ["succeeded"] * 5
+    assert (await env.statuses(queued))[:5] == ["succeeded"] * 5
+    assert env.fake.version_names("ml-prod", "churn").count("ops-1") == 1
+    assert _uploads(env.fake, "ops-1") == 1
+    async with env.engine.connect() as conn:  # the dead process's row is gone
+        ids = (await conn.execute(select(processes.c.id))).scalars().all()
+    assert dead_process.id not in ids
+
+
+async def test_a_live_holders_claims_are_left_alone_until_its_heartbeat_stops(
+    env: Env,
+) -> None:
+    # Another replica (another host) and another process of this host (this one's pid,
+    # alive), both beating.
+    me = ProcessIdentity.current()
+    elsewhere = ProcessIdentity("replica2", "other-host", me.pid, "1")
+    here = ProcessIdentity("sibling", me.host, me.pid, me.started)
+    for identity in (elsewhere, here):
+        await Liveness(env.engine, identity, clock=env.clock).beat()
+    holder = await env.deliver(issue_updated("OPS-4"), "d-4")
+    assert await env.executor(owner=elsewhere.actions_owner).claim(1)
+    other = await env.deliver(issue_updated("OPS-5", "fraud"), "d-5")
+    assert await env.executor(owner=here.actions_owner).claim(1)
+    watcher = Liveness(env.engine, clock=env.clock, heartbeat_s=2.0)
+    env.clock.advance(seconds=2.0 * DEAD_AFTER_BEATS - 1)
+    assert await watcher.beat() == 0
+    assert await env.executor().claim(4) == []
+    # Both fall silent: after DEAD_AFTER_BEATS heartbeats, another process takes over.
+    env.clock.advance(seconds=2)
+    assert await watcher.beat() == 2
+    taken = await env.executor().claim(4)
+    assert sorted(r.event_id for r in taken) == [holder, other]
+
+
+def test_a_reused_pid_or_a_silent_process_is_dead() -> None:
+    me = ProcessIdentity.current()
+    now = utcnow()
+    after = timedelta(seconds=10)
+
+    def row(**kw: object) -> SimpleNamespace:
+        fields = {"id": "x", "host": me.host, "pid": me.pid, "started": me.started}
+        return SimpleNamespace(**{**fields, "heartbeat_at": now, **kw})
+
+    assert not is_dead(row(), me, now, after)  # this very process, another id
+    assert is_dead(row(started="0"), me, now, after)  # the pid now names another process
+    assert not is_dead(row(host="elsewhere", started="0"), me, now, after)  # can't tell
+    assert is_dead(row(host="elsewhere", heartbeat_at=now - after * 2), me, now, after)
+    assert not is_dead(row(id=me.id, heartbeat_at=now - after * 2), me, now, after)
+
+
+def test_the_host_names_the_pid_namespace() -> None:
+    # Two containers with the host's name (host networking) have their own pids: a pid
+    # absent from one's /proc says nothing about a process of the other.
+    if not os.path.exists("/proc/self/ns/pid"):
+        pytest.skip("no pid namespaces here")
+    assert ProcessIdentity.current().host == (
+        f"{socket.gethostname()} {os.readlink('/proc/self/ns/pid')}"
+    )
