@@ -67,6 +67,9 @@ def json_dumps(value: Any) -> str:
 # Every engine writes JSON columns the same way, and fast. (Read with the standard library:
 # orjson reads integers beyond 64 bits as floats.)
 _JSON = {"json_serializer": json_dumps}
+# A connection unused this long is pinged before its next use (a held driver connection,
+# a pooled one at checkout); in between, a statement on a dead one fails and is retried.
+DRIVER_IDLE_S = 30.0
 
 
 def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:

@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import QueuePool
 
 from bot.core.delivery import Delivery
-from bot.db.engine import _JSON, _sqlite_pragmas, _watch_file, file_identity
+from bot.db.engine import _JSON, DRIVER_IDLE_S, _sqlite_pragmas, _watch_file, file_identity
 from bot.db.group_commit import GroupCommit, ThreadGroupCommit
 from bot.db.models import utcnow
 from bot.errors import SettingsError
@@ -41,7 +41,6 @@ R_co = TypeVar("R_co", covariant=True)
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (tenant, delivery_id): what makes a delivery unique
-DRIVER_IDLE_S = 30.0  # PostgresWriter.run_driver: a connection unused this long is pinged again
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.db.models import action_runs, events, processes, upsert, utcnow
 from bot.db.writers import writer_for
-from bot.pipeline.processor import wait_until_set
+from bot.pipeline.wakeup import wait_until_set
 
 log = logging.getLogger(__name__)
 

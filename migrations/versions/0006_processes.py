@@ -3,7 +3,7 @@
 A restarted process (or a surviving replica) knows which claims belong to a dead one
 and takes them back at once instead of waiting for their leases to run out.
 
-Revision ID: 0006_h23
+Revision ID: 0006
 Revises: 0005
 Create Date: 2026-12-05 00:30:00
 """
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0006_h23"
+revision: str = "0006"
 down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
