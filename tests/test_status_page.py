@@ -113,7 +113,8 @@ async def test_login_cookie_csrf_and_escaping(
         assert refused.status == 403
     assert await run_statuses(client, event_id) == ["dead", "skipped"]
     done = await client.post(retry, data={"csrf": csrf_token(ADMIN_TOKEN)}, allow_redirects=False)
-    assert done.status == 303 and done.headers["Location"] == "/"
+    assert done.status == 303  # back to the page, with a banner naming what was queued
+    assert done.headers["Location"] == f"/?flash=retried&run={dead_id}&n=2"
 
     out = await client.post("/logout", data={"csrf": csrf_token(ADMIN_TOKEN)})
     assert out.status == 200 and "Log in" in await out.text()  # redirected to the form
@@ -163,7 +164,8 @@ async def test_browser_logs_in_and_retries_a_dead_run(
                 assert (dead["status"], skipped["status"]) == ("dead", "skipped")
                 async with page.expect_navigation():
                     await page.click(f"button[aria-label='Retry action run {dead['id']}']")
-                assert page.url == str(client.make_url("/"))
+                assert page.url.startswith(str(client.make_url("/?flash=retried")))
+                assert f"Action run {dead['id']} is queued again" in await page.inner_text("body")
                 queued = await get_event(engine, event_id)
                 assert queued is not None
                 first, second = queued["action_runs"]
