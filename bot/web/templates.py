@@ -34,7 +34,7 @@ code, pre { font-size: .88em; } pre { background: var(--box); padding: .6rem; ma
   overflow-x: auto; max-height: 28rem; white-space: pre-wrap; word-break: break-word; }
 td { white-space: nowrap; } td.err, td.wrap { white-space: normal; min-width: 12rem; }
 form.out { margin-top: 2rem; } form.inline { display: inline; }
-form.filters { display: flex; gap: .6rem; flex-wrap: wrap; align-items: end; }
+form.filters { margin-bottom: .8rem; display: flex; gap: .6rem; flex-wrap: wrap; align-items: end; }
 form.filters label { display: flex; flex-direction: column; font-size: .85em; }
 dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: .2rem 1rem; margin: 0; }
 dl.facts dt { color: var(--muted); } dl.facts dd { margin: 0; word-break: break-word; }
@@ -195,10 +195,10 @@ EVENT = """{% extends "layout" %}{% block body %}
 {% include "nav" %}
 <h1>Event {{ e.id }}: {{ e.webhook_event }}{% if e.issue_key %} on
 <a href="/events?issue={{ e.issue_key | urlencode }}">{{ e.issue_key }}</a>{% endif %}</h1>
-<p>outcome <strong class="{{ tone(e.outcome) }}">{{ e.outcome or "not processed yet" }}</strong>
+<div>outcome <strong class="{{ tone(e.outcome) }}">{{ e.outcome or "not processed yet" }}</strong>
  &middot; status {{ e.status }}
  &middot; {{ post("/api/events/%d/replay" % e.id, "Replay", "Replay event %d" % e.id, back) }}
- <span class="muted">evaluates the event again with the rules in force</span></p>
+ <span class="muted">evaluates the event again with the rules in force</span></div>
 {% if e.error %}<p class="err">{{ e.error }}</p>{% endif %}
 
 <h2>Delivery</h2>
@@ -219,7 +219,7 @@ EVENT = """{% extends "layout" %}{% block body %}
 {% if e.matches %}<div class="scroll"><table><tr><th>rule</th><th>decision</th>
 <th>why</th></tr>{% for m in e.matches %}<tr><td>{{ m.rule }}</td>
 <td class="{{ 'ok' if m.matched else 'muted' }}">{{ "matched" if m.matched else "missed" }}</td>
-<td class="wrap">{{ m.reason or "" }}</td></tr>{% endfor %}</table></div>
+<td class="wrap">{{ m.reason or ("every condition held" if m.matched else "") }}</td></tr>{% endfor %}</table></div>
 {% else %}<p class="muted">no rule was evaluated yet</p>{% endif %}
 
 <h2>Steps</h2>
@@ -249,7 +249,8 @@ EVENT = """{% extends "layout" %}{% block body %}
 <th>HTTP status</th><th>started</th><th>duration</th><th>error</th></tr>
 {% for a in r.attempt_log %}<tr><td class="n">{{ a.attempt }}</td><td>{{ a.outcome }}</td>
 <td>{{ a.status_code or "" }}</td><td>{{ a.started_at | when }}</td><td class="n">{{ a.duration }}
-</td><td class="err">{{ a.error or "" }}</td></tr>{% endfor %}</table></div>{% endif %}
+</td><td class="{{ 'err' if a.outcome == 'failed' else 'wrap muted' }}">{{ a.error or "" }}</td>
+</tr>{% endfor %}</table></div>{% endif %}
 </div>{% endfor %}
 {% else %}<p class="muted">no action runs</p>{% endfor %}
 {% endblock %}"""
