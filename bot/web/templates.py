@@ -219,7 +219,8 @@ EVENT = """{% extends "layout" %}{% block body %}
 {% if e.matches %}<div class="scroll"><table><tr><th>rule</th><th>decision</th>
 <th>why</th></tr>{% for m in e.matches %}<tr><td>{{ m.rule }}</td>
 <td class="{{ 'ok' if m.matched else 'muted' }}">{{ "matched" if m.matched else "missed" }}</td>
-<td class="wrap">{{ m.reason or ("every condition held" if m.matched else "") }}</td></tr>{% endfor %}</table></div>
+<td class="wrap">{{ m.reason or ("every condition held" if m.matched else "") }}</td></tr>
+{% endfor %}</table></div>
 {% else %}<p class="muted">no rule was evaluated yet</p>{% endif %}
 
 <h2>Steps</h2>
