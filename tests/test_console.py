@@ -196,7 +196,10 @@ async def test_browser_walks_a_failed_rollout(
             phone = await browser.new_page(
                 viewport={"width": 390, "height": 844}, color_scheme="dark"
             )
-            await phone.context.add_cookies(await page.context.cookies())
+            cookies = await page.context.cookies()
+            await phone.context.add_cookies(
+                [{"name": c["name"], "value": c["value"], "url": str(url("/"))} for c in cookies]
+            )
             await phone.goto(str(url(f"/events/{event_id}")))
             width = await phone.evaluate("document.documentElement.scrollWidth")
             assert width <= 390  # nothing forces a sideways scroll of the whole page
@@ -306,7 +309,7 @@ async def test_waiting_run_says_what_it_waits_for(
     second = await deliver(client, "d-ops-8", issue_updated("OPS-8"))
 
     async def waiting() -> bool:
-        return (await shown(client, first))["outcome"] == "waiting"
+        return bool((await shown(client, first))["outcome"] == "waiting")
 
     await wait_for(waiting)
     await login(client)
