@@ -285,6 +285,17 @@ def _rules_test(settings: Settings, args: argparse.Namespace) -> int:
     )
 
 
+def _actions_list(_settings: Settings, args: argparse.Namespace) -> int:
+    from bot.cli import actions
+
+    if args.markdown:
+        sys.stdout.write(actions.markdown())
+    else:
+        for line in actions.text_lines():
+            print(line)
+    return 0
+
+
 def _webhooks_sync(settings: Settings, _args: argparse.Namespace) -> int:
     from bot.jira_app.jobs import cmd_sync
 
@@ -315,6 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
     dry.add_argument("event", type=Path, help="a Jira webhook payload (JSON file)")
     dry.add_argument("--rules", type=Path, help="rules folder (default: settings)")
     dry.set_defaults(run=_rules_test)
+
+    acts = commands.add_parser("actions", help="the actions a rule can call").add_subparsers(
+        dest="actions_command", required=True
+    )
+    acts_list = acts.add_parser("list", help="every action with its parameters")
+    acts_list.add_argument(
+        "--markdown", action="store_true", help="the reference, as in docs/actions.md"
+    )
+    acts_list.set_defaults(run=_actions_list)
 
     db = commands.add_parser("db", help="database").add_subparsers(dest="db_command", required=True)
     db.add_parser("upgrade", help="apply migrations").set_defaults(run=_db_upgrade)
