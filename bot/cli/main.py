@@ -138,13 +138,18 @@ def _events_list(settings: Settings, args: argparse.Namespace) -> int:
         rows = await queries.list_events(
             engine, status=args.status, limit=args.limit, outcome=args.outcome
         )
+        if rows and not args.json:
+            print(
+                f"{'id':>8}  {'status':<10}  {'outcome':<9}  {'received_at':<32}  "
+                f"{'webhook_event':<24}  {'issue':<12}  delivery_id"
+            )
         for row in rows:
             if args.json:
                 _print_json(row)
             else:
                 print(
                     f"{row['id']:>8}  {row['status']:<10}  {row['outcome'] or '-':<9}  "
-                    f"{row['received_at']}  "
+                    f"{row['received_at']:<32}  "
                     f"{row['webhook_event']:<24}  {row['issue_key'] or '-':<12}  "
                     f"{row['delivery_id']}"
                 )
@@ -181,7 +186,8 @@ def _events_show(settings: Settings, args: argparse.Namespace) -> int:
             print(f"{key:>16}: {event[key] if event[key] is not None else '-'}")
         print("rule matches:" if event["matches"] else "rule matches: none recorded")
         for m in event["matches"]:
-            print(f"  {'MATCH' if m['matched'] else 'miss ':<5} {m['rule']}: {m['reason'] or ''}")
+            why = f": {m['reason']}" if m["reason"] else ""  # a match has no reason to give
+            print(f"  {'MATCH' if m['matched'] else 'miss ':<5} {m['rule']}{why}")
         print("action runs:" if event["action_runs"] else "action runs: none")
         for r in event["action_runs"]:
             print(
@@ -193,9 +199,19 @@ def _events_show(settings: Settings, args: argparse.Namespace) -> int:
             if r["status"] == "waiting" and r["result"] is not None:
                 answer = orjson.dumps(r["result"], default=str).decode()
                 print(f"    last answer: {answer[:200]}{'...' if len(answer) > 200 else ''}")
+        print("payload:")
+        print(_pretty_payload(event["payload"]))
         return 0
 
     return _with_engine(work)(settings, args)
+
+
+def _pretty_payload(text: str) -> str:
+    """The stored body, indented when it is JSON (it is kept as Jira sent it)."""
+    try:
+        return orjson.dumps(orjson.loads(text), option=orjson.OPT_INDENT_2).decode()
+    except orjson.JSONDecodeError:
+        return text
 
 
 def _events_replay(settings: Settings, args: argparse.Namespace) -> int:
