@@ -7,6 +7,7 @@ import asyncio
 import gc
 import logging
 import os
+import socket
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,8 +36,12 @@ def _print_json(value: Any) -> None:
 def _serve(settings: Settings, _args: argparse.Namespace) -> int:
     from aiohttp import web
 
+    from bot.cli.failures import check_sqlite_folder
     from bot.web.app import create_app
 
+    check_sqlite_folder(settings)
+    _check_port(settings.host, settings.port)
+    log.info("%s", settings.in_use())
     for warning in settings.disabled_features():
         log.warning("%s", warning)
     for note in settings.startup_notes():
@@ -60,6 +65,25 @@ def _serve(settings: Settings, _args: argparse.Namespace) -> int:
     )
     log.info("deploybot stopped")
     return 0
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail before anything starts when the address cannot be listened on (in use, not
+    ours): one line naming the setting, not the traceback of a half-started app."""
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _name, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds
+            probe.bind(address)
+    except socket.gaierror:
+        return  # the server's own bind reports it
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        raise OSError(exc.errno, f"cannot bind on {host}:{port}: {reason}") from exc
 
 
 async def _tune_gc(_app: Any) -> None:
@@ -105,6 +129,10 @@ def _with_engine(
     """Run `work(engine)` on a migrated database, disposing the engine afterwards."""
 
     def run(settings: Settings, _args: argparse.Namespace) -> int:
+        from bot.cli.failures import check_sqlite_folder
+
+        check_sqlite_folder(settings)
+
         async def main() -> int:
             engine = create_engine(settings.database_url)
             try:
@@ -406,7 +434,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"deploybot: configuration error: {exc}", file=sys.stderr)
         return 2
     logs.configure(settings)  # JSON lines (text on a terminal), secrets redacted
-    result: int = args.run(settings, args)
+    try:
+        result: int = args.run(settings, args)
+    except SettingsError as exc:
+        print(f"deploybot: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from bot.cli.failures import describe
+
+        line = describe(exc, settings)
+        if line is None:
+            raise
+        print(f"deploybot: {line}", file=sys.stderr)
+        return 1
     return result
 
 
