@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -144,10 +145,8 @@ def main(argv: list[str]) -> int:
     deliver.add_argument("--wait", type=float, default=60.0, help="seconds to wait (ready, done)")
     args = parser.parse_args(argv)
     if args.command == "fake-ubiops":
-        try:
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C: a quiet stop
             asyncio.run(fake_ubiops(args.port))
-        except KeyboardInterrupt:
-            pass
         return 0
     return send(args.file, args.url.rstrip("/"), args.wait)
 
