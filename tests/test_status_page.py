@@ -106,6 +106,11 @@ async def test_login_cookie_csrf_and_escaping(
     row_failed = '<td>failed</td><td class="err">'  # the outcome cell of an event row
     assert row_failed in failed and "&lt;script&gt;" not in failed
     assert "&lt;script&gt;" in ignored and row_failed not in ignored
+    # The event page shows Jira's hostile values as text too (and the payload).
+    hostile_id = await client.get("/api/events", headers=BEARER, params={"outcome": "ignored"})
+    hostile_event = (await hostile_id.json())["events"][0]["id"]
+    shown = await (await client.get(f"/events/{hostile_event}")).text()
+    assert HOSTILE not in shown and shown.count("&lt;script&gt;") >= 2
 
     retry = f"/api/action-runs/{dead_id}/retry"
     for form in ({}, {"csrf": "0" * 64}):
