@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Bootstrap deploybot's virtual environment, then run it: `python3 dev.py serve|test|lint`.
 
+`python3 dev.py fake-ubiops` and `python3 dev.py send FILE` are the README's "try it"
+helpers (scripts/tryit.py): a fake UbiOps, and a signed delivery of a Jira payload.
+
 Needs nothing but python3: the first run creates `.venv` and installs the project with
 its test and PostgreSQL extras; later runs reinstall only when pyproject.toml changed.
 """
@@ -40,14 +43,18 @@ def run(*argv: str) -> int:
 
 def main(args: list[str]) -> int:
     command, rest = (args[0], args[1:]) if args else ("", [])
-    if command not in {"serve", "test", "lint", "bench"}:
+    if command not in {"serve", "test", "lint", "bench", "fake-ubiops", "send"}:
         print(__doc__, file=sys.stderr)
         return 2
     ensure_venv()
     if command == "serve":
         os.execv(str(BIN / "deploybot"), [str(BIN / "deploybot"), "serve", *rest])
     if command == "test":
-        return run(str(BIN / "pytest"), *rest)
+        return run(str(BIN / "pytest"), "-rs", *rest)  # -rs: say why a test was skipped
+    if command in {"fake-ubiops", "send"}:
+        # Replaced, not a child: `kill %1` in the README stops the fake itself.
+        script = str(ROOT / "scripts" / "tryit.py")
+        os.execv(str(BIN / "python"), [str(BIN / "python"), script, command, *rest])
     if command == "bench":
         return run(str(BIN / "python"), *rest)
     return (

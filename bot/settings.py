@@ -22,6 +22,15 @@ from bot.core.regions import (
 from bot.errors import SettingsError
 
 
+def redacted_url(url: str) -> str:
+    """A database URL as it may be shown: its password replaced by `***`."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}"
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything deploybot reads from its environment; nothing reads os.environ later."""
@@ -122,6 +131,15 @@ class Settings:
         password = quote(self.http_proxy_password or "", safe="")
         host = parts.netloc.rpartition("@")[2]
         return urlunsplit(parts._replace(netloc=f"{user}:{password}@{host}"))
+
+    def in_use(self) -> str:
+        """The start-up line saying what this process runs with (no secret)."""
+        return (
+            f"database {redacted_url(self.database_url)} (DEPLOYBOT_DATABASE_URL), rules "
+            f"folder {self.rules_dir.resolve()} (DEPLOYBOT_RULES_DIR), Jira auth mode "
+            f"{self.jira_auth_mode} (JIRA_AUTH_MODE), status page and admin API "
+            f"{'on' if self.admin_token else 'off'} (DEPLOYBOT_ADMIN_TOKEN)"
+        )
 
     def startup_notes(self) -> list[str]:
         """Describe how outgoing calls are routed (one start-up line each; no secret)."""

@@ -35,6 +35,9 @@ ENDPOINTS = [
     ("POST", "/api/events/1/replay"),
     ("POST", "/api/action-runs/1/retry"),
     ("GET", "/"),
+    ("GET", "/events"),
+    ("GET", "/events/1"),
+    ("GET", "/runs"),
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,7 +12,8 @@ import pytest
 from bot.cli.main import main
 from bot.settings import Settings
 from tests.conftest import ClientFactory
-from tests.helpers import PAYLOAD, headers, wait_for
+from tests.helpers import PAYLOAD, headers, issue_updated, wait_for
+from tests.test_admin import write_rules
 
 
 async def _store_three(make_client: ClientFactory, settings: Settings) -> None:
@@ -70,6 +72,44 @@ async def test_events_list_and_show(
     code, _, err = await run("events", "show", "999999")
     assert code == 1
     assert "no event 999999" in err
+
+
+async def test_text_mode_header_payload_and_match_lines(
+    make_client: ClientFactory,
+    settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    client = await make_client(settings, rules_dir=write_rules(tmp_path))
+    resp = await client.post(
+        "/webhooks/jira", data=json.dumps(issue_updated("OPS-31")), headers=headers("d-31")
+    )
+    event_id = int((await resp.json())["event_id"])
+
+    async def run(*argv: str) -> tuple[int, str, str]:
+        return await asyncio.to_thread(_run, monkeypatch, capsys, settings.database_url, *argv)
+
+    async def processed() -> bool:
+        _, out, _ = await run("events", "show", str(event_id), "--json")
+        return bool(json.loads(out)["status"] == "processed")
+
+    await wait_for(processed, timeout_s=10)
+    code, out, err = await run("events", "list")
+    assert code == 0
+    header, row = out.splitlines()
+    assert header.split() == [
+        "id", "status", "outcome", "received_at", "webhook_event", "issue", "delivery_id",
+    ]  # fmt: skip
+    assert row.split()[0] == str(event_id) and "OPS-31" in row
+    assert "Context impl" not in err and "non-transactional DDL" not in err
+    code, out, _ = await run("events", "show", str(event_id))
+    assert code == 0
+    lines = out.splitlines()
+    assert "  MATCH roll-out" in lines  # no dangling colon: a match has no reason
+    assert any(line.startswith("  miss  only-hotfixes: ") for line in lines)
+    payload = out[out.index("payload:\n") + len("payload:\n") :]
+    assert json.loads(payload) == issue_updated("OPS-31")
 
 
 def test_bad_setting_exits_2(

@@ -7,6 +7,7 @@ the image's CMD, ENV and VOLUMEs say, and the image's own HEALTHCHECK command mu
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -81,6 +82,36 @@ def test_runtime_image_is_locked_down(stages: list[Stage]) -> None:
     assert len(stages) >= 2, "a build stage, and a runtime stage without build tools"
 
 
+def test_dependencies_install_before_the_code_is_copied(stages: list[Stage]) -> None:
+    """A code change must not reinstall every dependency: the layer installing them comes
+    before `COPY bot`, and sees only pyproject.toml (and the README it names)."""
+    steps = stages[0].instructions
+    code_copied = next(i for i, (kw, arg) in enumerate(steps) if kw == "COPY" and "bot" in arg)
+    before = steps[:code_copied]
+    assert [arg for kw, arg in before if kw == "COPY"] == ["pyproject.toml README.md ./"]
+    installs = [arg for kw, arg in before if kw == "RUN"]
+    assert installs and "dependencies" in installs[-1] and "postgres" in installs[-1]
+    assert any("--no-deps" in arg for kw, arg in steps[code_copied:] if kw == "RUN")
+
+
+def test_docker_context_keeps_the_example_rules() -> None:
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    shipped = [p.relative_to(ROOT).as_posix() for p in (ROOT / "rules").rglob("*") if p.is_file()]
+    assert shipped
+    for path in shipped:
+        for pattern in patterns:
+            parts = path.split("/")
+            prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+            assert not any(fnmatch.fnmatch(p, pattern.strip("/")) for p in prefixes), (
+                path,
+                pattern,
+            )
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -146,7 +177,14 @@ def test_image_build_steps_give_a_working_service(stages: list[Stage], tmp_path:
     assert "site-packages" in where
 
     app, data = tmp_path / "app", tmp_path / "data"
-    shutil.copytree(ROOT / "rules", app / "rules")
+    # The runtime stage's own COPY of the rules (the image ships the examples).
+    [(source, target)] = [
+        (parts[-2], parts[-1])
+        for parts in map(shlex.split, runtime.args("COPY"))
+        if "--from=build" not in parts
+    ]
+    assert (source, target) == ("rules", env_of(runtime)["DEPLOYBOT_RULES_DIR"])
+    shutil.copytree(ROOT / source, app / "rules")
     data.mkdir()
     port = _free_port()
     env = {

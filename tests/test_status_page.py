@@ -106,6 +106,11 @@ async def test_login_cookie_csrf_and_escaping(
     row_failed = '<td>failed</td><td class="err">'  # the outcome cell of an event row
     assert row_failed in failed and "&lt;script&gt;" not in failed
     assert "&lt;script&gt;" in ignored and row_failed not in ignored
+    # The event page shows Jira's hostile values as text too (and the payload).
+    hostile_id = await client.get("/api/events", headers=BEARER, params={"outcome": "ignored"})
+    hostile_event = (await hostile_id.json())["events"][0]["id"]
+    shown = await (await client.get(f"/events/{hostile_event}")).text()
+    assert HOSTILE not in shown and shown.count("&lt;script&gt;") >= 2
 
     retry = f"/api/action-runs/{dead_id}/retry"
     for form in ({}, {"csrf": "0" * 64}):
@@ -113,7 +118,8 @@ async def test_login_cookie_csrf_and_escaping(
         assert refused.status == 403
     assert await run_statuses(client, event_id) == ["dead", "skipped"]
     done = await client.post(retry, data={"csrf": csrf_token(ADMIN_TOKEN)}, allow_redirects=False)
-    assert done.status == 303 and done.headers["Location"] == "/"
+    assert done.status == 303  # back to the page, with a banner naming what was queued
+    assert done.headers["Location"] == f"/?flash=retried&run={dead_id}&n=2"
 
     out = await client.post("/logout", data={"csrf": csrf_token(ADMIN_TOKEN)})
     assert out.status == 200 and "Log in" in await out.text()  # redirected to the form
@@ -163,7 +169,8 @@ async def test_browser_logs_in_and_retries_a_dead_run(
                 assert (dead["status"], skipped["status"]) == ("dead", "skipped")
                 async with page.expect_navigation():
                     await page.click(f"button[aria-label='Retry action run {dead['id']}']")
-                assert page.url == str(client.make_url("/"))
+                assert page.url.startswith(str(client.make_url("/?flash=retried")))
+                assert f"Action run {dead['id']} is queued again" in await page.inner_text("body")
                 queued = await get_event(engine, event_id)
                 assert queued is not None
                 first, second = queued["action_runs"]

@@ -7,6 +7,7 @@ import asyncio
 import gc
 import logging
 import os
+import socket
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,8 +36,12 @@ def _print_json(value: Any) -> None:
 def _serve(settings: Settings, _args: argparse.Namespace) -> int:
     from aiohttp import web
 
+    from bot.cli.failures import check_sqlite_folder
     from bot.web.app import create_app
 
+    check_sqlite_folder(settings)
+    _check_port(settings.host, settings.port)
+    log.info("%s", settings.in_use())
     for warning in settings.disabled_features():
         log.warning("%s", warning)
     for note in settings.startup_notes():
@@ -60,6 +65,25 @@ def _serve(settings: Settings, _args: argparse.Namespace) -> int:
     )
     log.info("deploybot stopped")
     return 0
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail before anything starts when the address cannot be listened on (in use, not
+    ours): one line naming the setting, not the traceback of a half-started app."""
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _name, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds
+            probe.bind(address)
+    except socket.gaierror:
+        return  # the server's own bind reports it
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        raise OSError(exc.errno, f"cannot bind on {host}:{port}: {reason}") from exc
 
 
 async def _tune_gc(_app: Any) -> None:
@@ -105,6 +129,10 @@ def _with_engine(
     """Run `work(engine)` on a migrated database, disposing the engine afterwards."""
 
     def run(settings: Settings, _args: argparse.Namespace) -> int:
+        from bot.cli.failures import check_sqlite_folder
+
+        check_sqlite_folder(settings)
+
         async def main() -> int:
             engine = create_engine(settings.database_url)
             try:
@@ -138,13 +166,18 @@ def _events_list(settings: Settings, args: argparse.Namespace) -> int:
         rows = await queries.list_events(
             engine, status=args.status, limit=args.limit, outcome=args.outcome
         )
+        if rows and not args.json:
+            print(
+                f"{'id':>8}  {'status':<10}  {'outcome':<9}  {'received_at':<32}  "
+                f"{'webhook_event':<24}  {'issue':<12}  delivery_id"
+            )
         for row in rows:
             if args.json:
                 _print_json(row)
             else:
                 print(
                     f"{row['id']:>8}  {row['status']:<10}  {row['outcome'] or '-':<9}  "
-                    f"{row['received_at']}  "
+                    f"{row['received_at']:<32}  "
                     f"{row['webhook_event']:<24}  {row['issue_key'] or '-':<12}  "
                     f"{row['delivery_id']}"
                 )
@@ -181,7 +214,8 @@ def _events_show(settings: Settings, args: argparse.Namespace) -> int:
             print(f"{key:>16}: {event[key] if event[key] is not None else '-'}")
         print("rule matches:" if event["matches"] else "rule matches: none recorded")
         for m in event["matches"]:
-            print(f"  {'MATCH' if m['matched'] else 'miss ':<5} {m['rule']}: {m['reason'] or ''}")
+            why = f": {m['reason']}" if m["reason"] else ""  # a match has no reason to give
+            print(f"  {'MATCH' if m['matched'] else 'miss ':<5} {m['rule']}{why}")
         print("action runs:" if event["action_runs"] else "action runs: none")
         for r in event["action_runs"]:
             print(
@@ -193,9 +227,19 @@ def _events_show(settings: Settings, args: argparse.Namespace) -> int:
             if r["status"] == "waiting" and r["result"] is not None:
                 answer = orjson.dumps(r["result"], default=str).decode()
                 print(f"    last answer: {answer[:200]}{'...' if len(answer) > 200 else ''}")
+        print("payload:")
+        print(_pretty_payload(event["payload"]))
         return 0
 
     return _with_engine(work)(settings, args)
+
+
+def _pretty_payload(text: str) -> str:
+    """The stored body, indented when it is JSON (it is kept as Jira sent it)."""
+    try:
+        return orjson.dumps(orjson.loads(text), option=orjson.OPT_INDENT_2).decode()
+    except orjson.JSONDecodeError:
+        return text
 
 
 def _events_replay(settings: Settings, args: argparse.Namespace) -> int:
@@ -285,6 +329,17 @@ def _rules_test(settings: Settings, args: argparse.Namespace) -> int:
     )
 
 
+def _actions_list(_settings: Settings, args: argparse.Namespace) -> int:
+    from bot.cli import actions
+
+    if args.markdown:
+        sys.stdout.write(actions.markdown())
+    else:
+        for line in actions.text_lines():
+            print(line)
+    return 0
+
+
 def _webhooks_sync(settings: Settings, _args: argparse.Namespace) -> int:
     from bot.cli.webhooks import cmd_sync
 
@@ -315,6 +370,15 @@ def build_parser() -> argparse.ArgumentParser:
     dry.add_argument("event", type=Path, help="a Jira webhook payload (JSON file)")
     dry.add_argument("--rules", type=Path, help="rules folder (default: settings)")
     dry.set_defaults(run=_rules_test)
+
+    acts = commands.add_parser("actions", help="the actions a rule can call").add_subparsers(
+        dest="actions_command", required=True
+    )
+    acts_list = acts.add_parser("list", help="every action with its parameters")
+    acts_list.add_argument(
+        "--markdown", action="store_true", help="the reference, as in docs/actions.md"
+    )
+    acts_list.set_defaults(run=_actions_list)
 
     db = commands.add_parser("db", help="database").add_subparsers(dest="db_command", required=True)
     db.add_parser("upgrade", help="apply migrations").set_defaults(run=_db_upgrade)
@@ -370,7 +434,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"deploybot: configuration error: {exc}", file=sys.stderr)
         return 2
     logs.configure(settings)  # JSON lines (text on a terminal), secrets redacted
-    result: int = args.run(settings, args)
+    try:
+        result: int = args.run(settings, args)
+    except SettingsError as exc:
+        print(f"deploybot: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from bot.cli.failures import describe
+
+        line = describe(exc, settings)
+        if line is None:
+            raise
+        print(f"deploybot: {line}", file=sys.stderr)
+        return 1
     return result
 
 

@@ -189,6 +189,18 @@ def _watch_file(engine: AsyncEngine | Engine, path: Path) -> None:
     event.listen(sync_engine, "checkout", checkout)
 
 
+# Alembic says which dialect it talks to before every upgrade, even one with nothing to
+# do: noise on every command. What it applies ("Running upgrade ...") is still logged.
+_ALEMBIC_NOISE = ("Context impl ", "Will assume ")
+
+
+def _not_noise(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_ALEMBIC_NOISE)
+
+
+logging.getLogger("alembic.runtime.migration").addFilter(_not_noise)
+
+
 def alembic_config(connection: Connection | None = None) -> Config:
     """Return the Alembic config pointing at the migrations shipped with the package."""
     config = Config()

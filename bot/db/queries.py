@@ -126,6 +126,9 @@ async def get_event(engine: AsyncEngine, event_id: int) -> dict[str, Any] | None
                 "next_attempt_at": _iso(r.next_attempt_at),
                 "last_error": r.last_error,
                 "result": r.result,
+                "params": r.params,
+                "failure": r.failure,
+                "updated_at": _iso(r.updated_at),
                 "concurrency_key": r.concurrency_key,
                 "waiting_for": _waiting_for(r, blockers),
                 "attempt_log": by_run.get(r.id, []),
@@ -200,6 +203,7 @@ class EventFilter:
     issue_key: str | None = None
     since: datetime | None = None
     until: datetime | None = None
+    rule: str | None = None  # events this rule matched
 
 
 async def search_events(
@@ -221,9 +225,23 @@ async def search_events(
         (c.received_at, operator.lt, where.until),
         (c.id, operator.lt, before_id),
     )
+    matched = (
+        [
+            select(rule_matches.c.id)
+            .where(
+                rule_matches.c.event_id == c.id,
+                rule_matches.c.rule_name == where.rule,
+                rule_matches.c.matched,
+            )
+            .exists()
+        ]
+        if where.rule is not None
+        else []
+    )
     query = (
         select(*(col for col in c if col.name != "body"))
         .where(*(op(column, value) for column, op, value in wanted if value is not None))
+        .where(*matched)
         .order_by(c.id.desc())
         .limit(limit)
         .offset(offset)
@@ -243,6 +261,27 @@ async def status_counts(engine: AsyncEngine) -> dict[str, dict[str, int]]:
     return counts
 
 
+async def run_summaries(engine: AsyncEngine, event_ids: Sequence[int]) -> dict[int, list[str]]:
+    """Per event: each rule's action runs in words, e.g. `deploy: 3 succeeded, 1 dead`."""
+    if not event_ids:
+        return {}
+    c = action_runs.c
+    query = (
+        select(c.event_id, c.rule_name, c.status, func.count())
+        .where(c.event_id.in_(list(event_ids)))
+        .group_by(c.event_id, c.rule_name, c.status)
+        .order_by(c.event_id, c.rule_name, c.status)
+    )
+    counts: dict[int, dict[str, list[str]]] = {}
+    async with engine.connect() as conn:
+        for event_id, rule, status, n in (await conn.execute(query)).tuples():
+            counts.setdefault(event_id, {}).setdefault(rule, []).append(f"{n} {status}")
+    return {
+        event_id: [f"{rule}: {', '.join(parts)}" for rule, parts in rules.items()]
+        for event_id, rules in counts.items()
+    }
+
+
 async def list_action_runs(
     engine: AsyncEngine, *, status: str | None, limit: int | None = 100
 ) -> list[dict[str, Any]]:
@@ -260,6 +299,8 @@ async def list_action_runs(
             r.attempts,
             r.last_error,
             r.updated_at,
+            r.next_attempt_at,
+            r.concurrency_key,
             e.issue_key,
             e.webhook_event,
         )
@@ -283,6 +324,8 @@ async def list_action_runs(
                 "attempts": row.attempts,
                 "last_error": row.last_error,
                 "updated_at": _iso(row.updated_at),
+                "next_attempt_at": _iso(row.next_attempt_at),
+                "concurrency_key": row.concurrency_key,
             }
             for row in rows
         ]

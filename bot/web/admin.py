@@ -25,6 +25,7 @@ from bot.web.keys import CLOCK, ENGINE, EXECUTOR, PROCESSOR, RULES, SETTINGS
 from bot.web.sessions import SESSIONS, Sessions
 
 VIA = web.RequestKey("admin_via", str)  # "bearer" or "cookie"
+BACK = web.RequestKey("admin_back", str)  # the page a form came from (cookie only)
 PAGE_DEFAULT, PAGE_MAX = 50, 500
 ID_MAX = 2**63 - 1  # BIGINT
 
@@ -63,7 +64,10 @@ def guarded(handler: Handler, token: str) -> Handler:
                     status=401,
                     headers={"WWW-Authenticate": 'Bearer realm="deploybot"'},
                 )
-            return status.html("login", status=401, message="Log in with the admin token.")
+            # The first visit lands here: an invitation, not an error.
+            return status.html(
+                "login", status=401, tone="muted", message="Log in with the admin token."
+            )
         if via == "cookie" and request.method == "POST":
             # The cookie is sent by the browser on its own: prove the form is ours.
             given = (await read_form(request)).get(status.CSRF_FIELD)
@@ -71,16 +75,20 @@ def guarded(handler: Handler, token: str) -> Handler:
                 given if isinstance(given, str) else None, status.csrf_token(token)
             ):
                 return web.json_response({"error": "missing or wrong CSRF token"}, status=403)
+            request[BACK] = status.safe_back((await read_form(request)).get("next"))
         request[VIA] = via
         return await handler(request)
 
     return check
 
 
-def _answer(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-    """JSON for API clients; a redirect back to the page for the page's forms."""
+def _answer(
+    request: web.Request, body: dict[str, Any], flash: str, **numbers: int
+) -> web.StreamResponse:
+    """JSON for API clients; for the page's forms, a redirect back to the page they came
+    from with a banner saying what happened (`flash`)."""
     if request[VIA] == "cookie":
-        return status.see_other("/")
+        return status.see_other(status.flash_location(request[BACK], flash, **numbers))
     return web.json_response(body)
 
 
@@ -129,6 +137,7 @@ async def events_list(request: web.Request) -> web.StreamResponse:
         issue_key=q.get("issue_key"),
         since=_time(q.get("since"), "since"),
         until=_time(q.get("until"), "until"),
+        rule=q.get("rule"),
     )
     limit = max(_int(q.get("limit"), "limit", PAGE_DEFAULT, PAGE_MAX), 1)
     cursor = _int(q.get("cursor"), "cursor", 0, 2**63 - 1) if "cursor" in q else None
@@ -188,11 +197,14 @@ async def event_replay(request: web.Request) -> web.StreamResponse:
         raise _error(web.HTTPNotFound, f"no event {event_id}")
     runs_reset, replayed = await reset_events(engine, [event_id])
     if not replayed:
+        if request[VIA] == "cookie":
+            return _answer(request, {}, "busy", event=event_id)
         raise _error(web.HTTPConflict, f"event {event_id} is being processed now; try later")
     request.app[PROCESSOR].wakeup.set()
     request.app[EXECUTOR].wakeup.set()
     body = {"event_id": event_id, "previous_status": found[0][1], "status": "received"}
-    return _answer(request, {**body, "runs_reset": runs_reset, "note": REPLAY_NOTE})
+    body |= {"runs_reset": runs_reset, "note": REPLAY_NOTE}
+    return _answer(request, body, "replayed", event=event_id, n=runs_reset)
 
 
 async def run_retry(request: web.Request) -> web.StreamResponse:
@@ -201,6 +213,9 @@ async def run_retry(request: web.Request) -> web.StreamResponse:
     try:
         outcome = await retry_action_run(request.app[ENGINE], run_id, status.now_utc(request))
     except RetryRefused as exc:
+        if request[VIA] == "cookie":
+            instead = {} if exc.retry_instead is None else {"instead": exc.retry_instead}
+            return _answer(request, {}, "refused", run=run_id, **instead)
         refusal = {"error": str(exc), "retry_instead": exc.retry_instead}
         raise web.HTTPConflict(text=json.dumps(refusal), content_type="application/json") from None
     if outcome is None:
@@ -209,7 +224,7 @@ async def run_retry(request: web.Request) -> web.StreamResponse:
     await set_outcomes(request.app[ENGINE], queued, status.now_utc(request))
     request.app[EXECUTOR].wakeup.set()
     body = {"action_run_id": run_id, "previous_status": previous, "queued": queued}
-    return _answer(request, {**body, "status": "pending"})
+    return _answer(request, {**body, "status": "pending"}, "retried", run=run_id, n=len(queued))
 
 
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
@@ -220,6 +235,9 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/api/rules", rules_show),
     ("GET", "/api/webhooks", webhooks_list),
     ("GET", "/", status.page),
+    ("GET", "/events", status.events_page),
+    ("GET", r"/events/{id:[0-9]+}", status.event_page),
+    ("GET", "/runs", status.runs_page),
     ("POST", "/logout", status.logout),
 )
 OPEN_ROUTES: tuple[tuple[str, str, Handler], ...] = (

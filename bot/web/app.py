@@ -234,6 +234,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     )
     app[SETTINGS] = settings
     app[CLOCK] = clock
+    app[jira.REJECTIONS] = jira.Rejections()
     app.cleanup_ctx.extend([_http_session, _install_keys, _database, _workers])
     app.cleanup_ctx.append(scheduler_ctx)  # after the workers: it wakes their executor
     metrics.install(app)  # after the workers: it hooks into the executor they create

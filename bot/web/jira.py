@@ -51,21 +51,54 @@ async def _authenticate(request: web.Request) -> str:
     ).tenant
 
 
+class Rejections:
+    """Log refused deliveries as warnings, at most one per WINDOW_S: a wrong secret makes
+    Jira refused on every delivery, and a flood of them must not flood the log."""
+
+    WINDOW_S = 60.0
+
+    def __init__(self) -> None:
+        self._logged_at: float | None = None
+        self._quiet = 0  # refusals not logged since the last warning
+
+    def note(self, reason: str, status: int, remote: str | None, now: float) -> None:
+        if self._logged_at is not None and now - self._logged_at < self.WINDOW_S:
+            self._quiet += 1
+            return
+        more = f" ({self._quiet} more refused since the last warning)" if self._quiet else ""
+        log.warning(
+            "delivery refused (%d): %s%s",
+            status,
+            reason[:300],
+            more,
+            extra={"remote": remote or "", "status": status},
+        )
+        self._logged_at, self._quiet = now, 0
+
+
+REJECTIONS = web.AppKey("rejections", Rejections)
+
+
 async def receive_delivery(request: web.Request) -> web.Response:
     """Verify, store (commit), then acknowledge a Jira webhook delivery."""
     settings = request.app[SETTINGS]
-    if settings.jira_auth_mode == "secret":
-        # The signature covers the body: read it (within the size limit), then check it
-        # before anything parses or stores it. Admin webhooks are the one site's: tenant "".
-        body = await read_body(request)
-        verify_hub_signature(
-            request.headers.get(SIGNATURE_HEADER), body, settings.jira_webhook_secret
-        )
-        tenant = ""
-    else:
-        tenant = await _authenticate(request)
-        body = await read_body(request)
-    delivery = parse_delivery(request.headers, body)
+    try:
+        if settings.jira_auth_mode == "secret":
+            # The signature covers the body: read it (within the size limit), then check it
+            # before anything parses or stores it. Admin webhooks are the one site's: "".
+            body = await read_body(request)
+            verify_hub_signature(
+                request.headers.get(SIGNATURE_HEADER), body, settings.jira_webhook_secret
+            )
+            tenant = ""
+        else:
+            tenant = await _authenticate(request)
+            body = await read_body(request)
+        delivery = parse_delivery(request.headers, body)
+    except (VerificationError, PayloadError) as exc:
+        status = 401 if isinstance(exc, VerificationError) else 400
+        request.app[REJECTIONS].note(str(exc), status, request.remote, request.app[CLOCK]())
+        raise
     stored = await request.app[STORE].add(tenant, delivery)
     logs.info(
         log,
