@@ -10,7 +10,8 @@ import inspect
 from collections.abc import Iterable, Mapping
 
 from bot.core.catalog import Operation, Param
-from bot.rules.loader import ActionSpec, default_registry
+from bot.rules.loader import ActionSpec
+from bot.services.runner import action_registry
 
 SERVICES = {
     "ubiops": "UbiOps",
@@ -103,14 +104,14 @@ def _by_service(registry: Mapping[str, ActionSpec]) -> dict[str, list[ActionSpec
 
 def text_lines(registry: Mapping[str, ActionSpec] | None = None) -> Iterable[str]:
     """One line per action: its name, its call, its parameters (required ones with *)."""
-    for name, spec in sorted((registry or default_registry()).items()):
+    for name, spec in sorted((registry or action_registry()).items()):
         params = ", ".join(p.name + ("*" if p.required else "") for p in spec.params)
         yield f"{name:<56} {_summary(spec).strip('`')}  [{params}]"
 
 
 def markdown(registry: Mapping[str, ActionSpec] | None = None) -> str:
     """The action reference: per service, each action's call, parameters and an example."""
-    grouped = _by_service(registry or default_registry())
+    grouped = _by_service(registry or action_registry())
     out = [
         "# Action reference",
         "",
