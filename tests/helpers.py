@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -30,9 +30,11 @@ from bot.db.tenants import Tenants
 from bot.jira_app.access import JiraAccess
 from bot.jira_app.jobs import WebhookMaintenance
 from bot.rules.model import RuleSet
+from bot.services.ubiops import UbiOpsClient
 from bot.settings import Settings
-from tests.conftest import CLIENT_SECRET
+from tests.conftest import CLIENT_SECRET, ClientFactory
 from tests.fakes.jira import FakeJira
+from tests.fakes.ubiops import FakeUbiOps
 from tests.signing import InstallKeys, oauth_token
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -368,3 +370,81 @@ async def start_store(engine: AsyncEngine) -> EventStore:
     store = EventStore(engine)
     await store.start()
     return store
+
+
+ADMIN_TOKEN = "admin-token-" + "a1b2c3d4" * 5
+
+
+BEARER = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+Client = TestClient[Any, Any]
+
+
+def write_rollout_rules(tmp_path: Path) -> Path:
+    """Write the pipeline's two rules (a two-step UbiOps roll-out, and a miss)."""
+    folder = tmp_path / "rules"
+    (folder / "artifacts").mkdir(parents=True, exist_ok=True)
+    (folder / "deploy.yaml").write_text(RULES)
+    (folder / "artifacts" / "model.zip").write_bytes(b"PK\x05\x06" + b"\0" * 18)
+    return folder
+
+
+async def start_ubiops(aiohttp_server: Callable[..., Any]) -> tuple[FakeUbiOps, str]:
+    """Serve a fake UbiOps with project ml-prod and no deployment yet."""
+    fake = FakeUbiOps(token=TOKEN)
+    server: TestServer = await aiohttp_server(fake.app())
+    return fake, str(server.make_url(fake.prefix))
+
+
+async def create_deployment(base_url: str, name: str = "churn") -> None:
+    async with aiohttp.ClientSession() as session:
+        data = {"name": name, "input_type": "structured", "output_type": "structured"}
+        await UbiOpsClient(session, base_url, TOKEN).call(
+            "deployments_create", {"project_name": "ml-prod", "data": data}
+        )
+
+
+async def deliver(client: Client, delivery_id: str, payload: dict[str, Any]) -> int:
+    """POST a signed delivery; return the stored event's id."""
+    resp = await client.post(
+        "/webhooks/jira", data=json.dumps(payload), headers=headers(delivery_id)
+    )
+    assert resp.status == 202, await resp.text()
+    return int((await resp.json())["event_id"])
+
+
+async def run_statuses(client: Client, event_id: int) -> list[str]:
+    shown = await (await client.get(f"/api/events/{event_id}", headers=BEARER)).json()
+    return [run["status"] for run in shown["action_runs"]]
+
+
+async def dead_event(client: Client, key: str) -> int:
+    """Deliver an event whose first step dies (no such UbiOps deployment) and wait for it."""
+    event_id = await deliver(client, f"d-{key}", issue_updated(key))
+
+    async def settled() -> bool:
+        return await run_statuses(client, event_id) == ["dead", "skipped"]
+
+    await wait_for(settled)
+    return event_id
+
+
+async def start(
+    make_client: ClientFactory, settings: Settings, rules_dir: Path, base_url: str
+) -> Client:
+    client: Client = await make_client(
+        settings,
+        rules_dir=rules_dir,
+        admin_token=ADMIN_TOKEN,
+        ubiops_api_url=base_url,
+        ubiops_api_token=TOKEN,
+    )
+    return client
+
+
+async def get_event_api(client: Client, event_id: int) -> dict[str, Any]:
+    resp = await client.get(f"/api/events/{event_id}", headers=BEARER)
+    assert resp.status == 200
+    shown: dict[str, Any] = await resp.json()
+    return shown

@@ -2,30 +2,37 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
 from bot.core.webhook_plan import RegisteredWebhook, WebhookSpec
 from bot.db.engine import create_engine
 from bot.db.queries import get_event
 from bot.db.registrations import Registrations
-from bot.services.ubiops import UbiOpsClient
 from bot.settings import Settings
 from tests.conftest import ClientFactory
-from tests.fakes.ubiops import FakeUbiOps, Fault
-from tests.helpers import RULES, TOKEN, headers, issue_updated, wait_for
+from tests.fakes.ubiops import Fault
+from tests.helpers import (
+    ADMIN_TOKEN,
+    BEARER,
+    RULES,
+    create_deployment,
+    dead_event,
+    deliver,
+    get_event_api,
+    issue_updated,
+    run_statuses,
+    start,
+    start_ubiops,
+    wait_for,
+    write_rollout_rules,
+)
 
-ADMIN_TOKEN = "admin-token-" + "a1b2c3d4" * 5
-BEARER = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 SECRET_KEY = "LEAK-7"  # an issue key that must never show up in a refused answer
-Client = TestClient[Any, Any]
 
 ENDPOINTS = [
     ("GET", "/api/events"),
@@ -43,69 +50,7 @@ ENDPOINTS = [
 
 @pytest.fixture
 def rules_dir(tmp_path: Path) -> Path:
-    return write_rules(tmp_path)
-
-
-def write_rules(tmp_path: Path) -> Path:
-    """Write the pipeline's two rules (a two-step UbiOps roll-out, and a miss)."""
-    folder = tmp_path / "rules"
-    (folder / "artifacts").mkdir(parents=True, exist_ok=True)
-    (folder / "deploy.yaml").write_text(RULES)
-    (folder / "artifacts" / "model.zip").write_bytes(b"PK\x05\x06" + b"\0" * 18)
-    return folder
-
-
-async def start_ubiops(aiohttp_server: Callable[..., Any]) -> tuple[FakeUbiOps, str]:
-    """Serve a fake UbiOps with project ml-prod and no deployment yet."""
-    fake = FakeUbiOps(token=TOKEN)
-    server: TestServer = await aiohttp_server(fake.app())
-    return fake, str(server.make_url(fake.prefix))
-
-
-async def create_deployment(base_url: str, name: str = "churn") -> None:
-    async with aiohttp.ClientSession() as session:
-        data = {"name": name, "input_type": "structured", "output_type": "structured"}
-        await UbiOpsClient(session, base_url, TOKEN).call(
-            "deployments_create", {"project_name": "ml-prod", "data": data}
-        )
-
-
-async def deliver(client: Client, delivery_id: str, payload: dict[str, Any]) -> int:
-    """POST a signed delivery; return the stored event's id."""
-    resp = await client.post(
-        "/webhooks/jira", data=json.dumps(payload), headers=headers(delivery_id)
-    )
-    assert resp.status == 202, await resp.text()
-    return int((await resp.json())["event_id"])
-
-
-async def run_statuses(client: Client, event_id: int) -> list[str]:
-    shown = await (await client.get(f"/api/events/{event_id}", headers=BEARER)).json()
-    return [run["status"] for run in shown["action_runs"]]
-
-
-async def dead_event(client: Client, key: str) -> int:
-    """Deliver an event whose first step dies (no such UbiOps deployment) and wait for it."""
-    event_id = await deliver(client, f"d-{key}", issue_updated(key))
-
-    async def settled() -> bool:
-        return await run_statuses(client, event_id) == ["dead", "skipped"]
-
-    await wait_for(settled)
-    return event_id
-
-
-async def start(
-    make_client: ClientFactory, settings: Settings, rules_dir: Path, base_url: str
-) -> Client:
-    client: Client = await make_client(
-        settings,
-        rules_dir=rules_dir,
-        admin_token=ADMIN_TOKEN,
-        ubiops_api_url=base_url,
-        ubiops_api_token=TOKEN,
-    )
-    return client
+    return write_rollout_rules(tmp_path)
 
 
 async def test_routes_do_not_exist_without_a_token(
@@ -140,13 +85,6 @@ async def test_every_endpoint_refuses_without_the_token(
         assert resp.status == 401, (method, path)
         assert SECRET_KEY not in body and "jira:issue_updated" not in body, (method, path)
         assert "received" not in body, (method, path)
-
-
-async def get_event_api(client: Client, event_id: int) -> dict[str, Any]:
-    resp = await client.get(f"/api/events/{event_id}", headers=BEARER)
-    assert resp.status == 200
-    shown: dict[str, Any] = await resp.json()
-    return shown
 
 
 async def test_every_endpoint_answers_with_the_token(

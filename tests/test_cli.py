@@ -12,8 +12,7 @@ import pytest
 from bot.cli.main import main
 from bot.settings import Settings
 from tests.conftest import ClientFactory
-from tests.helpers import PAYLOAD, headers, issue_updated, wait_for
-from tests.test_admin import write_rules
+from tests.helpers import PAYLOAD, headers, issue_updated, wait_for, write_rollout_rules
 
 
 async def _store_three(make_client: ClientFactory, settings: Settings) -> None:
@@ -81,7 +80,7 @@ async def test_text_mode_header_payload_and_match_lines(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    client = await make_client(settings, rules_dir=write_rules(tmp_path))
+    client = await make_client(settings, rules_dir=write_rollout_rules(tmp_path))
     resp = await client.post(
         "/webhooks/jira", data=json.dumps(issue_updated("OPS-31")), headers=headers("d-31")
     )

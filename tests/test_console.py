@@ -23,8 +23,15 @@ from bot.settings import Settings
 from bot.web.status import csrf_token, flash, safe_back
 from tests.conftest import ClientFactory
 from tests.fakes.ubiops import FakeUbiOps
-from tests.helpers import wait_for
-from tests.test_admin import ADMIN_TOKEN, BEARER, create_deployment, deliver, start, start_ubiops
+from tests.helpers import (
+    ADMIN_TOKEN,
+    BEARER,
+    create_deployment,
+    deliver,
+    start,
+    start_ubiops,
+    wait_for,
+)
 from tests.test_status_page import CHROMIUM, CHROMIUM_ARGS
 from tests.test_workflows import ROLLOUT, issue_updated
 

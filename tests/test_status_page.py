@@ -18,18 +18,19 @@ from bot.settings import Settings
 from bot.web.status import csrf_token, until
 from tests.conftest import ClientFactory
 from tests.fakes.ubiops import Fault
-from tests.helpers import issue_updated, wait_for
-from tests.test_admin import (
+from tests.helpers import (
     ADMIN_TOKEN,
     BEARER,
     create_deployment,
     dead_event,
     deliver,
     get_event_api,
+    issue_updated,
     run_statuses,
     start,
     start_ubiops,
-    write_rules,
+    wait_for,
+    write_rollout_rules,
 )
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -49,7 +50,7 @@ HOSTILE = '<script>alert("x")</script>'
 
 @pytest.fixture
 def rules_dir(tmp_path: Path) -> Path:
-    return write_rules(tmp_path)
+    return write_rollout_rules(tmp_path)
 
 
 async def register_webhook(settings: Settings, expires_in: timedelta) -> None:

@@ -21,10 +21,10 @@ from bot.services.runner import ActionRunner
 from bot.settings import Settings
 from bot.web.keys import PROCESSOR
 from tests.conftest import ClientFactory
-from tests.helpers import TOKEN, wait_for
-from tests.test_admin import (
+from tests.helpers import (
     ADMIN_TOKEN,
     BEARER,
+    TOKEN,
     create_deployment,
     dead_event,
     deliver,
@@ -32,7 +32,8 @@ from tests.test_admin import (
     run_statuses,
     start,
     start_ubiops,
-    write_rules,
+    wait_for,
+    write_rollout_rules,
 )
 
 Client = TestClient[Any, Any]
@@ -327,7 +328,7 @@ async def test_retrying_a_skipped_run_behind_a_dead_one_names_the_run_to_retry(
     aiohttp_server: Callable[..., Any],
 ) -> None:
     _fake, base_url = await start_ubiops(aiohttp_server)
-    client: Client = await start(make_client, settings, write_rules(tmp_path), base_url)
+    client: Client = await start(make_client, settings, write_rollout_rules(tmp_path), base_url)
     event_id = await dead_event(client, "OPS-70")
     dead, skipped = (await get_event_api(client, event_id))["action_runs"]
     await create_deployment(base_url)  # the cause is fixed: only the order is wrong now
