@@ -23,13 +23,14 @@ from bot.core.apis import ubiops
 from bot.core.backoff import RetryPolicy
 from bot.core.catalog import Operation, Param
 from bot.db.engine import create_engine, upgrade
-from bot.db.models import events
+from bot.db.models import action_runs, events, rule_matches
 from bot.db.queries import get_event
 from bot.db.store import EventStore
 from bot.db.tenants import Tenants
 from bot.jira_app.access import JiraAccess
 from bot.jira_app.jobs import WebhookMaintenance
-from bot.rules.model import RuleSet
+from bot.rules.loader import load_rules
+from bot.rules.model import RuleSet, Step
 from bot.services.ubiops import UbiOpsClient
 from bot.settings import Settings
 from tests.conftest import CLIENT_SECRET, ClientFactory
@@ -448,3 +449,62 @@ async def get_event_api(client: Client, event_id: int) -> dict[str, Any]:
     assert resp.status == 200
     shown: dict[str, Any] = await resp.json()
     return shown
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+async def row_counts(settings: Settings) -> dict[str, int]:
+    engine = create_engine(settings.database_url)
+    try:
+        async with engine.connect() as conn:
+            return {
+                table.name: int(
+                    (await conn.execute(select(func.count()).select_from(table))).scalar_one()
+                )
+                for table in (events, rule_matches, action_runs)
+            }
+    finally:
+        await engine.dispose()
+
+
+def template_step(
+    folder: Path, with_yaml: str, action: str = "ubiops.deployment_versions_create"
+) -> Step:
+    text = (
+        "rules:\n  - name: r\n    on: {events: [jira:issue_updated]}\n    do:\n"
+        f"      - id: first\n        action: ubiops.deployments_list\n"
+        f"        with: {{project_name: p}}\n"
+        f"      - action: {action}\n        with:\n{with_yaml}"
+    )
+    (folder / "artifacts").mkdir(parents=True, exist_ok=True)
+    (folder / "artifacts" / "model.zip").write_bytes(b"PK")
+    rule = load_rules(write_rules(folder, {"r.yaml": text}), REGISTRY).rules[0]
+    return rule.steps[1]
+
+
+async def deliver_connect(
+    client: TestClient[Any, Any], token: str, delivery_id: str = "c-1", query: str = ""
+) -> int:
+    resp = await client.post(
+        "/webhooks/jira" + query,
+        data=json.dumps(PAYLOAD),
+        headers={
+            "Authorization": f"JWT {token}",
+            "Content-Type": "application/json",
+            "X-Atlassian-Webhook-Identifier": delivery_id,
+        },
+    )
+    return resp.status

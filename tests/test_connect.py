@@ -18,6 +18,7 @@ from tests.helpers import (
     PUBLIC_URL,
     SECRET,
     KeyServer,
+    deliver_connect,
     install,
     install_body,
     stored_count,
@@ -45,21 +46,6 @@ async def connect_client(
     return client
 
 
-async def deliver(
-    client: TestClient[Any, Any], token: str, delivery_id: str = "c-1", query: str = ""
-) -> int:
-    resp = await client.post(
-        "/webhooks/jira" + query,
-        data=json.dumps(PAYLOAD),
-        headers={
-            "Authorization": f"JWT {token}",
-            "Content-Type": "application/json",
-            "X-Atlassian-Webhook-Identifier": delivery_id,
-        },
-    )
-    return resp.status
-
-
 async def test_descriptor(connect_client: TestClient[Any, Any]) -> None:
     resp = await connect_client.get("/atlassian-connect.json")
     descriptor = await resp.json()
@@ -79,7 +65,7 @@ async def test_signed_install_then_verified_deliveries(
     keys = key_server[0].keys
     assert await install(connect_client, keys) == 204
     token = connect_token("POST", "/webhooks/jira?b=2&a=x y", CLIENT_KEY, SECRET)
-    assert await deliver(connect_client, token, query="?b=2&a=x y") == 202
+    assert await deliver_connect(connect_client, token, query="?b=2&a=x y") == 202
     # The key is fetched once by kid and cached.
     assert await install(connect_client, keys) == 204
     assert key_server[0].fetches == [keys.kid]
@@ -189,7 +175,7 @@ async def test_install_must_be_signed_by_atlassian(
     assert unsigned.status == 401
     # Nothing was installed: deliveries signed with that secret are refused.
     token = connect_token("POST", "/webhooks/jira", CLIENT_KEY, SECRET)
-    assert await deliver(connect_client, token) == 401
+    assert await deliver_connect(connect_client, token) == 401
 
 
 async def test_reinstall_rules(
@@ -207,9 +193,9 @@ async def test_reinstall_rules(
     )
     assert resp.status == 204
     old = connect_token("POST", "/webhooks/jira", CLIENT_KEY, SECRET)
-    assert await deliver(connect_client, old, "r-1") == 401
+    assert await deliver_connect(connect_client, old, "r-1") == 401
     new = connect_token("POST", "/webhooks/jira", CLIENT_KEY, new_secret)
-    assert await deliver(connect_client, new, "r-2") == 202
+    assert await deliver_connect(connect_client, new, "r-2") == 202
     # Re-install signed by a stale secret is refused and changes nothing.
     stale = connect_token("POST", "/lifecycle/installed", CLIENT_KEY, SECRET)
     resp = await connect_client.post(
@@ -218,10 +204,10 @@ async def test_reinstall_rules(
         headers={"Authorization": f"JWT {stale}"},
     )
     assert resp.status == 401
-    assert await deliver(connect_client, new, "r-3") == 202
+    assert await deliver_connect(connect_client, new, "r-3") == 202
     # A valid signed install may always replace it.
     assert await install(connect_client, keys, install_body(SECRET)) == 204
-    assert await deliver(connect_client, old, "r-4") == 202
+    assert await deliver_connect(connect_client, old, "r-4") == 202
 
 
 async def test_uninstall_disables_tenant(
@@ -239,7 +225,7 @@ async def test_uninstall_disables_tenant(
     )
     assert resp.status == 204
     delivery = connect_token("POST", "/webhooks/jira", CLIENT_KEY, SECRET)
-    assert await deliver(connect_client, delivery) == 401
+    assert await deliver_connect(connect_client, delivery) == 401
 
 
 async def test_lifecycle_bad_bodies(

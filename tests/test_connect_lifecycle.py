@@ -16,9 +16,16 @@ from bot.db.engine import create_engine
 from bot.db.models import tenants
 from bot.settings import Settings, from_env
 from tests.conftest import ClientFactory
-from tests.helpers import CLIENT_KEY, PUBLIC_URL, SECRET, KeyServer, install, install_body
+from tests.helpers import (
+    CLIENT_KEY,
+    PUBLIC_URL,
+    SECRET,
+    KeyServer,
+    deliver_connect,
+    install,
+    install_body,
+)
 from tests.signing import InstallKeys, connect_token
-from tests.test_connect import deliver
 
 Client = TestClient[Any, Any]
 
@@ -90,7 +97,7 @@ async def test_an_hs256_install_cannot_revive_an_uninstalled_tenant(
     assert await _post(client, "/lifecycle/installed", revival, body) == 401
     assert await _tenant(settings) == (SECRET, "https://tenant-1.atlassian.net", False)
     attacker = connect_token("POST", "/webhooks/jira", CLIENT_KEY, ATTACKER_SECRET)
-    assert await deliver(client, attacker, "revived-1") == 401
+    assert await deliver_connect(client, attacker, "revived-1") == 401
     # Atlassian's own signature brings the tenant back.
     assert await install(client, keys) == 204
     assert (await _tenant(settings))[2] is True
@@ -108,7 +115,10 @@ async def test_an_install_token_is_good_for_one_install(
     assert await _post(client, "/lifecycle/installed", token, replay) == 401
     assert await _post(client, "/lifecycle/installed", token, install_body()) == 401
     assert await _tenant(settings) == (SECRET, "https://tenant-1.atlassian.net", True)
-    assert await deliver(client, connect_token("POST", "/webhooks/jira", CLIENT_KEY, SECRET)) == 202
+    assert (
+        await deliver_connect(client, connect_token("POST", "/webhooks/jira", CLIENT_KEY, SECRET))
+        == 202
+    )
     # An uninstall token replayed after a re-install does not disable the tenant again.
     uninstall = _sign(keys, "/lifecycle/uninstalled")
     assert await _uninstall(client, uninstall) == 204

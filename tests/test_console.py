@@ -26,14 +26,15 @@ from tests.fakes.ubiops import FakeUbiOps
 from tests.helpers import (
     ADMIN_TOKEN,
     BEARER,
+    CHROMIUM,
+    CHROMIUM_ARGS,
     create_deployment,
     deliver,
     start,
     start_ubiops,
     wait_for,
 )
-from tests.test_status_page import CHROMIUM, CHROMIUM_ARGS
-from tests.test_workflows import ROLLOUT, issue_updated
+from tests.workflow_world import ROLLOUT, issue_updated
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 Client = TestClient[Any, Any]

@@ -14,8 +14,8 @@ from bot.db.models import action_runs
 from bot.pipeline import executor as executor_module
 from bot.pipeline.processor import EventProcessor
 from tests.helpers import wait_for
-from tests.test_workflows import Env, issue_updated, write_rules
-from tests.test_workflows import env as env  # the fixture
+from tests.workflow_world import Env, issue_updated, write_rules
+from tests.workflow_world import env as env  # the fixture
 
 ONE_STEP = """
 rules:

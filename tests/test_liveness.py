@@ -28,8 +28,8 @@ from bot.pipeline.liveness import (
     pid_alive,
 )
 from bot.pipeline.processor import EventProcessor
-from tests.test_workflows import Env, _uploads, drive, issue_updated
-from tests.test_workflows import env as env  # the fixture
+from tests.workflow_world import Env, _uploads, drive, issue_updated
+from tests.workflow_world import env as env  # the fixture
 
 
 @pytest.fixture

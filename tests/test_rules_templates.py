@@ -8,23 +8,8 @@ from typing import Any
 import pytest
 
 from bot.errors import TemplateRenderError
-from bot.rules.loader import load_rules
-from bot.rules.model import Step
 from bot.rules.templates import build_context, compile_template, render_params
-from tests.helpers import REGISTRY, payload, write_rules
-
-
-def _step(folder: Path, with_yaml: str, action: str = "ubiops.deployment_versions_create") -> Step:
-    text = (
-        "rules:\n  - name: r\n    on: {events: [jira:issue_updated]}\n    do:\n"
-        f"      - id: first\n        action: ubiops.deployments_list\n"
-        f"        with: {{project_name: p}}\n"
-        f"      - action: {action}\n        with:\n{with_yaml}"
-    )
-    (folder / "artifacts").mkdir(parents=True, exist_ok=True)
-    (folder / "artifacts" / "model.zip").write_bytes(b"PK")
-    rule = load_rules(write_rules(folder, {"r.yaml": text}), REGISTRY).rules[0]
-    return rule.steps[1]
+from tests.helpers import payload, template_step
 
 
 def _context(event: dict[str, Any], steps: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -32,7 +17,7 @@ def _context(event: dict[str, Any], steps: dict[str, Any] | None = None) -> dict
 
 
 def test_renders_recursively_with_payload_event_and_steps(tmp_path: Path) -> None:
-    step = _step(
+    step = template_step(
         tmp_path,
         "          project_name: ml-prod\n"
         "          deployment_name: '{{ issue.fields.customfield_10050 }}'\n"
@@ -59,7 +44,7 @@ def test_renders_recursively_with_payload_event_and_steps(tmp_path: Path) -> Non
 
 
 def test_values_from_jira_stay_literal(tmp_path: Path) -> None:
-    step = _step(
+    step = template_step(
         tmp_path,
         "          project_name: '{{ issue.fields.summary }}'\n"
         "          deployment_name: d\n"
@@ -90,7 +75,7 @@ def test_values_from_jira_stay_literal(tmp_path: Path) -> None:
 def test_render_failures_raise_template_render_error(
     tmp_path: Path, template: str, message: str
 ) -> None:
-    step = _step(
+    step = template_step(
         tmp_path,
         f'          project_name: p\n          deployment_name: "{template}"\n'
         "          data: {version: v}\n",
@@ -102,7 +87,7 @@ def test_render_failures_raise_template_render_error(
 
 def test_file_parameter_is_resolved_inside_the_rules_folder(tmp_path: Path) -> None:
     folder = tmp_path / "rules"
-    step = _step(
+    step = template_step(
         folder,
         "          project_name: p\n          deployment_name: d\n          version: v\n"
         "          file: artifacts/model.zip\n",
@@ -113,7 +98,7 @@ def test_file_parameter_is_resolved_inside_the_rules_folder(tmp_path: Path) -> N
 
 
 def test_templated_file_parameter_cannot_leave_the_rules_folder(tmp_path: Path) -> None:
-    step = _step(
+    step = template_step(
         tmp_path / "rules",
         "          project_name: p\n          deployment_name: d\n          version: v\n"
         "          file: 'artifacts/{{ issue.fields.summary }}.zip'\n",

@@ -21,6 +21,8 @@ from tests.fakes.ubiops import Fault
 from tests.helpers import (
     ADMIN_TOKEN,
     BEARER,
+    CHROMIUM,
+    CHROMIUM_ARGS,
     create_deployment,
     dead_event,
     deliver,
@@ -33,17 +35,6 @@ from tests.helpers import (
     write_rollout_rules,
 )
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 SCREENSHOT = Path(__file__).resolve().parent.parent / "test-artifacts" / "status-page.png"
 HOSTILE = '<script>alert("x")</script>'
 

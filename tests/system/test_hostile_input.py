@@ -31,10 +31,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from bot.db.engine import create_engine
-from bot.db.models import action_runs, events, rule_matches, tenants
+from bot.db.models import tenants
 from bot.rules.loader import JIRA_EVENTS
 from bot.settings import Settings
 from tests.conftest import CLIENT_SECRET, ClientFactory
@@ -48,6 +48,7 @@ from tests.helpers import (
     install,
     install_body,
     issue_updated,
+    row_counts,
     wait_for,
 )
 from tests.signing import InstallKeys, connect_claims_token, connect_token, forge_token
@@ -210,20 +211,6 @@ def any_event_rules(tmp_path: Path) -> Path:
 
 def _engine_name(settings: Settings) -> str:
     return "postgresql" if settings.database_url.startswith("postgresql") else "sqlite"
-
-
-async def _row_counts(settings: Settings) -> dict[str, int]:
-    engine = create_engine(settings.database_url)
-    try:
-        async with engine.connect() as conn:
-            return {
-                table.name: int(
-                    (await conn.execute(select(func.count()).select_from(table))).scalar_one()
-                )
-                for table in (events, rule_matches, action_runs)
-            }
-    finally:
-        await engine.dispose()
 
 
 # ----- the attacks ---------------------------------------------------------------------
@@ -519,7 +506,7 @@ def _record(target: Target) -> int:
 
 async def _nothing_happened(target: Target, settings: Settings, fake: FakeUbiOps) -> None:
     assert target.failures == [], "\n".join(target.failures)
-    assert await _row_counts(settings) == {"events": 0, "rule_matches": 0, "action_runs": 0}
+    assert await row_counts(settings) == {"events": 0, "rule_matches": 0, "action_runs": 0}
     assert fake.requests == []
 
 
@@ -534,7 +521,7 @@ async def _honest_delivery_acts(target: Target, settings: Settings, fake: FakeUb
         return len(fake.calls("GET", r"/projects/ml-prod/deployments")) == 1
 
     await wait_for(acted)
-    assert (await _row_counts(settings))["events"] == 1
+    assert (await row_counts(settings))["events"] == 1
 
 
 async def test_hostile_input_oauth_mode(

@@ -34,10 +34,17 @@ from bot.web.keys import HTTP
 from bot.web.sessions import LOGIN_BURST, LOGIN_REFILL_S, SESSION_TTL_S
 from bot.web.status import csrf_token
 from tests.conftest import CLIENT_SECRET, ClientFactory
-from tests.helpers import CLIENT_KEY, PUBLIC_URL, SECRET, KeyServer, install_body, issue_updated
+from tests.helpers import (
+    CLIENT_KEY,
+    PUBLIC_URL,
+    SECRET,
+    KeyServer,
+    install_body,
+    issue_updated,
+    row_counts,
+)
 from tests.signing import InstallKeys, connect_claims_token
 from tests.signing import oauth_token as signed_oauth_token
-from tests.system.test_hostile_input import _row_counts
 
 ADMIN = "admin-token-" + "0123456789" * 3
 NOTHING = {"events": 0, "rule_matches": 0, "action_runs": 0}
@@ -105,7 +112,7 @@ async def test_compressed_bodies_are_refused_unread_on_every_route(
             path, data=gzip.compress(b"token=" + ADMIN.encode()), headers=admin
         )
         assert resp.status == 415, (path, resp.status)
-    assert await _row_counts(settings) == NOTHING
+    assert await row_counts(settings) == NOTHING
     # identity is no encoding at all: the same delivery goes through.
     headers = {**_delivery_headers("plain"), "Content-Encoding": "identity"}
     resp = await client.post("/webhooks/jira", data=delivery, headers=headers)
@@ -136,7 +143,7 @@ async def test_compressed_lifecycle_callbacks_are_refused_unread(
         )
         assert resp.status == 415, (path, resp.status)
     assert key_server.fetches == []  # refused before any key was fetched
-    assert await _row_counts(settings) == NOTHING
+    assert await row_counts(settings) == NOTHING
 
 
 # ----- item 7: header bytes that are not UTF-8, odd digits, huge numbers ------------------
@@ -186,7 +193,7 @@ async def test_header_bytes_that_are_not_utf8_get_4xx_everywhere(
                     failures.append((request_line, lines, status, answer[:200]))
     assert failures == []
     assert key_server.fetches == []
-    assert await _row_counts(settings) == NOTHING
+    assert await row_counts(settings) == NOTHING
 
 
 async def test_odd_digits_and_huge_numbers_get_4xx(
@@ -293,7 +300,7 @@ async def test_a_malformed_kid_causes_no_fetch(
         for _ in range(5):
             assert await _install_with_kid(session, client, server.keys, "unknown-1") == 401
     assert server.fetches == ["unknown-1"]
-    assert await _row_counts(settings) == NOTHING
+    assert await row_counts(settings) == NOTHING
 
 
 async def test_the_key_cache_is_bounded_and_expires(aiohttp_server: Any) -> None:
@@ -485,7 +492,7 @@ async def test_tokens_that_live_too_long_are_refused(
         resp = await client.post("/webhooks/jira", data=body, headers=headers)
         assert resp.status == 401, (exp_in_s, resp.status)
         assert "too far in the future" in (await resp.json())["error"]
-    assert await _row_counts(settings) == NOTHING
+    assert await row_counts(settings) == NOTHING
     token = signed_oauth_token(CLIENT_SECRET, exp_in_s=OAUTH_MAX_LIFETIME_S)  # a day is fine
     headers = {**_delivery_headers("hour"), "Authorization": f"Bearer {token}"}
     assert (await client.post("/webhooks/jira", data=body, headers=headers)).status == 202
@@ -577,4 +584,4 @@ async def test_trickling_clients_are_cut_off(
     )
     answer = await _trickle(client, login, b"token=" + b"a" * 494)
     assert answer is not None and answer.startswith(b"HTTP/1.1 408"), answer
-    assert await _row_counts(settings) == NOTHING
+    assert await row_counts(settings) == NOTHING

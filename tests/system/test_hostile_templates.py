@@ -21,8 +21,7 @@ from bot.rules.templates import MAX_RENDERED_CHARS, build_context, render_params
 from bot.settings import Settings
 from tests.conftest import ClientFactory
 from tests.fakes.ubiops import FakeUbiOps
-from tests.helpers import TOKEN, event_when_runs_are, headers, issue_updated
-from tests.test_rules_templates import _step
+from tests.helpers import TOKEN, event_when_runs_are, headers, issue_updated, template_step
 
 LIST = "ubiops.deployments_list"
 PEAK_BYTES = 16 * 1024 * 1024  # every bomb below would take 100 MB or more
@@ -56,7 +55,7 @@ def _context() -> dict[str, Any]:
 
 @pytest.mark.parametrize("bomb", BOMBS)
 def test_a_template_bomb_fails_before_it_allocates(tmp_path: Path, bomb: str) -> None:
-    step = _step(tmp_path, f"          project_name: {json.dumps(bomb)}\n", LIST)
+    step = template_step(tmp_path, f"          project_name: {json.dumps(bomb)}\n", LIST)
     tracemalloc.start()
     try:
         with pytest.raises(TemplateRenderError) as failed:
@@ -80,7 +79,7 @@ def test_values_up_to_the_bound_still_render(tmp_path: Path) -> None:
         ("{% for i in range(1000) %}{{ 'x' * 1000 }}{% endfor %}", 1_000_000),
     ]
     for source, size in fine:
-        step = _step(tmp_path, f"          project_name: {json.dumps(source)}\n", LIST)
+        step = template_step(tmp_path, f"          project_name: {json.dumps(source)}\n", LIST)
         # A single expression keeps its type (`2 ** 64` is a number): measure its text.
         assert len(str(render_params(step, _context())["project_name"])) == size
 
