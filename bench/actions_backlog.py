@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, select
 
+from bench.harness import seed_processed_events
 from bot.db.engine import create_engine, upgrade
-from bot.db.models import action_runs, events, utcnow
+from bot.db.models import action_runs, utcnow
 from bot.pipeline.executor import ActionExecutor
 from bot.pipeline.processor import idempotency_key
 from bot.services.runner import ActionRunner
@@ -49,51 +50,26 @@ async def _seed(database_url: str, runs: int) -> Any:
     await upgrade(engine)
     now = utcnow()
     async with engine.begin() as conn:
-        for start in range(0, runs, 1000):
-            chunk = range(start, min(start + 1000, runs))
-            ids = (
-                (
-                    await conn.execute(
-                        insert(events).returning(events.c.id),
-                        [
-                            {
-                                "tenant": "",
-                                "delivery_id": f"bench-{i}",
-                                "retry_count": 0,
-                                "webhook_event": "jira:issue_updated",
-                                "issue_key": f"OPS-{i}",
-                                "source": "live",
-                                "body": BODY % i,
-                                "status": "processed",
-                                "received_at": now,
-                                "attempts": 1,
-                            }
-                            for i in chunk
-                        ],
-                    )
-                )
-                .scalars()
-                .all()
-            )
-            await conn.execute(
-                insert(action_runs),
-                [
-                    {
-                        "event_id": event_id,
-                        "rule_name": "bench",
-                        "step_index": 0,
-                        "action": "ubiops.deployment_versions_create",
-                        "idempotency_key": idempotency_key(event_id, "bench", 0),
-                        "status": "pending",
-                        "attempts": 0,
-                        # rendered per run from the stored event, as in production
-                        "params": _create("{{ issue.key | lower }}"),
-                        "created_at": now,
-                        "updated_at": now,
-                    }
-                    for event_id in ids
-                ],
-            )
+        await seed_processed_events(
+            conn,
+            runs,
+            prefix="bench",
+            body=BODY,
+            now=now,
+            run_of=lambda event_id: {
+                "event_id": event_id,
+                "rule_name": "bench",
+                "step_index": 0,
+                "action": "ubiops.deployment_versions_create",
+                "idempotency_key": idempotency_key(event_id, "bench", 0),
+                "status": "pending",
+                "attempts": 0,
+                # rendered per run from the stored event, as in production
+                "params": _create("{{ issue.key | lower }}"),
+                "created_at": now,
+                "updated_at": now,
+            },
+        )
     return engine
 
 

@@ -11,12 +11,15 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import jwt
+from sqlalchemy import insert
 
+from bot.db.models import action_runs, events
 from bot.rules.loader import JIRA_EVENTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -218,3 +221,35 @@ def log_tail(workdir: Path, lines: int = 20) -> str:
         out.append(f"--- {path.name}")
         out.extend(path.read_text(errors="replace").splitlines()[-lines:])
     return "\n".join(out)
+
+
+async def seed_processed_events(
+    conn: Any,
+    count: int,
+    *,
+    prefix: str,
+    body: bytes,
+    now: datetime,
+    run_of: Callable[[int], dict[str, Any]],
+) -> None:
+    """Insert `count` processed issue-updated events (`body % i` each), 1,000 a statement,
+    and the action run `run_of(event_id)` of each: the backlog a benchmark starts from."""
+    for start in range(0, count, 1000):
+        chunk = range(start, min(start + 1000, count))
+        rows = [
+            {
+                "tenant": "",
+                "delivery_id": f"{prefix}-{i}",
+                "retry_count": 0,
+                "webhook_event": "jira:issue_updated",
+                "issue_key": f"OPS-{i}",
+                "source": "live",
+                "body": body % i,
+                "status": "processed",
+                "received_at": now,
+                "attempts": 1,
+            }
+            for i in chunk
+        ]
+        ids = (await conn.execute(insert(events).returning(events.c.id), rows)).scalars().all()
+        await conn.execute(insert(action_runs), [run_of(event_id) for event_id in ids])

@@ -25,13 +25,13 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import delete, insert
+from sqlalchemy import delete
 from yarl import URL
 
 if __package__ in (None, ""):  # run as a script: bench/waiting.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import cpu_seconds, deploybot, free_port
+from bench.harness import cpu_seconds, deploybot, free_port, seed_processed_events
 from bot.db.engine import create_engine, upgrade
 from bot.db.models import action_runs, events, utcnow
 from bot.pipeline.executor import ActionExecutor
@@ -51,52 +51,31 @@ async def seed(database_url: str, runs: int) -> None:
     async with engine.begin() as conn:
         await conn.execute(delete(action_runs))
         await conn.execute(delete(events))
-        for start in range(0, runs, 1000):
-            chunk = range(start, min(start + 1000, runs))
-            ids = (
-                await conn.execute(
-                    insert(events).returning(events.c.id),
-                    [
-                        {
-                            "tenant": "",
-                            "delivery_id": f"wait-{i}",
-                            "retry_count": 0,
-                            "webhook_event": "jira:issue_updated",
-                            "issue_key": f"OPS-{i}",
-                            "source": "live",
-                            "body": BODY % i,
-                            "status": "processed",
-                            "received_at": now,
-                            "attempts": 1,
-                        }
-                        for i in chunk
-                    ],
-                )
-            ).scalars()
-            await conn.execute(
-                insert(action_runs),
-                [
-                    {
-                        "event_id": event_id,
-                        "rule_name": "rollout",
-                        "step_index": 0,
-                        "step_id": "build",
-                        "action": "ubiops.revisions_get",
-                        "idempotency_key": f"{event_id}:rollout:0",
-                        "status": "waiting",
-                        "attempts": 1,
-                        "next_attempt_at": now + timedelta(minutes=10),
-                        "waiting_since": now,
-                        "params": {"project_name": "ml-prod"},
-                        "control": control,
-                        "result": {"status": "building"},
-                        "concurrency_key": f"ubiops/ml-prod/model-{event_id % 50}",
-                        "created_at": now,
-                        "updated_at": now,
-                    }
-                    for event_id in ids
-                ],
-            )
+        await seed_processed_events(
+            conn,
+            runs,
+            prefix="wait",
+            body=BODY,
+            now=now,
+            run_of=lambda event_id: {
+                "event_id": event_id,
+                "rule_name": "rollout",
+                "step_index": 0,
+                "step_id": "build",
+                "action": "ubiops.revisions_get",
+                "idempotency_key": f"{event_id}:rollout:0",
+                "status": "waiting",
+                "attempts": 1,
+                "next_attempt_at": now + timedelta(minutes=10),
+                "waiting_since": now,
+                "params": {"project_name": "ml-prod"},
+                "control": control,
+                "result": {"status": "building"},
+                "concurrency_key": f"ubiops/ml-prod/model-{event_id % 50}",
+                "created_at": now,
+                "updated_at": now,
+            },
+        )
     await engine.dispose()
 
 
