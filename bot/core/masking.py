@@ -16,6 +16,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
+
 MASK = "********"
 
 # UbiOps' environment variable writes, in every scope (project, deployment, version).
@@ -35,6 +37,8 @@ _CREDENTIAL_KEYS = frozenset(
     }
 )
 _MARKERS = ("{{", "{%", "{#")
+# Every credential key holds one of these once lowered and stripped of `_` and `-`.
+_CREDENTIAL_PARTS = (b"jwt", b"token", b"secret", b"password")
 
 
 def _secret_value_holder(action: str, params: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -82,13 +86,30 @@ def _credential_key(key: object) -> bool:
     )
 
 
+def _may_hold_credential(value: Any) -> bool:
+    """False when no key of `value` can name a credential: one pass in C over its JSON
+    (most answers, say a created version, name none), against a walk of every key."""
+    try:
+        text = orjson.dumps(value)
+    except (TypeError, orjson.JSONEncodeError):  # not plain JSON: walk it
+        return True
+    text = text.lower().replace(b"_", b"").replace(b"-", b"")
+    return any(part in text for part in _CREDENTIAL_PARTS)
+
+
 def mask_result(value: Any) -> Any:
     """An action's answer as it may be stored: text under a credential's name masked."""
+    if isinstance(value, Mapping | list) and not _may_hold_credential(value):
+        return value
+    return _masked(value)
+
+
+def _masked(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {
-            k: MASK if _credential_key(k) and isinstance(v, str) and v else mask_result(v)
+            k: MASK if _credential_key(k) and isinstance(v, str) and v else _masked(v)
             for k, v in value.items()
         }
     if isinstance(value, list):
-        return [mask_result(item) for item in value]
+        return [_masked(item) for item in value]
     return value

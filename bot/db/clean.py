@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 REPLACEMENT = "\ufffd"  # what takes the place of a character no engine can store
 
 
@@ -24,12 +26,22 @@ def clean_text(text: str) -> str:
 
 def clean_value(value: Any) -> Any:
     """`value` (text or a JSON value: keys, lists, nested) with every text cleaned."""
+    if isinstance(value, dict | list):
+        # One pass in C for the common case: orjson refuses a lone surrogate and writes a
+        # NUL as \u0000, so a value it encodes without one is clean as it is.
+        try:
+            if b"\\u0000" not in orjson.dumps(value):
+                return value
+        except (TypeError, orjson.JSONEncodeError):
+            pass  # a surrogate, or not plain JSON: walk it
+    return _cleaned(value)
+
+
+def _cleaned(value: Any) -> Any:
     if isinstance(value, str):
         return clean_text(value)
     if isinstance(value, dict):
-        return {
-            clean_text(k) if isinstance(k, str) else k: clean_value(v) for k, v in value.items()
-        }
+        return {clean_text(k) if isinstance(k, str) else k: _cleaned(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [clean_value(item) for item in value]
+        return [_cleaned(item) for item in value]
     return value

@@ -11,16 +11,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bot.core.outcomes import RunState, event_outcome
 from bot.db.models import action_runs, events
 
-# The operator's outcome of the events whose runs just changed (bot/core/outcomes.py).
-_OUTCOME_RUNS = select(
-    action_runs.c.event_id,
-    action_runs.c.rule_name,
-    action_runs.c.step_index,
-    action_runs.c.status,
-    action_runs.c.next_attempt_at,
-).where(action_runs.c.event_id.in_(bindparam("b_ids", expanding=True)))
-_OLD_OUTCOMES = select(events.c.id, events.c.outcome).where(
-    events.c.id.in_(bindparam("b_ids", expanding=True))
+# The events' stored outcomes with their runs, in one statement (an event without runs
+# comes once, with NULL run columns).
+_OUTCOME_RUNS = (
+    select(
+        events.c.id,
+        events.c.outcome,
+        action_runs.c.rule_name,
+        action_runs.c.step_index,
+        action_runs.c.status,
+        action_runs.c.next_attempt_at,
+    )
+    .select_from(events.outerjoin(action_runs, action_runs.c.event_id == events.c.id))
+    .where(events.c.id.in_(bindparam("b_ids", expanding=True)))
 )
 _SET_OUTCOME = (
     update(events).where(events.c.id == bindparam("b_id")).values(outcome=bindparam("b_outcome"))
@@ -31,18 +34,17 @@ def update_outcomes(conn: Connection, event_ids: list[int], now: datetime) -> li
     """Store the outcome of these events from their runs; return those newly failed."""
     if not event_ids:
         return []
-    ids = {"b_ids": event_ids}
-    runs: dict[int, list[RunState]] = {event_id: [] for event_id in event_ids}
-    for row in conn.execute(_OUTCOME_RUNS, ids):
-        runs[row.event_id].append(
-            RunState(row.rule_name, row.step_index, row.status, row.next_attempt_at)
-        )
-    old = {row.id: row.outcome for row in conn.execute(_OLD_OUTCOMES, ids)}
-    new = {event_id: event_outcome(found, now) for event_id, found in runs.items()}
+    runs: dict[int, list[RunState]] = {}
+    old: dict[int, str | None] = {}
+    for row in conn.execute(_OUTCOME_RUNS, {"b_ids": event_ids}):
+        old[row.id] = row.outcome
+        found = runs.setdefault(row.id, [])
+        if row.status is not None:
+            found.append(RunState(row.rule_name, row.step_index, row.status, row.next_attempt_at))
     changed = {
         event_id: outcome
-        for event_id, outcome in new.items()
-        if event_id in old and old[event_id] != outcome
+        for event_id, found in runs.items()
+        if old[event_id] != (outcome := event_outcome(found, now))
     }
     if changed:
         conn.execute(_SET_OUTCOME, [{"b_id": k, "b_outcome": v} for k, v in changed.items()])

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, bindparam, exists, insert, not_, or_, select, text, update
+from sqlalchemy import and_, bindparam, exists, func, insert, not_, or_, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -97,6 +97,13 @@ ACTIVE = ("pending", "running", "retrying", "waiting")  # a run of these holds i
 BUSY_CLAIM_PAUSE_S = 0.05
 
 
+def _skipped_by_if(last_error: ColumnElement[Any]) -> ColumnElement[bool]:
+    """A skipped run's error says its own `if` skipped it. Not LIKE with a bound pattern:
+    SQLite prepares a statement again whenever such a pattern is bound (the LIKE
+    optimisation), and the claim is thousands of characters: 0.1 ms per branch per claim."""
+    return func.substr(last_error, 1, len(IF_SKIPPED)) == IF_SKIPPED
+
+
 def due_conditions(now: datetime | BindParameter[datetime]) -> list[ColumnElement[bool]]:
     """Runs that may start now, one condition per status: due, with the step before
     done (pending, retrying, waiting) and their concurrency key free, or stale (running,
@@ -118,7 +125,7 @@ def due_conditions(now: datetime | BindParameter[datetime]) -> list[ColumnElemen
             previous.c.status == "succeeded",
             # Skipped by its own `if` (not behind a dead step: a `runs retry` of such a
             # later step must not run before the dead one is put right).
-            and_(previous.c.status == "skipped", previous.c.last_error.like(f"{IF_SKIPPED}%")),
+            and_(previous.c.status == "skipped", _skipped_by_if(previous.c.last_error)),
             and_(
                 r.step_index > workflow.ON_FAILURE_BASE, previous.c.status.in_(("dead", "skipped"))
             ),
@@ -213,6 +220,22 @@ _STAND_DOWN = (
 )
 
 
+# What a claim needs of the runs it leases (each column costs a conversion per row).
+_CLAIMED = (
+    action_runs.c.id,
+    action_runs.c.event_id,
+    action_runs.c.rule_name,
+    action_runs.c.step_index,
+    action_runs.c.step_id,
+    action_runs.c.action,
+    action_runs.c.params,
+    action_runs.c.state,
+    action_runs.c.attempts,
+    action_runs.c.idempotency_key,
+    action_runs.c.control,
+    action_runs.c.failure,
+    action_runs.c.waiting_since,
+)
 _EVENT_BODIES = select(events.c.id, events.c.tenant, events.c.body, events.c.received_at).where(
     events.c.id.in_(bindparam("b_ids", expanding=True))
 )
@@ -297,7 +320,7 @@ class ActionExecutor:
                 lease_until=bindparam("b_lease_until", type_=UTCDateTime()),
                 limit=limit,
                 values={"status": "running", "updated_at": at},
-                returning=tuple(action_runs.c),
+                returning=_CLAIMED,
             )
         times = {"b_now": now, "b_lease_until": now + timedelta(seconds=self._lease_s)}
 
@@ -338,8 +361,10 @@ class ActionExecutor:
         ids = {"b_ids": list({r.event_id for r in rows})}
         bodies = {e.id: e for e in conn.execute(_EVENT_BODIES, ids)}
         # Steps of a rule run in order, so the earlier results of a due run are final.
+        # A first step has none (the common claim: each event's first step).
         earlier: dict[tuple[int, str], list[Any]] = {}
-        for row in conn.execute(_EVENT_RUNS, ids):
+        later = {"b_ids": list({r.event_id for r in rows if r.step_index > 0})}
+        for row in conn.execute(_EVENT_RUNS, later) if later["b_ids"] else ():
             if row.status == "succeeded" and row.step_id is not None:
                 earlier.setdefault((row.event_id, row.rule_name), []).append(row)
         out: dict[int, tuple[str, dict[str, Any]]] = {}
