@@ -42,8 +42,12 @@ def main() -> None:
     async def show_arrivals(request: web.Request) -> web.Response:
         return web.json_response(arrivals)
 
+    async def count_arrivals(request: web.Request) -> web.Response:
+        return web.json_response(len(arrivals))
+
     app.middlewares.append(arrival)
     app.router.add_get("/bench/arrivals", show_arrivals)
+    app.router.add_get("/bench/arrivals/count", count_arrivals)
     if args.post_delay_s:
         delay = args.post_delay_s
 
