@@ -197,6 +197,8 @@ def profile(pid: int, duration_s: float, out: Path) -> subprocess.Popen[bytes]:
             str(out),
             *(["--native"] if os.environ.get("BENCH_PROFILE_NATIVE") else []),
             "--threads",
+            "--rate",
+            os.environ.get("BENCH_PROFILE_RATE", "100"),
             *(["--gil"] if os.environ.get("BENCH_PROFILE_GIL") else []),
         ],
         stdout=subprocess.DEVNULL,
