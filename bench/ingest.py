@@ -357,11 +357,20 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.connections} connections, {args.duration} s each, {os.cpu_count()} cores, "
             f"{engine}, {args.processes} deploybot process(es), {args.rounds} round(s)"
         )
+        # One fake UbiOps for every round: a PostgreSQL database is kept from one round to
+        # the next, and the runs a round left go on against the same service in the next.
+        fake, ubiops_url = asyncio.run(start_fake_ubiops(workdir)) if args.matching else (None, "")
         try:
-            rounds = [one_round(args, workdir, database_url, i) for i in range(args.rounds)]
+            rounds = [
+                one_round(args, workdir, database_url, i, ubiops_url) for i in range(args.rounds)
+            ]
         except RuntimeError:
             print(harness.log_tail(workdir), file=sys.stderr)
             raise
+        finally:
+            if fake is not None:
+                fake.terminate()
+                fake.wait(10)
     labels = ("matching 3-step rule",) if args.matching else ("10 rules", f"{args.rules} rules")
     for i, (bare, *results) in enumerate(rounds):
         ratios = ", ".join(
@@ -382,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def one_round(
-    args: argparse.Namespace, workdir: Path, database_url: str, index: int
+    args: argparse.Namespace, workdir: Path, database_url: str, index: int, ubiops_url: str
 ) -> tuple[Load, ...]:
     """The bare handler, then deploybot with 10 and with `--rules` rules, in turn."""
     # SQLite: a fresh file each round; a PostgreSQL database is the caller's.
@@ -398,15 +407,9 @@ def one_round(
         bare = drive([port], args, workdir, [bare_proc.pid])
     report("bare aiohttp", bare)
     if args.matching:
-        fake, ubiops_url = asyncio.run(start_fake_ubiops(workdir))
-        try:
-            matching = bench_deploybot(
-                "deploybot (matching)", 1, args, workdir, database_url, ubiops_url
-            )
-        finally:
-            fake.terminate()
-            fake.wait(10)
-        return bare, matching
+        return bare, bench_deploybot(
+            "deploybot (matching)", 1, args, workdir, database_url, ubiops_url
+        )
     return (
         bare,
         bench_deploybot("deploybot (10 rules)", 10, args, workdir, database_url),
