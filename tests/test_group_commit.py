@@ -195,3 +195,25 @@ async def test_a_thread_drain_lets_the_threads_other_work_in(rec: Recorder) -> N
     await loading
     after = rec.log[rec.log.index("other") + 1 :]
     assert len(after) >= 5  # it ran within a slice, not once the load was over
+
+
+async def test_a_lingering_batch_takes_the_items_submitted_meanwhile(rec: Recorder) -> None:
+    """The executor's outcomes while ingest is busy: items submitted one by one within the
+    linger share one transaction; without a linger each goes alone."""
+    rec.delay_s = 0.0
+    linger = [1.0]
+    commits = GroupCommit(rec.write, linger=lambda: linger[0])
+
+    async def one_by_one() -> list[int]:
+        tasks = []
+        for i in range(5):
+            tasks.append(asyncio.create_task(commits.submit(i)))
+            await asyncio.sleep(0.01)  # each finishes a little after the one before
+        return list(await asyncio.gather(*tasks))
+
+    assert await one_by_one() == [0, 10, 20, 30, 40]
+    assert rec.batches() == [[0, 1, 2, 3, 4]]
+    linger[0] = 0.0
+    rec.log.clear()
+    assert await one_by_one() == [0, 10, 20, 30, 40]
+    assert rec.batches() == [[0], [1], [2], [3], [4]]

@@ -40,11 +40,22 @@ def _fail(batch: list[tuple[T, asyncio.Future[R]]], exc: BaseException) -> None:
 
 
 class GroupCommit(Generic[T, R]):
-    """Submit items; `write(batch)` stores a whole batch in one transaction."""
+    """Submit items; `write(batch)` stores a whole batch in one transaction.
 
-    def __init__(self, write: Callable[[list[T]], Awaitable[list[R]]], *, max_batch: int = 1000):
+    `linger()` says how long the first submitter of a batch waits for others to join it
+    (0: not at all): a batch written later, but one transaction for more items.
+    """
+
+    def __init__(
+        self,
+        write: Callable[[list[T]], Awaitable[list[R]]],
+        *,
+        max_batch: int = 1000,
+        linger: Callable[[], float] = lambda: 0.0,
+    ):
         self._write = write
         self._max_batch = max_batch
+        self._linger = linger
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
         self._drainer: asyncio.Task[None] | None = None
 
@@ -75,6 +86,9 @@ class GroupCommit(Generic[T, R]):
     async def _drain(self) -> None:
         batch: list[tuple[T, asyncio.Future[R]]] = []
         try:
+            linger = self._linger()
+            if linger > 0:
+                await asyncio.sleep(linger)
             while self._queue:
                 batch = self._queue[: self._max_batch]
                 self._queue = self._queue[self._max_batch :]

@@ -94,7 +94,9 @@ ACTIVE = ("pending", "running", "retrying", "waiting")  # a run of these holds i
 # While deliveries load the write path, claims (a commit each, and an outcome commit after
 # them) come at most this often, for all free slots at once: the deliveries' commits
 # queue behind them in the one writer (see docs/performance.md, issue #23).
-BUSY_CLAIM_PAUSE_S = 0.05
+BUSY_CLAIM_PAUSE_S = 0.1
+# ... and the outcomes finishing meanwhile wait this long for each other: one commit.
+BUSY_OUTCOME_LINGER_S = 0.1
 
 
 def _skipped_by_if(last_error: ColumnElement[Any]) -> ColumnElement[bool]:
@@ -299,7 +301,9 @@ class ActionExecutor:
         self._clock = clock
         self._rng = rng or random.Random()
         self.wakeup = asyncio.Event()
-        self._commits: GroupCommit[_AttemptRecord, bool] = GroupCommit(self._write)
+        self._commits: GroupCommit[_AttemptRecord, bool] = GroupCommit(
+            self._write, linger=lambda: BUSY_OUTCOME_LINGER_S if self._ingest_busy() else 0.0
+        )
         self._claims: dict[int, Any] = {}  # claim statements by size
         # Called with (action, new run status) after each recorded attempt (metrics).
         self.on_attempt: Callable[[str, str], None] | None = None
