@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection, inspect
 
-from bot.db.engine import alembic_config, create_engine, upgrade
+from bot.db.engine import alembic_config, create_engine, require_postgres, upgrade
 from bot.db.models import metadata
+from bot.errors import SettingsError
 
 
 def _differences(conn: Connection) -> list[Any]:
@@ -52,3 +54,13 @@ async def test_upgrade_downgrade_upgrade(database_url: str) -> None:
             assert await conn.run_sync(_differences) == []
     finally:
         await engine.dispose()
+
+
+def test_a_postgresql_server_older_than_12_is_refused_by_name() -> None:
+    """The processor sets plan_cache_mode (PostgreSQL 12): an older server is refused at
+    `db upgrade` / start-up, saying why, rather than failing every batch later."""
+    with pytest.raises(SettingsError, match=r"PostgreSQL 12 or later is needed \(11\.22\)"):
+        require_postgres((11, 22))
+    require_postgres((12, 0))
+    require_postgres((15, 4))
+    require_postgres(None)  # not connected yet: nothing to say

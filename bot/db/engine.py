@@ -21,6 +21,8 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
+from bot.errors import SettingsError
+
 P = ParamSpec("P")
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -209,8 +211,16 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return config
 
 
+def require_postgres(version: tuple[int, ...] | None) -> None:
+    """Refuse a PostgreSQL server older than 12 (the processor sets `plan_cache_mode`)."""
+    if version is not None and version < (12,):
+        shown = ".".join(map(str, version))
+        raise SettingsError(f"DEPLOYBOT_DATABASE_URL: PostgreSQL 12 or later is needed ({shown})")
+
+
 def _upgrade(connection: Connection) -> None:
     if connection.dialect.name == "postgresql":
+        require_postgres(connection.dialect.server_version_info)
         connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
     command.upgrade(alembic_config(connection), "head")
 
