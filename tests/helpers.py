@@ -7,7 +7,8 @@ import asyncio
 import inspect
 import json
 import textwrap
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -21,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.core.apis import ubiops
 from bot.core.backoff import RetryPolicy
-from bot.core.catalog import Operation, Param
+from bot.core.catalog import Operation, Param, PlannedRequest
 from bot.db.engine import create_engine, upgrade
 from bot.db.models import action_runs, events, rule_matches
 from bot.db.queries import get_event
@@ -31,6 +32,9 @@ from bot.jira_app.access import JiraAccess
 from bot.jira_app.jobs import WebhookMaintenance
 from bot.rules.loader import load_rules
 from bot.rules.model import RuleSet, Step
+from bot.services import http
+from bot.services.jira import DEFAULT_POLICY
+from bot.services.tokens import AccessToken, CachedToken, parse_token_answer
 from bot.services.ubiops import UbiOpsClient
 from bot.settings import Settings
 from tests.conftest import CLIENT_SECRET, ClientFactory
@@ -508,3 +512,62 @@ async def deliver_connect(
         },
     )
     return resp.status
+
+
+class OAuthTokens(CachedToken):
+    """A JiraClient's bearer tokens from the refresh-token grant, kept in memory: the
+    client's own tests, without the database `SharedOAuthTokens` keeps the chain in.
+    Each grant's rotated refresh token is handed to `on_rotate`."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        token_url: str,
+        client_id: str,
+        client_secret: str,
+        refresh_token: str,
+        *,
+        on_rotate: Callable[[str], Awaitable[None]] | None = None,
+        policy: RetryPolicy = DEFAULT_POLICY,
+        clock: Callable[[], float] = time.time,
+        margin_s: float = 60.0,
+    ) -> None:
+        super().__init__(clock)
+        self._session = session
+        self._token_url = token_url
+        self._client_id = client_id
+        self._client_secret = client_secret
+        self.refresh_token = refresh_token
+        self._on_rotate = on_rotate
+        self._policy = policy
+        self._margin_s = margin_s
+
+    def __repr__(self) -> str:
+        return f"OAuthTokens(token_url={self._token_url!r}, client_id={self._client_id!r})"
+
+    async def _fetch(self) -> AccessToken:
+        body = {
+            "grant_type": "refresh_token",
+            "client_id": self._client_id,
+            "client_secret": self._client_secret,
+            "refresh_token": self.refresh_token,
+        }
+        answer = (
+            await http.send(
+                self._session,
+                PlannedRequest("POST", "", json_body=body),
+                base_url=self._token_url,
+                headers={},
+                limiter=None,
+                policy=self._policy,
+            )
+        ).json
+        token = parse_token_answer(
+            answer, source="Jira's token endpoint", now_s=self._clock(), margin_s=self._margin_s
+        )
+        rotated = answer.get("refresh_token")
+        if isinstance(rotated, str) and rotated and rotated != self.refresh_token:
+            self.refresh_token = rotated
+            if self._on_rotate is not None:
+                await self._on_rotate(rotated)
+        return token

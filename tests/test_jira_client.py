@@ -18,8 +18,9 @@ from bot.core.due import refresh_due
 from bot.core.verify import sign_connect
 from bot.core.webhook_plan import Need, WebhookSpec, plan_sync
 from bot.errors import ActionError
-from bot.services.jira import ConnectAuth, JiraClient, OAuthTokens, next_request, parse_jira_time
+from bot.services.jira import ConnectAuth, JiraClient, next_request, parse_jira_time
 from tests.fakes.jira import ACCESS_TOKEN_TTL_S, LIFETIME_S, FakeJira
+from tests.helpers import OAuthTokens
 
 QUICK = RetryPolicy(max_attempts=2, base_delay_s=0.0, max_delay_s=0.0, timeout_s=5.0)
 DELIVERY_URL = "https://deploybot.example.com/webhooks/jira"

@@ -55,10 +55,11 @@ from bot.rules.loader import check_rules, load_rules
 from bot.rules.templates import build_context, render_params
 from bot.services.actions import ServiceClient
 from bot.services.http import send
-from bot.services.jira import JiraClient, OAuthTokens
+from bot.services.jira import JiraClient
 from bot.services.runner import ActionRunner
 from bot.settings import Settings, from_env
 from bot.web.app import service_clients
+from tests.helpers import OAuthTokens
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 

@@ -11,7 +11,7 @@ import hashlib
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -29,9 +29,8 @@ from bot.errors import ActionError
 from bot.services import http
 from bot.services.actions import ActionResult, Done, HighLevelAction, RunInfo, Wait
 from bot.services.adf import to_adf
-from bot.services.forge_tokens import ForgeSystemAuth
 from bot.services.http import OperationClient
-from bot.services.tokens import AccessToken, CachedToken, parse_token_answer
+from bot.services.tokens import AccessToken, BearerAuth, parse_token_answer
 
 DEFAULT_POLICY = RetryPolicy()
 
@@ -125,70 +124,6 @@ class ConnectAuth:
             ttl_s=self.ttl_s,
         )
         return {"Authorization": f"JWT {token}"}
-
-
-OnRotate = Callable[[str], Awaitable[None]]
-
-
-class OAuthTokens(CachedToken):
-    """Access tokens from the refresh-token grant; keeps the rotated refresh token.
-
-    Atlassian rotates refresh tokens: every grant answers with a new one and the old one
-    stops working, so the new one is handed to `on_rotate` to be persisted before use.
-    """
-
-    def __init__(
-        self,
-        session: aiohttp.ClientSession,
-        token_url: str,
-        client_id: str,
-        client_secret: str,
-        refresh_token: str,
-        *,
-        on_rotate: OnRotate | None = None,
-        policy: RetryPolicy = DEFAULT_POLICY,
-        clock: Callable[[], float] = time.time,
-        margin_s: float = 60.0,
-    ) -> None:
-        super().__init__(clock)
-        self._session = session
-        self._token_url = token_url
-        self._client_id = client_id
-        self._client_secret = client_secret
-        self.refresh_token = refresh_token
-        self._on_rotate = on_rotate
-        self._policy = policy
-        self._margin_s = margin_s
-
-    def __repr__(self) -> str:
-        return f"OAuthTokens(token_url={self._token_url!r}, client_id={self._client_id!r})"
-
-    async def _fetch(self) -> AccessToken:
-        body = {
-            "grant_type": "refresh_token",
-            "client_id": self._client_id,
-            "client_secret": self._client_secret,
-            "refresh_token": self.refresh_token,
-        }
-        answer = (
-            await http.send(
-                self._session,
-                PlannedRequest("POST", "", json_body=body),
-                base_url=self._token_url,
-                headers={},
-                limiter=None,
-                policy=self._policy,
-            )
-        ).json
-        token = parse_token_answer(
-            answer, source="Jira's token endpoint", now_s=self._clock(), margin_s=self._margin_s
-        )
-        rotated = answer.get("refresh_token")
-        if isinstance(rotated, str) and rotated and rotated != self.refresh_token:
-            self.refresh_token = rotated
-            if self._on_rotate is not None:
-                await self._on_rotate(rotated)
-        return token
 
 
 def token_seed(refresh_token: str) -> str:
@@ -335,7 +270,7 @@ class JiraClient(OperationClient):
         self,
         session: aiohttp.ClientSession,
         base_url: str,
-        auth: ConnectAuth | OAuthTokens | SharedOAuthTokens | ForgeSystemAuth,
+        auth: ConnectAuth | BearerAuth,
         *,
         policy: RetryPolicy = DEFAULT_POLICY,
         limiter: http.RateLimiter | None = None,

@@ -6,7 +6,7 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from bot.errors import ActionError
 
@@ -17,6 +17,14 @@ class AccessToken:
 
     value: str = field(repr=False)
     refresh_at_s: float
+
+
+class BearerAuth(Protocol):
+    """Where a client gets its bearer token, and a new one when the API rejected it."""
+
+    async def token(self) -> str: ...
+
+    async def refresh(self, rejected: str | None) -> str: ...
 
 
 def parse_token_answer(answer: Any, *, source: str, now_s: float, margin_s: float) -> AccessToken:
