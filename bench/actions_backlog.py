@@ -147,11 +147,11 @@ async def run(args: argparse.Namespace, workdir: Path, port: int) -> dict[str, i
     database_url = args.database_url or f"sqlite+aiosqlite:///{workdir / 'bench.db'}"
     engine = await _seed(database_url, args.runs)
     rss_seeded_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    cpu = time.process_time()
+    cpu_start = time.process_time()
     direct_s = await _direct(base_url, args.runs, args.concurrency)
-    cpu, direct_cpu = time.process_time(), time.process_time() - cpu
+    cpu_direct = time.process_time()
     drain_s = await _drain(engine, base_url, args.concurrency, workdir)
-    drain_cpu = time.process_time() - cpu
+    direct_cpu, drain_cpu = cpu_direct - cpu_start, time.process_time() - cpu_direct
     async with engine.connect() as conn:
         rows = await conn.execute(
             select(action_runs.c.status, func.count()).group_by(action_runs.c.status)

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -80,14 +81,19 @@ async def start_fake_ubiops(workdir: Path, *extra: str) -> tuple[subprocess.Pope
     return proc, base_url
 
 
-async def versions_created(base_url: str) -> int:
-    """Count the versions the fake holds: one per UbiOps create that succeeded."""
+async def fake_json(url: str) -> Any:
+    """GET a JSON answer from the fake UbiOps (with its token)."""
     async with (
         aiohttp.ClientSession(headers={"Authorization": f"Token {UBIOPS_TOKEN}"}) as session,
-        session.get(f"{base_url}/projects/ml-prod/deployments/churn/versions") as resp,
+        session.get(url) as resp,
     ):
         resp.raise_for_status()
-        return len(await resp.json())
+        return await resp.json()
+
+
+async def versions_created(base_url: str) -> int:
+    """Count the versions the fake holds: one per UbiOps create that succeeded."""
+    return len(await fake_json(f"{base_url}/projects/ml-prod/deployments/churn/versions"))
 
 
 async def send(
@@ -143,27 +149,13 @@ async def send(
 
 async def creates_arrived(base_url: str) -> int:
     """How many distinct versions' creates the fake has seen (cheap: a count)."""
-    root = base_url.rsplit("/v2.1", 1)[0]
-    headers = {"Authorization": f"Token {UBIOPS_TOKEN}"}
-    async with (
-        aiohttp.ClientSession(headers=headers) as session,
-        session.get(f"{root}/bench/arrivals/count") as resp,
-    ):
-        resp.raise_for_status()
-        count: int = await resp.json()
-        return count
+    count: int = await fake_json(base_url.rsplit("/v2.1", 1)[0] + "/bench/arrivals/count")
+    return count
 
 
 async def reaction_times(base_url: str, accepted_at: dict[str, float]) -> list[float]:
     """Per event, seconds from its delivery's 202 to its UbiOps create's arrival, sorted."""
-    root = base_url.rsplit("/v2.1", 1)[0]
-    headers = {"Authorization": f"Token {UBIOPS_TOKEN}"}
-    async with (
-        aiohttp.ClientSession(headers=headers) as session,
-        session.get(f"{root}/bench/arrivals") as resp,
-    ):
-        resp.raise_for_status()
-        arrivals: dict[str, float] = await resp.json()
+    arrivals: dict[str, float] = await fake_json(base_url.rsplit("/v2.1", 1)[0] + "/bench/arrivals")
     return sorted(arrivals[k] - at for k, at in accepted_at.items() if k in arrivals)
 
 

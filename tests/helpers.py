@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.core.apis import ubiops
 from bot.core.backoff import RetryPolicy
-from bot.core.catalog import Operation, Param, PlannedRequest
+from bot.core.catalog import Operation, Param
 from bot.db.engine import create_engine, upgrade
 from bot.db.models import action_runs, events, rule_matches
 from bot.db.queries import get_event
@@ -32,8 +32,7 @@ from bot.jira_app.access import JiraAccess
 from bot.jira_app.jobs import WebhookMaintenance
 from bot.rules.loader import load_rules
 from bot.rules.model import RuleSet, Step
-from bot.services import http
-from bot.services.jira import DEFAULT_POLICY
+from bot.services.jira import DEFAULT_POLICY, refresh_token_grant
 from bot.services.tokens import AccessToken, CachedToken, parse_token_answer
 from bot.services.ubiops import UbiOpsClient
 from bot.settings import Settings
@@ -546,22 +545,14 @@ class OAuthTokens(CachedToken):
         return f"OAuthTokens(token_url={self._token_url!r}, client_id={self._client_id!r})"
 
     async def _fetch(self) -> AccessToken:
-        body = {
-            "grant_type": "refresh_token",
-            "client_id": self._client_id,
-            "client_secret": self._client_secret,
-            "refresh_token": self.refresh_token,
-        }
-        answer = (
-            await http.send(
-                self._session,
-                PlannedRequest("POST", "", json_body=body),
-                base_url=self._token_url,
-                headers={},
-                limiter=None,
-                policy=self._policy,
-            )
-        ).json
+        answer = await refresh_token_grant(
+            self._session,
+            self._token_url,
+            self._client_id,
+            self._client_secret,
+            self.refresh_token,
+            policy=self._policy,
+        )
         token = parse_token_answer(
             answer, source="Jira's token endpoint", now_s=self._clock(), margin_s=self._margin_s
         )

@@ -224,37 +224,55 @@ class SharedOAuthTokens:
         return token.value
 
     async def _grant(self, refresh_token: str) -> dict[str, Any]:
-        body = {
-            "grant_type": "refresh_token",
-            "client_id": self._client_id,
-            "client_secret": self._client_secret,
-            "refresh_token": refresh_token,
-        }
         self.grants += 1
-        try:
-            answer = (
-                await http.send(
-                    self._session,
-                    PlannedRequest("POST", "", json_body=body),
-                    base_url=self._token_url,
-                    headers={},
-                    limiter=None,
-                    policy=self._policy,
-                )
-            ).json
-        except ActionError as exc:
-            if exc.status in (400, 401, 403):
-                raise ActionError(
-                    f"Jira's token endpoint refused the stored refresh token ({exc}); consent"
-                    " the OAuth app again and set JIRA_REFRESH_TOKEN to the new token",
-                    status=exc.status,
-                ) from None
-            raise
-        if not isinstance(answer, dict):
-            raise ActionError(
-                "Jira's token endpoint answered without a JSON object", retryable=True
+        return await refresh_token_grant(
+            self._session,
+            self._token_url,
+            self._client_id,
+            self._client_secret,
+            refresh_token,
+            policy=self._policy,
+        )
+
+
+async def refresh_token_grant(
+    session: aiohttp.ClientSession,
+    token_url: str,
+    client_id: str,
+    client_secret: str,
+    refresh_token: str,
+    *,
+    policy: RetryPolicy = DEFAULT_POLICY,
+) -> dict[str, Any]:
+    """Ask Jira's token endpoint for an access token (and the rotated refresh token)."""
+    body = {
+        "grant_type": "refresh_token",
+        "client_id": client_id,
+        "client_secret": client_secret,
+        "refresh_token": refresh_token,
+    }
+    try:
+        answer = (
+            await http.send(
+                session,
+                PlannedRequest("POST", "", json_body=body),
+                base_url=token_url,
+                headers={},
+                limiter=None,
+                policy=policy,
             )
-        return answer
+        ).json
+    except ActionError as exc:
+        if exc.status in (400, 401, 403):
+            raise ActionError(
+                f"Jira's token endpoint refused the stored refresh token ({exc}); consent"
+                " the OAuth app again and set JIRA_REFRESH_TOKEN to the new token",
+                status=exc.status,
+            ) from None
+        raise
+    if not isinstance(answer, dict):
+        raise ActionError("Jira's token endpoint answered without a JSON object", retryable=True)
+    return answer
 
 
 # --- client ----------------------------------------------------------------------------
