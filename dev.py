@@ -28,6 +28,19 @@ def ensure_venv() -> None:
     digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     if STAMP.is_file() and STAMP.read_text() == digest:
         return
+    # Commands started together on a fresh clone (the README's "try it": fake-ubiops and
+    # serve) would build one venv at once and break it: the later one waits, then finds
+    # it ready.
+    with open(ROOT / ".venv.lock", "w") as lock:
+        if os.name != "nt":
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (STAMP.is_file() and STAMP.read_text() == digest):
+            _install(digest)
+
+
+def _install(digest: str) -> None:
     if not (BIN / "python").exists():
         print("dev.py: creating .venv", file=sys.stderr)
         venv.EnvBuilder(with_pip=True).create(VENV)
