@@ -5,20 +5,25 @@ real fake UbiOps, real processes killed for the dead ones."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from types import SimpleNamespace
+from typing import Any
 
+import orjson
 import pytest
 from sqlalchemy import select
 
 from bot.core.delivery import Delivery
 from bot.db.models import processes, utcnow
+from bot.db.queries import get_event
 from bot.pipeline.liveness import (
     DEAD_AFTER_BEATS,
     Liveness,
@@ -28,6 +33,7 @@ from bot.pipeline.liveness import (
     pid_alive,
 )
 from bot.pipeline.processor import EventProcessor
+from tests.helpers import wait_for
 from tests.workflow_world import Env, _uploads, drive, issue_updated
 from tests.workflow_world import env as env  # the fixture
 
@@ -123,6 +129,78 @@ async def test_a_live_holders_claims_are_left_alone_until_its_heartbeat_stops(
     assert await watcher.beat() == 2
     taken = await env.executor().claim(4)
     assert sorted(r.event_id for r in taken) == [holder, other]
+
+
+class AnswerLost:
+    """A worker's writer whose next transaction commits and then fails as if the
+    connection dropped between the server's COMMIT and its reply (the database went
+    away at that moment): the worker cannot know what it leased."""
+
+    def __init__(self, writer: Any) -> None:
+        self._writer, self.lost = writer, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._writer, name)
+
+    async def run_relaxed(self, fn: Any, *args: Any) -> Any:
+        result = await self._writer.run_relaxed(fn, *args)
+        if not self.lost:
+            self.lost += 1
+            raise OSError("connection reset by peer (the answer to a COMMIT)")
+        return result
+
+
+@contextlib.asynccontextmanager
+async def _running(worker_run: Any) -> AsyncIterator[None]:
+    """A worker's loop running in the background (as `serve` runs it)."""
+    task = asyncio.create_task(worker_run(poll_s=0.02))
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_runs_a_claim_leased_before_its_answer_was_lost_are_resumed_by_their_live_owner(
+    env: Env,
+) -> None:
+    """The database fails right after committing a claim: the runs are leased to this
+    live process (no other takes them back) for the whole lease, on a clock that does not
+    move here. Its executor takes them back at its next claim, and the resumed create
+    looks first."""
+    first = await env.deliver(issue_updated("OPS-6"), "d-6")
+    second = await env.deliver(issue_updated("OPS-7", "fraud"), "d-7")
+    executor = env.executor(lease_s=120)
+    writer = executor._writes = AnswerLost(executor._writes)  # type: ignore[assignment]
+
+    async def created() -> bool:
+        return [(await env.statuses(e))[0] for e in (first, second)] == ["succeeded"] * 2
+
+    async with _running(executor.run):
+        await wait_for(created, timeout_s=10)
+    assert writer.lost == 1
+    assert [r["attempts"] for e in (first, second) for r in (await env.runs(e))[:1]] == [2, 2]
+    for deployment, version in (("churn", "ops-6"), ("fraud", "ops-7")):
+        assert env.fake.version_names("ml-prod", deployment) == [version]
+
+
+async def test_events_a_claim_leased_before_its_answer_was_lost_are_evaluated_by_their_live_owner(
+    env: Env,
+) -> None:
+    stored = await env.store.add(
+        "", Delivery("d-8", 0, "jira:issue_updated", "OPS-8", orjson.dumps(issue_updated("OPS-8")))
+    )
+    processor = EventProcessor(env.engine, env.processor._rules, clock=env.clock, lease_s=60)
+    writer = processor._writes = AnswerLost(processor._writes)  # type: ignore[assignment]
+
+    async def evaluated() -> bool:
+        shown = await get_event(env.engine, stored.event_id or 0)
+        return shown is not None and shown["status"] == "processed"
+
+    async with _running(processor.run):
+        await wait_for(evaluated, timeout_s=10)
+    assert writer.lost == 1
+    assert await env.statuses(stored.event_id or 0)  # its rule's runs are planned, once
 
 
 def test_a_reused_pid_or_a_silent_process_is_dead() -> None:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select, union_all, update
+
+# An expired lease is one before any claimer's clock, however far replicas' clocks drift.
+EXPIRED = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 def claim_statement(

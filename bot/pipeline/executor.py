@@ -30,7 +30,7 @@ from sqlalchemy.sql.elements import BindParameter
 from bot import logs
 from bot.core.due import next_attempt_at, next_check
 from bot.core.masking import mask_result, needs_rule_params
-from bot.db.claims import claim_statement
+from bot.db.claims import EXPIRED, claim_statement
 from bot.db.clean import clean_text, clean_value
 from bot.db.engine import never_succeeds, save_until_done
 from bot.db.group_commit import GroupCommit
@@ -750,10 +750,11 @@ class ActionExecutor:
 
         Wakes on `wakeup` (new runs planned), when a run finishes, or every `poll_s`.
         """
-        inflight: set[asyncio.Task[str]] = set()
+        inflight: dict[asyncio.Task[str], int] = {}  # each task's run id
+        orphans = False  # a claim failed: it may have committed, its answer lost
 
         def finished(task: asyncio.Task[str]) -> None:
-            inflight.discard(task)
+            inflight.pop(task, None)
             if not task.cancelled() and task.exception() is not None:
                 log.error("action run task failed: %s", task.exception())
             self.wakeup.set()  # a slot is free
@@ -769,12 +770,16 @@ class ActionExecutor:
                 # the slots, unless nothing is running.
                 if free >= max(1, self._concurrency // 2) or not inflight:
                     try:
+                        if orphans:
+                            await self._take_back_orphans(sorted(inflight.values()))
+                            orphans = False
                         claimed = await self.claim(free)
                     except (SQLAlchemyError, OSError) as exc:
+                        orphans = True
                         log.warning("action execution paused: database error: %s", exc)
                 for run in claimed:
                     task = asyncio.create_task(self.execute(run))
-                    inflight.add(task)
+                    inflight[task] = run.id
                     task.add_done_callback(finished)
                 if claimed and self._ingest_busy():
                     await asyncio.sleep(BUSY_CLAIM_PAUSE_S)
@@ -787,6 +792,23 @@ class ActionExecutor:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _take_back_orphans(self, running: list[int]) -> None:
+        """Expire this executor's leases on runs none of its tasks runs, so that the next
+        claim resumes them (creates look first). A claim whose COMMIT the database
+        carried out, its answer lost with the connection, leased them to this live
+        process: no one else takes them back, and the lease runs for minutes."""
+        r = action_runs.c
+        stmt = (
+            update(action_runs)
+            .where(r.lease_owner == self.owner, r.status == "running", r.id.not_in(running))
+            .values(lease_until=EXPIRED)
+        )
+        taken = await self._writes.run_relaxed(lambda conn: conn.execute(stmt).rowcount)
+        if taken:
+            log.warning(
+                "%d action run(s) leased by a claim whose answer was lost: taken back", taken
+            )
 
     async def release(self) -> None:
         """Give back leases of runs not started (graceful shutdown)."""

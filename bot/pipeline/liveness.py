@@ -20,7 +20,7 @@ import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, select, update
@@ -28,6 +28,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bot.db.claims import EXPIRED
 from bot.db.models import action_runs, events, processes, upsert, utcnow
 from bot.db.writers import writer_for
 from bot.pipeline.wakeup import wait_until_set
@@ -35,8 +36,6 @@ from bot.pipeline.wakeup import wait_until_set
 log = logging.getLogger(__name__)
 
 DEAD_AFTER_BEATS = 5  # silent this many heartbeats: dead (a loaded loop beats late)
-# An expired lease is one before any claimer's clock, however far replicas' clocks drift.
-EXPIRED = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 def _start_time(pid: int) -> str:

@@ -443,10 +443,17 @@ class EventProcessor:
 
     async def run(self, poll_s: float = 1.0) -> None:
         """Process events until cancelled; wake on `wakeup` or every `poll_s` seconds."""
+        orphans = False  # a claim failed: it may have committed, its answer lost
         while True:
             try:
+                if orphans:
+                    # Nothing is being evaluated between batches: every event leased to
+                    # this worker now is one a failed claim or save left behind.
+                    await self.release()
+                    orphans = False
                 busy = await self.run_once()
             except (SQLAlchemyError, OSError) as exc:
+                orphans = True
                 log.warning("event processing paused: database error: %s", exc)
                 busy = 0
             if busy:
@@ -456,7 +463,8 @@ class EventProcessor:
             await wait_until_set(self.wakeup, poll_s)
 
     async def release(self) -> None:
-        """Give back this worker's leases (graceful shutdown) so others take them at once."""
+        """Give back this worker's leases so that they are claimed at once: at a graceful
+        shutdown, and after a failed claim (it may have committed, its answer lost)."""
         stmt = (
             update(events)
             .where(events.c.lease_owner == self.owner, events.c.status == "processing")

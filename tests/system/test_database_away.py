@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from bot.db.engine import create_engine
@@ -126,7 +126,11 @@ async def settle_and_check(
             stuck_events = (
                 await conn.execute(
                     select(
-                        events.c.id, events.c.status, events.c.attempts, events.c.lease_until
+                        events.c.id,
+                        events.c.status,
+                        events.c.attempts,
+                        events.c.lease_owner,
+                        events.c.lease_until,
                     ).where(events.c.status != "processed")
                 )
             ).all()
@@ -136,13 +140,28 @@ async def settle_and_check(
                         action_runs.c.id,
                         action_runs.c.status,
                         action_runs.c.attempts,
+                        action_runs.c.lease_owner,
                         action_runs.c.lease_until,
                     ).where(action_runs.c.status != "succeeded")
                 )
             ).all()
+            sessions: Sequence[Any] = []  # PostgreSQL's: what each session is doing
+            if engine.dialect.name == "postgresql":
+                sessions = (
+                    await conn.execute(
+                        text(
+                            "SELECT pid, state, wait_event_type, wait_event, "
+                            "now() - xact_start AS in_transaction, left(query, 120) "
+                            "FROM pg_stat_activity WHERE datname = current_database() "
+                            "AND pid <> pg_backend_pid()"
+                        )
+                    )
+                ).all()
         raise AssertionError(
             f"{SETTLE_S} s after the database came back, not yet acted on: events "
-            f"{[tuple(r) for r in stuck_events]}, action runs {[tuple(r) for r in stuck_runs]}"
+            f"{[tuple(r) for r in stuck_events]}, action runs {[tuple(r) for r in stuck_runs]}; "
+            f"server sessions: {[tuple(r) for r in sessions]}; "
+            f"log: {service.log.read_text()[-3000:]}"
         ) from None
     async with engine.connect() as conn:
         stored = (await conn.execute(select(events.c.delivery_id))).scalars().all()
