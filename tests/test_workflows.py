@@ -388,6 +388,30 @@ async def test_a_failed_poll_keeps_the_wait_and_a_retried_timeout_waits_afresh(e
     assert not (await env.runs(event_id))[2]["last_error"].startswith("timed out")
 
 
+async def test_a_clean_up_that_was_not_needed_is_not_retried(env: Env) -> None:
+    """A retried `on_failure` step that was skipped would undo a rollout that succeeded
+    (here: delete the promoted version). Refused by every way to retry; no button."""
+    from bot.db.queries import retry_action_run
+    from bot.errors import RetryRefused
+    from bot.web.status import _retry_offer
+
+    event_id = await env.deliver(issue_updated("OPS-61"), "d-61")
+    executor = env.executor()
+    await drive(executor, env.clock)
+    runs = await env.runs(event_id)
+    assert [r["status"] for r in runs][5:] == ["skipped", "skipped"]
+    calls = len(env.fake.requests)
+    for clean_up in runs[5:]:
+        with pytest.raises(RetryRefused, match="on_failure step that was skipped") as refused:
+            await retry_action_run(env.engine, clean_up["id"], env.clock.now)
+        assert refused.value.retry_instead is None  # no step of do is dead
+        assert _retry_offer(clean_up, runs) is None
+    assert [r["status"] for r in await env.runs(event_id)] == [r["status"] for r in runs]
+    assert await executor.claim(4) == []
+    assert len(env.fake.requests) == calls
+    assert env.fake.version_names("ml-prod", "churn") == ["ops-61"]
+
+
 async def test_a_step_behind_a_dead_one_is_not_retried_alone(env: Env) -> None:
     from bot.db.queries import retry_action_run
     from bot.errors import RetryRefused

@@ -402,6 +402,30 @@ async def retry_action_run(
                 f"action run {run_id} is {run.status}; only dead or skipped runs can be retried"
             )
         in_do = run.step_index < ON_FAILURE_BASE
+        if not in_do and run.status == "skipped":
+            # A clean-up that was not needed, retried alone, would undo a rollout that
+            # succeeded (its `do` steps are done): it runs only when a step of `do` dies.
+            dead = (
+                await conn.execute(
+                    select(c.id).where(
+                        c.event_id == run.event_id,
+                        c.rule_name == run.rule_name,
+                        c.step_index < ON_FAILURE_BASE,
+                        c.status == "dead",
+                    )
+                )
+            ).scalar()
+            raise RetryRefused(
+                f"action run {run_id} is an on_failure step that was skipped: it runs only "
+                "when a step of do dies"
+                + (
+                    f"; retry the dead step, action run {dead}: if it dies again, its "
+                    "on_failure steps run again"
+                    if dead is not None
+                    else ""
+                ),
+                retry_instead=None if dead is None else int(dead),
+            )
         # A step of `do` runs only after the step before it succeeded or was skipped by its
         # own `if`; queued behind anything else it would stay pending forever.
         blocking = (

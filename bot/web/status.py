@@ -297,8 +297,9 @@ def _retry_offer(run: Mapping[str, Any], runs: list[dict[str, Any]]) -> str | in
         return "button"
     if run["status"] != "skipped" or (run["last_error"] or "").startswith(IF_SKIPPED):
         return None
-    if run["step"] >= ON_FAILURE_BASE:
-        return "button"
+    if run["step"] >= ON_FAILURE_BASE:  # a clean-up not needed: its dead step, if any
+        dead = [r for r in runs if r["rule"] == run["rule"] and r["status"] == "dead"]
+        return int(dead[0]["id"]) if dead else None
     for earlier in runs:
         if (
             earlier["rule"] == run["rule"]
