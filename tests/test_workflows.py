@@ -40,6 +40,12 @@ async def test_rollout_waits_for_the_build_smoke_tests_and_promotes(env: Env) ->
     ]  # fmt: skip
     runs = await env.runs(event_id)
     assert runs[5]["last_error"] == "not needed: no step of do is dead"
+    # Each attempt keeps its answer's HTTP status: the create 201, the build's reads 200
+    # (waiting twice, then done), the smoke test and the promote 200; the clean-up steps,
+    # not needed, were never attempted.
+    assert [[a["status_code"] for a in r["attempt_log"]] for r in runs] == [
+        [201], [201], [200, 200, 200], [200], [200], [], [],
+    ]  # fmt: skip
     assert runs[3]["result"]["result"] == {"output": 4.0}
     assert env.fake.projects["ml-prod"]["churn"].data["default_version"] == "ops-1"
     # Typed: the number from Jira arrived as a number, the default as a number.

@@ -10,6 +10,7 @@ outcome is unknown looks for its object before creating it a second time.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import uuid
@@ -45,6 +46,7 @@ from bot.rules.model import RuleSet, Step
 from bot.rules.templates import build_context, render_params
 from bot.rules.workflow import IF_SKIPPED
 from bot.services.actions import Done, Wait
+from bot.services.http import LAST_STATUS
 from bot.services.runner import ActionRunner, action_params
 
 log = logging.getLogger(__name__)
@@ -436,6 +438,7 @@ class ActionExecutor:
                     error=f"{IF_SKIPPED}{reason}",
                     attempts=run.attempts - 1,
                 )
+        LAST_STATUS.set(None)  # this task's: a run is executed in a task of its own
         try:
             params = render_params(self._step(run), run.context)
             outcome = await self._runner.run(
@@ -469,12 +472,18 @@ class ActionExecutor:
                 attempts=run.attempts - 1,
                 next_attempt_at=started + timedelta(seconds=outcome.after_s),
                 state=outcome.state,
+                status_code=LAST_STATUS.get(),
             )
         assert isinstance(outcome, Done)
         if control.until is not None or control.fail_if is not None:
             return await self._judge(run, started, outcome.result)
         return await self._record(
-            run, started, outcome="succeeded", status="succeeded", result=outcome.result
+            run,
+            started,
+            outcome="succeeded",
+            status="succeeded",
+            result=outcome.result,
+            status_code=LAST_STATUS.get(),
         )
 
     async def _judge(self, run: _Run, started: datetime, result: Any) -> str:
@@ -492,6 +501,10 @@ class ActionExecutor:
             )
         except TemplateRenderError as exc:
             return await self._failed(run, started, str(exc), None, retryable=False)
+        # The attempt keeps the answer, and its HTTP status unless judged a failure:
+        # `failure.status_code` is a failed call's status (none here: the call succeeded).
+        record = functools.partial(self._record, run, started, result=result)
+        answered = LAST_STATUS.get()
         if waiting_on is not None:
             since = run.waiting_since or started
             check_at, waited_s = next_check(
@@ -502,29 +515,21 @@ class ActionExecutor:
                     f"timed out waiting for {workflow.describe(control.until)} after "
                     f"{waited_s:.0f}s (timeout {control.timeout_s:.0f}s); last: {waiting_on}"
                 )
-                return await self._record(
-                    run, started, outcome="failed", status="dead", error=error, result=result
-                )
+                return await record(outcome="failed", status="dead", error=error)
             # A durable wait: the row is due again from the database; no task sleeps.
-            return await self._record(
-                run,
-                started,
+            return await record(
                 outcome="waiting",
                 status="waiting",
+                status_code=answered,
                 error=f"waiting for {waiting_on}",
-                result=result,
                 attempts=run.attempts - 1,
                 next_attempt_at=check_at,
                 waiting_since=since,
             )
         if failed:
             error = f"fail_if: {workflow.describe(control.fail_if)} held"
-            return await self._record(
-                run, started, outcome="failed", status="dead", error=error, result=result
-            )
-        return await self._record(
-            run, started, outcome="succeeded", status="succeeded", result=result
-        )
+            return await record(outcome="failed", status="dead", error=error)
+        return await record(outcome="succeeded", status="succeeded", status_code=answered)
 
     async def _failed(
         self,

@@ -15,6 +15,7 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import IO, Any
 from urllib.request import getproxies_environment
@@ -37,6 +38,9 @@ SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie",
 ERROR_KEYS = ("error", "error_message", "message", "detail")  # UbiOps, UbiOps, Genesys, other
 MAX_ERROR_CHARS = 500
 DOWNLOAD_CHUNK_BYTES = 1 << 16
+# The HTTP status of the last answer a client received in this task: an action run's
+# attempt records it (a failure's status travels in its ActionError).
+LAST_STATUS: ContextVar[int | None] = ContextVar("LAST_STATUS", default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,7 +365,7 @@ class OperationClient:
         async def on_unauthorized() -> bool:
             return await self._refresh(sent)
 
-        return await send(
+        response = await send(
             self._session,
             req,
             base_url=self.base_url,
@@ -372,6 +376,8 @@ class OperationClient:
             rng=self._rng,
             on_unauthorized=on_unauthorized if self._refreshes(req) else None,
         )
+        LAST_STATUS.set(response.status)
+        return response
 
     async def _headers(self, req: PlannedRequest, sent: list[str]) -> Mapping[str, str]:
         """The request's headers, credentials included (append a token sent to `sent`)."""
