@@ -33,6 +33,7 @@ from bot.pipeline.liveness import (
     pid_alive,
 )
 from bot.pipeline.processor import EventProcessor
+from bot.rules import workflow
 from tests.helpers import wait_for
 from tests.workflow_world import Env, _uploads, drive, issue_updated
 from tests.workflow_world import env as env  # the fixture
@@ -201,6 +202,47 @@ async def test_events_a_claim_leased_before_its_answer_was_lost_are_evaluated_by
         await wait_for(evaluated, timeout_s=10)
     assert writer.lost == 1
     assert await env.statuses(stored.event_id or 0)  # its rule's runs are planned, once
+
+
+async def test_a_bug_in_a_worker_loop_is_logged_and_the_loop_goes_on(
+    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unexpected exception (a bug, not a database error) once in the processor's batch
+    and once after the executor's claim committed: each loop logs it, gives back what it
+    had leased, and goes on. Before, the loop's task ended and the service, still ready,
+    acted on nothing more."""
+    failures = {"batch": 1, "claim": 1}
+
+    def once(name: str, real: Any) -> Any:
+        def maybe_fail(*args: Any, **kwargs: Any) -> Any:
+            if failures[name]:
+                failures[name] -= 1
+                raise RuntimeError(f"a bug in the {name}")
+            return real(*args, **kwargs)
+
+        return maybe_fail
+
+    monkeypatch.setattr(
+        EventProcessor, "process_batch", once("batch", EventProcessor.process_batch)
+    )
+    # Read after the claim's commit, for each run claimed.
+    monkeypatch.setattr(workflow.Control, "from_json", once("claim", workflow.Control.from_json))
+    stored = await env.store.add(
+        "", Delivery("d-9", 0, "jira:issue_updated", "OPS-9", orjson.dumps(issue_updated("OPS-9")))
+    )
+    event_id = stored.event_id or 0
+    processor = EventProcessor(env.engine, env.processor._rules, clock=env.clock, lease_s=60)
+    executor = env.executor(lease_s=120)
+
+    async def created() -> bool:
+        runs = await env.runs(event_id)
+        return bool(runs) and runs[0]["status"] == "succeeded"
+
+    async with _running(processor.run), _running(executor.run):
+        await wait_for(created, timeout_s=10)
+    assert failures == {"batch": 0, "claim": 0}
+    assert "a bug in the batch" in caplog.text and "a bug in the claim" in caplog.text
+    assert env.fake.version_names("ml-prod", "churn") == ["ops-9"]
 
 
 def test_a_reused_pid_or_a_silent_process_is_dead() -> None:

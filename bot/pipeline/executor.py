@@ -782,6 +782,11 @@ class ActionExecutor:
                     except (SQLAlchemyError, OSError) as exc:
                         orphans = True
                         log.warning("action execution paused: database error: %s", exc)
+                    except Exception:  # a bug must not end execution for good
+                        orphans = True
+                        log.exception("action claim failed; again in %.0f s", poll_s)
+                        await asyncio.sleep(poll_s)
+                        continue
                 for run in claimed:
                     task = asyncio.create_task(self.execute(run))
                     inflight[task] = run.id

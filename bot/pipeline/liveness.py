@@ -191,6 +191,8 @@ class Liveness:
                 await self.beat()
             except (SQLAlchemyError, OSError) as exc:
                 log.warning("heartbeat skipped: database error: %s", exc)
+            except Exception:  # silent, this process would be taken over while it works
+                log.exception("heartbeat failed")
 
     async def stop(self) -> None:
         """Stop beating and remove this process's row (its claims were given back)."""

@@ -456,6 +456,11 @@ class EventProcessor:
                 orphans = True
                 log.warning("event processing paused: database error: %s", exc)
                 busy = 0
+            except Exception:  # a bug must not end processing for good: shown, tried again
+                orphans = True
+                log.exception("event processing failed; again in %.0f s", poll_s)
+                await asyncio.sleep(poll_s)
+                continue
             if busy:
                 await self._yield_to_ingest(BATCH_PAUSE_S)
                 continue
