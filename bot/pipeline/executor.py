@@ -756,7 +756,7 @@ class ActionExecutor:
         Wakes on `wakeup` (new runs planned), when a run finishes, or every `poll_s`.
         """
         inflight: dict[asyncio.Task[str], int] = {}  # each task's run id
-        orphans = False  # a claim failed: it may have committed, its answer lost
+        orphans = False  # a claim failed: rows may be leased to us that no task holds
 
         def finished(task: asyncio.Task[str]) -> None:
             inflight.pop(task, None)
@@ -806,8 +806,8 @@ class ActionExecutor:
     async def _take_back_orphans(self, running: list[int]) -> None:
         """Expire this executor's leases on runs none of its tasks runs, so that the next
         claim resumes them (creates look first). A claim whose COMMIT the database
-        carried out, its answer lost with the connection, leased them to this live
-        process: no one else takes them back, and the lease runs for minutes."""
+        carried out, its answer lost with the connection (or a bug after it), leased them
+        to this live process: no one else takes them back, and the lease runs for minutes."""
         r = action_runs.c
         stmt = (
             update(action_runs)
@@ -816,9 +816,7 @@ class ActionExecutor:
         )
         taken = await self._writes.run_relaxed(lambda conn: conn.execute(stmt).rowcount)
         if taken:
-            log.warning(
-                "%d action run(s) leased by a claim whose answer was lost: taken back", taken
-            )
+            log.warning("%d action run(s) leased by a failed claim taken back", taken)
 
     async def release(self) -> None:
         """Give back leases of runs not started (graceful shutdown)."""

@@ -443,7 +443,7 @@ class EventProcessor:
 
     async def run(self, poll_s: float = 1.0) -> None:
         """Process events until cancelled; wake on `wakeup` or every `poll_s` seconds."""
-        orphans = False  # a claim failed: it may have committed, its answer lost
+        orphans = False  # a claim failed: rows may be leased to us that no task holds
         while True:
             try:
                 if orphans:

@@ -298,7 +298,11 @@ def _retry_offer(run: Mapping[str, Any], runs: list[dict[str, Any]]) -> str | in
     if run["status"] != "skipped" or (run["last_error"] or "").startswith(IF_SKIPPED):
         return None
     if run["step"] >= ON_FAILURE_BASE:  # a clean-up not needed: its dead step, if any
-        dead = [r for r in runs if r["rule"] == run["rule"] and r["status"] == "dead"]
+        dead = [
+            r
+            for r in runs
+            if r["rule"] == run["rule"] and r["step"] < ON_FAILURE_BASE and r["status"] == "dead"
+        ]
         return int(dead[0]["id"]) if dead else None
     for earlier in runs:
         if (
