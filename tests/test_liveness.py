@@ -17,7 +17,6 @@ from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
 
-import orjson
 import pytest
 from sqlalchemy import select
 
@@ -188,20 +187,18 @@ async def test_runs_a_claim_leased_before_its_answer_was_lost_are_resumed_by_the
 async def test_events_a_claim_leased_before_its_answer_was_lost_are_evaluated_by_their_live_owner(
     env: Env,
 ) -> None:
-    stored = await env.store.add(
-        "", Delivery("d-8", 0, "jira:issue_updated", "OPS-8", orjson.dumps(issue_updated("OPS-8")))
-    )
+    event_id = await env.store_only(issue_updated("OPS-8"), "d-8")
     processor = EventProcessor(env.engine, env.processor._rules, clock=env.clock, lease_s=60)
     writer = processor._writes = AnswerLost(processor._writes)  # type: ignore[assignment]
 
     async def evaluated() -> bool:
-        shown = await get_event(env.engine, stored.event_id or 0)
+        shown = await get_event(env.engine, event_id)
         return shown is not None and shown["status"] == "processed"
 
     async with _running(processor.run):
         await wait_for(evaluated, timeout_s=10)
     assert writer.lost == 1
-    assert await env.statuses(stored.event_id or 0)  # its rule's runs are planned, once
+    assert await env.statuses(event_id)  # its rule's runs are planned, once
 
 
 async def test_a_bug_in_a_worker_loop_is_logged_and_the_loop_goes_on(
@@ -227,10 +224,7 @@ async def test_a_bug_in_a_worker_loop_is_logged_and_the_loop_goes_on(
     )
     # Read after the claim's commit, for each run claimed.
     monkeypatch.setattr(workflow.Control, "from_json", once("claim", workflow.Control.from_json))
-    stored = await env.store.add(
-        "", Delivery("d-9", 0, "jira:issue_updated", "OPS-9", orjson.dumps(issue_updated("OPS-9")))
-    )
-    event_id = stored.event_id or 0
+    event_id = await env.store_only(issue_updated("OPS-9"), "d-9")
     processor = EventProcessor(env.engine, env.processor._rules, clock=env.clock, lease_s=60)
     executor = env.executor(lease_s=120)
 

@@ -152,15 +152,21 @@ class Env:
     runner: ActionRunner
     rules_dir: Path
 
-    async def deliver(self, payload: dict[str, Any], delivery_id: str) -> int:
+    async def store_only(self, payload: dict[str, Any], delivery_id: str) -> int:
+        """Store a delivery, not yet evaluated; return its event id."""
         body = json.dumps(payload).encode()
         issue = payload["issue"]["key"]
         stored = await self.store.add(
             "", Delivery(delivery_id, 0, payload["webhookEvent"], issue, body)
         )
         assert stored.event_id is not None
-        await self.processor.run_once()
         return stored.event_id
+
+    async def deliver(self, payload: dict[str, Any], delivery_id: str) -> int:
+        """Store a delivery and evaluate it (its runs planned); return its event id."""
+        event_id = await self.store_only(payload, delivery_id)
+        await self.processor.run_once()
+        return event_id
 
     async def runs(self, event_id: int) -> list[dict[str, Any]]:
         shown = await get_event(self.engine, event_id)

@@ -415,16 +415,18 @@ async def retry_action_run(
                     )
                 )
             ).scalar()
+            instead = (
+                ""
+                if dead is None
+                else (
+                    f"; retry the dead step, action run {dead}: if it dies again, its on_failure "
+                    "steps run again"
+                )
+            )
             raise RetryRefused(
                 f"action run {run_id} is an on_failure step that was skipped: it runs only "
-                "when a step of do dies"
-                + (
-                    f"; retry the dead step, action run {dead}: if it dies again, its "
-                    "on_failure steps run again"
-                    if dead is not None
-                    else ""
-                ),
-                retry_instead=None if dead is None else int(dead),
+                f"when a step of do dies{instead}",
+                retry_instead=dead,
             )
         # A step of `do` runs only after the step before it succeeded or was skipped by its
         # own `if`; queued behind anything else it would stay pending forever.
